@@ -1,0 +1,107 @@
+"""From digit detections to a whole house number."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torchvision.ops import nms
+
+
+@dataclass
+class Detections:
+    """Detections of one image: ``boxes`` xyxy in original pixels, ``scores``, ``digits`` 0-9."""
+
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    digits: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def select(self, keep) -> "Detections":
+        return Detections(self.boxes[keep], self.scores[keep], self.digits[keep])
+
+    def above(self, threshold: float) -> "Detections":
+        return self.select(self.scores >= threshold)
+
+
+@dataclass
+class HouseNumber:
+    """An assembled number: its text ("" when nothing was read), the digits used, in reading order."""
+
+    text: str
+    digits: Detections
+    confidence: float
+
+    @property
+    def label(self) -> int:
+        """The number as ``pred.csv`` writes it: -1 when no digit was found."""
+        return int(self.text) if self.text else -1
+
+
+def dedupe(dets: Detections, iou: float = 0.6) -> Detections:
+    """Keep the best-scoring box where boxes of different digits sit on the same spot."""
+    if len(dets) < 2:
+        return dets
+    keep = nms(torch.from_numpy(dets.boxes).float(), torch.from_numpy(dets.scores).float(), iou).numpy()
+    return dets.select(np.sort(keep))
+
+
+def drop_strays(dets: Detections, min_height: float = 0.55, max_offset: float = 0.75) -> Detections:
+    """Drop boxes far smaller than, or off the line of, the confident digits.
+
+    The reference line is the score-weighted median height and centre of the boxes scoring at
+    least half the best score. A box is stray if it is shorter than ``min_height`` x that height,
+    or its centre is further than ``max_offset`` x that height from the line (across the line's
+    direction: vertically for a row, horizontally for a column).
+    """
+    if len(dets) < 2:
+        return dets
+    b = dets.boxes
+    h = b[:, 3] - b[:, 1]
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    core = dets.scores >= dets.scores.max() / 2
+    ref_h = float(np.median(h[core]))
+    vertical = _is_column(b[core])
+    offset = np.abs(cx - np.median(cx[core])) if vertical else np.abs(cy - np.median(cy[core]))
+    keep = (h >= min_height * ref_h) & (offset <= max_offset * ref_h)
+    keep |= dets.scores == dets.scores.max()
+    return dets.select(keep)
+
+
+def _is_column(boxes: np.ndarray) -> bool:
+    """True when boxes stack top to bottom (a vertical house number) rather than left to right."""
+    if len(boxes) < 2:
+        return False
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    w = np.median(boxes[:, 2] - boxes[:, 0])
+    h = np.median(boxes[:, 3] - boxes[:, 1])
+    return np.ptp(cx) < 0.5 * w and np.ptp(cy) > 0.8 * h
+
+
+def reading_order(dets: Detections) -> Detections:
+    """Sort left to right; a vertical stack reads top to bottom."""
+    if len(dets) < 2:
+        return dets
+    b = dets.boxes
+    key = (b[:, 1] + b[:, 3]) if _is_column(b) else (b[:, 0] + b[:, 2])
+    return dets.select(np.argsort(key, kind="stable"))
+
+
+def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = 0.6, strays: bool = True) -> HouseNumber:
+    """Read the house number from raw detections at a confidence ``threshold``.
+
+    Confidence is the product of the digit scores (every digit must be right for the number to be).
+    """
+    kept = dedupe(dets.above(threshold), dedupe_iou)
+    if strays:
+        kept = drop_strays(kept)
+    kept = reading_order(kept)
+    if not len(kept):
+        return HouseNumber("", kept, 0.0)
+    text = "".join(str(int(d)) for d in kept.digits)
+    return HouseNumber(text, kept, float(np.prod(kept.scores)))
+
+
+__all__ = ["Detections", "HouseNumber", "assemble", "dedupe", "drop_strays", "reading_order"]

@@ -1,0 +1,133 @@
+"""Checkpoints: fp16 safetensors weights + a JSON sidecar that says how to rebuild and trust them."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .models import ModelConfig, build_model
+
+CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+HUB_REPO_ENV = "DIGIT_DEMO_HUB_REPO"  # e.g. "user/digit-demo-checkpoints"; only used when online
+DEFAULT_MODEL = "resnet18_fpn"
+CLASSES = {str(k + 1): str(k) for k in range(10)}  # category_id -> digit; 0 is background
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found or does not match what it claims to be."""
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, meta: dict, dtype: torch.dtype = torch.float16) -> Path:
+    """Write ``path`` (.safetensors, weights cast to ``dtype``) and its ``.json`` sidecar."""
+    path = Path(path).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg: ModelConfig = model.digit_config
+    state = {
+        k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
+    save_file(state, str(path), metadata={"architecture": cfg.architecture})
+    sidecar = {
+        "format_version": FORMAT_VERSION,
+        "name": path.stem,
+        "architecture": cfg.architecture,
+        "config": cfg.to_dict(),
+        "input_size": {"min_size": cfg.min_size, "max_size": cfg.max_size},
+        "normalisation": {"mean": list(cfg.image_mean), "std": list(cfg.image_std)},
+        "classes": CLASSES,
+        "weights_dtype": str(dtype).replace("torch.", ""),
+        **meta,
+    }
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    return path
+
+
+def _hub_download(name: str) -> Path | None:
+    repo = os.environ.get(HUB_REPO_ENV)
+    if not repo or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return None
+    from huggingface_hub import hf_hub_download  # imported lazily: offline use never needs it
+
+    try:
+        weights = hf_hub_download(repo, f"{name}.safetensors")
+        hf_hub_download(repo, f"{name}.json")
+    except Exception as e:  # network, auth, missing file: all end in one clear message
+        raise CheckpointError(f"{name}: not found locally and download from {repo} failed ({e})") from None
+    return Path(weights)
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """Find a checkpoint: a path, then ``checkpoints/<name>``, then the Hub repo in $DIGIT_DEMO_HUB_REPO."""
+    p = Path(name_or_path)
+    for candidate in (p, p.with_suffix(".safetensors"), CHECKPOINT_DIR / p.name, (CHECKPOINT_DIR / p.name).with_suffix(".safetensors")):
+        if candidate.is_file() and candidate.suffix in (".safetensors", ".json"):
+            return candidate.with_suffix(".safetensors")
+    downloaded = _hub_download(p.stem)
+    if downloaded:
+        return downloaded
+    hint = f" (set {HUB_REPO_ENV} and go online to download from the Hugging Face Hub)" if not os.environ.get(HUB_REPO_ENV) else ""
+    raise CheckpointError(f"checkpoint {str(name_or_path)!r} not found; available: {', '.join(available()) or 'none'}{hint}")
+
+
+def read_sidecar(path: str | Path) -> dict:
+    """The sidecar of a resolved checkpoint path."""
+    side = Path(path).with_suffix(".json")
+    if not side.is_file():
+        raise CheckpointError(f"{path}: missing sidecar {side.name} (architecture and settings are unknown)")
+    try:
+        meta = json.loads(side.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{side}: sidecar is not valid JSON ({e})") from None
+    for key in ("architecture", "config"):
+        if key not in meta:
+            raise CheckpointError(f"{side}: sidecar has no {key!r}")
+    return meta
+
+
+def load_checkpoint(name_or_path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a model from its sidecar and load its weights (as fp32, eval mode).
+
+    Raises :class:`CheckpointError` naming the problem when weights and architecture disagree.
+    """
+    path = resolve(name_or_path)
+    meta = read_sidecar(path)
+    try:
+        cfg = ModelConfig.from_dict(meta["config"])
+        model = build_model(cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path.name}: sidecar describes a model that cannot be built ({e})") from None
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path.name}: not a valid safetensors file ({e})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} of wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})")
+        raise CheckpointError(
+            f"{path.name}: weights do not fit architecture {cfg.architecture!r}: " + "; ".join(parts)
+        )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    model.eval()
+    meta["path"] = str(path)
+    return model, meta
+
+
+def available(directory: Path = CHECKPOINT_DIR) -> list[str]:
+    """Names of the checkpoints in ``directory`` that have a sidecar."""
+    return sorted(p.stem for p in directory.glob("*.safetensors") if p.with_suffix(".json").is_file())

@@ -1,0 +1,216 @@
+"""``python -m digit_demo``: predict, evaluate, sweep thresholds, list models."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .assemble import assemble
+from .checkpoints import DEFAULT_MODEL, CheckpointError
+from .images import ImageError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", action="append", help=f"checkpoint name or path; repeat for an ensemble (default {DEFAULT_MODEL})")
+    p.add_argument("--fusion", choices=["wbf", "nms"], default="wbf", help="how an ensemble merges boxes")
+    p.add_argument("--fusion-iou", type=float, default=0.55)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, help="CPU threads for inference")
+
+
+def _threshold(detector, given: float | None) -> float:
+    if given is not None:
+        return given
+    members = getattr(detector, "members", [detector])
+    return float(members[0].meta.get("threshold", 0.5)) if len(members) == 1 else 0.5
+
+
+def _load(args):
+    from .detect import load_detector, set_threads
+
+    set_threads(args.threads)
+    return load_detector(args.model or [DEFAULT_MODEL], args.fusion, args.fusion_iou, args.batch_size)
+
+
+def cmd_predict(args) -> int:
+    from .detect import detect_paths
+    from .draw import draw_detections
+    from .images import expand_paths, load_image
+    from .io import image_id_for, write_pred_csv, write_pred_json
+
+    paths = expand_paths(args.paths)
+    if not paths:
+        raise FileNotFoundError("no images found in " + " ".join(args.paths))
+    detector = _load(args)
+    threshold = _threshold(detector, args.threshold)
+    found, errors = detect_paths(detector, paths, args.batch_size, progress=not args.quiet)
+    ids = {p: image_id_for(p, k) for k, p in enumerate(paths, 1)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    kept = {ids[p]: d.above(threshold) for p, d in found.items()}
+    numbers = {p: assemble(d, threshold) for p, d in found.items()}
+    write_pred_json(args.out / "pred.json", kept)
+    write_pred_csv(args.out / "pred.csv", {ids[p]: (numbers[p].label if p in numbers else -1) for p in paths})
+    if args.annotate:
+        (args.out / "annotated").mkdir(exist_ok=True)
+        for p, n in numbers.items():
+            draw_detections(load_image(p), n.digits).save(args.out / "annotated" / f"{p.stem}.png")
+    for p, msg in errors.items():
+        print(f"skipped {msg}", file=sys.stderr)
+    if not args.quiet:
+        for p in paths:
+            n = numbers.get(p)
+            print(f"{p}\t{n.text or '-1'}\t{n.confidence:.3f}" if n else f"{p}\t-1\terror")
+    print(f"wrote {args.out / 'pred.json'} and {args.out / 'pred.csv'} ({len(found)} images, threshold {threshold:.2f})", file=sys.stderr)
+    return 0 if found else 1
+
+
+def _ground_truth(args):
+    from .data import load_coco
+
+    gt = load_coco(args.gt)
+    images = args.images or args.gt.parent / args.gt.stem
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images}: image folder not found (pass --images)")
+    if args.limit:
+        gt = {**gt, "images": gt["images"][: args.limit]}
+        keep = {im["id"] for im in gt["images"]}
+        gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
+    return gt, images
+
+
+def _detections_for_gt(args, detector, gt, images):
+    """Raw detections per member (and fused, for an ensemble), keyed by image id."""
+    from .detect import detect_paths
+
+    paths = [images / im["file_name"] for im in gt["images"]]
+    ids = {images / im["file_name"]: im["id"] for im in gt["images"]}
+    members = getattr(detector, "members", [detector])
+    per_member = {}
+    for m in members:
+        found, errors = detect_paths(m, paths, args.batch_size, progress=not args.quiet)
+        if errors:
+            raise ImageError("; ".join(errors.values()))
+        per_member[m.name] = {ids[p]: d for p, d in found.items()}
+    if len(members) == 1:
+        return per_member, None
+    order = sorted(per_member[members[0].name])
+    fused = detector.fuse([[per_member[m.name][i] for i in order] for m in members])
+    return per_member, dict(zip(order, fused))
+
+
+def cmd_evaluate(args) -> int:
+    from .data import gt_numbers
+    from .evaluation import coco_map, evaluate, number_accuracy
+    from .io import read_pred_csv, read_pred_json
+
+    if args.pred_json or args.pred_csv:  # score existing HW2 files
+        from .data import load_coco
+
+        gt = load_coco(args.gt)
+        out = {}
+        if args.pred_json:
+            out.update(coco_map(gt, read_pred_json(args.pred_json)))
+        if args.pred_csv:
+            out["accuracy"] = number_accuracy(gt_numbers(gt), read_pred_csv(args.pred_csv))
+        print(json.dumps({k: round(v, 4) for k, v in out.items()}))
+        return 0
+    gt, images = _ground_truth(args)
+    detector = _load(args)
+    threshold = _threshold(detector, args.threshold)
+    per_member, fused = _detections_for_gt(args, detector, gt, images)
+    rows = {name: evaluate(gt, d, threshold) for name, d in per_member.items()}
+    if fused is not None:
+        rows[detector.name] = evaluate(gt, fused, threshold)
+    for name, r in rows.items():
+        print(json.dumps({"model": name, **{k: round(v, 4) for k, v in r.__dict__.items()}}))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .evaluation import best, plot_sweep, sweep, write_table
+
+    gt, images = _ground_truth(args)
+    detector = _load(args)
+    per_member, fused = _detections_for_gt(args, detector, gt, images)
+    curves = {name: sweep(gt, d) for name, d in per_member.items()}
+    if fused is not None:
+        curves[detector.name] = sweep(gt, fused)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for name, rows in curves.items():
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+        write_table(rows, args.out / f"sweep_{safe}.csv")
+        b = best(rows)
+        summary[name] = {k: round(v, 4) for k, v in b.__dict__.items()}
+    plot_sweep(curves, args.out / "sweep.png")
+    if fused is not None:
+        top = max((summary[m.name] for m in detector.members), key=lambda r: r["accuracy"])
+        ens = summary[detector.name]
+        summary["ensemble_beats_best_member"] = {"accuracy": ens["accuracy"] >= top["accuracy"], "mAP": ens["mAP"] >= top["mAP"]}
+    (args.out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out / 'sweep.png'} and tables in {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .card import card_rows, write_model_card
+
+    if args.write_card:
+        print(f"wrote {write_model_card()}", file=sys.stderr)
+    for meta in card_rows():
+        v = meta.get("metrics", {}).get("valid", {})
+        line = {"name": meta["name"], "architecture": meta["architecture"], "threshold": meta.get("threshold"),
+                "valid_mAP": round(v.get("mAP", 0), 4), "valid_accuracy": round(v.get("accuracy", 0), 4),
+                "default": meta["name"] == DEFAULT_MODEL}
+        print(json.dumps(line if not args.verbose else {k: x for k, x in meta.items() if k != "sweep"}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m digit_demo", description="Read house numbers in street photos.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("predict", help="images, folders or globs -> pred.json, pred.csv (and annotated images)")
+    pr.add_argument("paths", nargs="+")
+    pr.add_argument("--out", type=Path, default=Path("out"))
+    pr.add_argument("-t", "--threshold", type=float, help="confidence threshold (default: the model's best on valid)")
+    pr.add_argument("--annotate", action="store_true", help="also write annotated images to OUT/annotated/")
+    pr.add_argument("-q", "--quiet", action="store_true")
+    _model_args(pr)
+    pr.set_defaults(func=cmd_predict)
+
+    for name, fn, helptext in (("evaluate", cmd_evaluate, "COCO ground truth -> mAP and whole-number accuracy"),
+                               ("sweep", cmd_sweep, "metrics at every threshold -> table + plot")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--gt", type=Path, required=True, help="COCO ground-truth JSON (e.g. valid.json)")
+        s.add_argument("--images", type=Path, help="image folder (default: next to the JSON, named like it)")
+        s.add_argument("--limit", type=int, help="only the first N images")
+        s.add_argument("-q", "--quiet", action="store_true")
+        _model_args(s)
+        if name == "evaluate":
+            s.add_argument("-t", "--threshold", type=float)
+            s.add_argument("--pred-json", type=Path, help="score this pred.json instead of running a model")
+            s.add_argument("--pred-csv", type=Path, help="score this pred.csv instead of running a model")
+        else:
+            s.add_argument("--out", type=Path, default=Path("out/sweep"))
+        s.set_defaults(func=fn)
+
+    m = sub.add_parser("models", help="list available checkpoints and their measured metrics")
+    m.add_argument("--write-card", action="store_true", help="regenerate checkpoints/README.md")
+    m.add_argument("-v", "--verbose", action="store_true")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, ImageError, FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,116 @@
+"""Running detectors on images: one model or an ensemble, raw detections out."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from .assemble import Detections
+from .checkpoints import DEFAULT_MODEL, load_checkpoint
+from .ensemble import fuse
+from .images import ImageInput, load_image
+
+
+def set_threads(threads: int | None) -> None:
+    """Bound torch's intra-op threads (None leaves the default)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    return pil_to_tensor(img).float().div_(255)
+
+
+def outputs_to_detections(outputs: list[dict]) -> list[Detections]:
+    """torchvision detection outputs (labels = digit + 1) to :class:`Detections`."""
+    return [
+        Detections(
+            o["boxes"].detach().cpu().float().numpy(),
+            o["scores"].detach().cpu().float().numpy(),
+            (o["labels"].detach().cpu() - 1).numpy().astype(np.int64),
+        )
+        for o in outputs
+    ]
+
+
+class Detector:
+    """A loaded checkpoint: ``detector(images)`` returns raw detections (score >= the model's floor)."""
+
+    def __init__(self, model: nn.Module, meta: dict, batch_size: int = 8):
+        self.model = model.eval()
+        self.meta = meta
+        self.name = meta.get("name", "model")
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, name_or_path: str | Path = DEFAULT_MODEL, **kwargs) -> "Detector":
+        model, meta = load_checkpoint(name_or_path)
+        return cls(model, meta, **kwargs)
+
+    @torch.inference_mode()
+    def detect_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
+        out: list[Detections] = []
+        for i in range(0, len(tensors), self.batch_size):
+            out += outputs_to_detections(self.model(list(tensors[i : i + self.batch_size])))
+        return out
+
+    def __call__(self, images: Iterable[ImageInput]) -> list[Detections]:
+        return self.detect_tensors([to_tensor(load_image(im)) for im in images])
+
+
+class Ensemble:
+    """Several detectors whose detections are fused per image (``nms`` or ``wbf``)."""
+
+    def __init__(self, members: Sequence[Detector], method: str = "wbf", iou: float = 0.55):
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = list(members)
+        self.method = method
+        self.iou = iou
+        self.name = f"ensemble[{method}]({'+'.join(m.name for m in members)})"
+
+    def fuse(self, per_member: Sequence[Sequence[Detections]]) -> list[Detections]:
+        """Fuse members' detections, given as ``per_member[m][i]`` for image ``i``."""
+        return [fuse(list(dets), self.method, self.iou) for dets in zip(*per_member)]
+
+    def detect_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
+        return self.fuse([m.detect_tensors(tensors) for m in self.members])
+
+    def __call__(self, images: Iterable[ImageInput]) -> list[Detections]:
+        return self.detect_tensors([to_tensor(load_image(im)) for im in images])
+
+
+def load_detector(names: Sequence[str | Path], fusion: str = "wbf", iou: float = 0.55, batch_size: int = 8) -> Detector | Ensemble:
+    """One name gives a :class:`Detector`; several give an :class:`Ensemble` fused by ``fusion``."""
+    detectors = [Detector.load(n, batch_size=batch_size) for n in names]
+    return detectors[0] if len(detectors) == 1 else Ensemble(detectors, fusion, iou)
+
+
+def detect_paths(detector: Detector | Ensemble, paths: Sequence[Path], batch_size: int = 8, progress: bool = False
+                 ) -> tuple[dict[Path, Detections], dict[Path, str]]:
+    """Detect digits in image files, in batches; unreadable files are reported, not raised."""
+    from tqdm import tqdm
+
+    from .images import ImageError
+
+    results: dict[Path, Detections] = {}
+    errors: dict[Path, str] = {}
+    bar = tqdm(total=len(paths), unit="img", disable=not progress)
+    for i in range(0, len(paths), batch_size):
+        chunk, tensors = [], []
+        for p in paths[i : i + batch_size]:
+            try:
+                tensors.append(to_tensor(load_image(p)))
+                chunk.append(p)
+            except ImageError as e:
+                errors[p] = str(e)
+        if tensors:
+            results.update(zip(chunk, detector.detect_tensors(tensors)))
+        bar.update(len(paths[i : i + batch_size]))
+    bar.close()
+    return results, errors

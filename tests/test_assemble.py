@@ -1,0 +1,62 @@
+import numpy as np
+
+from digit_demo.assemble import Detections, assemble, dedupe, drop_strays, reading_order
+
+
+def dets(rows):
+    """rows of (x1, y1, x2, y2, score, digit)"""
+    a = np.array(rows, dtype=np.float32).reshape(-1, 6)
+    return Detections(a[:, :4], a[:, 4], a[:, 5].astype(np.int64))
+
+
+def test_orders_left_to_right_regardless_of_input_order():
+    d = dets([(40, 10, 55, 40, 0.9, 9), (10, 10, 25, 40, 0.95, 4)])
+    n = assemble(d, 0.5)
+    assert n.text == "49" and n.label == 49
+    assert n.confidence == np.float32(0.9) * np.float32(0.95)
+
+
+def test_threshold_filters_low_scores():
+    d = dets([(10, 10, 25, 40, 0.9, 1), (30, 10, 45, 40, 0.3, 2)])
+    assert assemble(d, 0.5).text == "1"
+    assert assemble(d, 0.2).text == "12"
+
+
+def test_duplicate_boxes_of_different_digits_keep_the_best():
+    d = dets([(10, 10, 25, 40, 0.9, 3), (11, 10, 26, 41, 0.7, 8), (30, 10, 45, 40, 0.8, 5)])
+    assert len(dedupe(d)) == 2
+    assert assemble(d, 0.5).text == "35"
+
+
+def test_adjacent_digits_are_not_deduplicated():
+    d = dets([(10, 10, 25, 40, 0.9, 1), (22, 10, 37, 40, 0.9, 1)])  # slight overlap, IoU ~0.1
+    assert assemble(d, 0.5).text == "11"
+
+
+def test_stray_small_box_is_dropped():
+    d = dets([(10, 10, 25, 40, 0.9, 2), (30, 10, 45, 40, 0.9, 7), (50, 30, 53, 36, 0.6, 1)])
+    assert len(drop_strays(d)) == 2
+    assert assemble(d, 0.5).text == "27"
+    assert assemble(d, 0.5, strays=False).text == "271"
+
+
+def test_box_off_the_line_is_dropped():
+    d = dets([(10, 10, 25, 40, 0.9, 2), (30, 10, 45, 40, 0.9, 7), (50, 80, 65, 110, 0.6, 4)])
+    assert assemble(d, 0.5).text == "27"
+
+
+def test_vertical_number_reads_top_to_bottom():
+    d = dets([(10, 60, 30, 100, 0.9, 5), (11, 10, 31, 50, 0.9, 1), (10, 110, 30, 150, 0.8, 0)])
+    assert assemble(d, 0.5).text == "150"
+
+
+def test_multi_row_single_line_orders_by_x():
+    d = dets([(50, 12, 65, 42, 0.9, 3), (10, 8, 25, 38, 0.9, 1), (30, 10, 45, 40, 0.9, 2)])
+    assert [int(x) for x in reading_order(d).digits] == [1, 2, 3]
+
+
+def test_empty_gives_minus_one():
+    n = assemble(Detections(), 0.5)
+    assert n.text == "" and n.label == -1 and n.confidence == 0.0
+    d = dets([(10, 10, 25, 40, 0.2, 1)])
+    assert assemble(d, 0.5).label == -1

@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from digit_demo.assemble import Detections
+from digit_demo.ensemble import fuse, nms_fusion, weighted_box_fusion
+
+
+def dets(rows):
+    a = np.array(rows, dtype=np.float32).reshape(-1, 6)
+    return Detections(a[:, :4], a[:, 4], a[:, 5].astype(np.int64))
+
+
+A = dets([(10, 10, 30, 50, 0.9, 4), (40, 10, 60, 50, 0.8, 9)])
+B = dets([(12, 10, 32, 50, 0.7, 4), (40, 12, 60, 52, 0.6, 9), (80, 10, 100, 50, 0.5, 1)])
+
+
+def test_nms_groups_by_digit_not_by_model():
+    out = nms_fusion([A, B])
+    assert sorted(out.digits.tolist()) == [1, 4, 9]
+    assert out.scores[out.digits == 4][0] == pytest.approx(0.9)
+    # same spot, different digit: both survive class-aware NMS (assembly's dedupe handles them)
+    c = dets([(10, 10, 30, 50, 0.6, 7)])
+    assert sorted(nms_fusion([A, c]).digits.tolist()) == [4, 7, 9]
+
+
+def test_wbf_averages_boxes_weighted_by_score_and_penalises_lone_boxes():
+    out = weighted_box_fusion([A, B])
+    four = out.boxes[out.digits == 4][0]
+    assert four[0] == pytest.approx((10 * 0.9 + 12 * 0.7) / 1.6, abs=1e-4)
+    assert out.scores[out.digits == 4][0] == pytest.approx((0.9 + 0.7) / 2)
+    assert out.scores[out.digits == 1][0] == pytest.approx(0.5 / 2)  # found by one model of two
+    assert list(out.scores) == sorted(out.scores, reverse=True)
+
+
+def test_fuse_by_name_and_empty_inputs():
+    assert len(fuse([Detections(), Detections()], "nms")) == 0
+    assert len(fuse([Detections(), Detections()], "wbf")) == 0
+    assert len(fuse([A], "wbf")) == 2
+    with pytest.raises(ValueError, match="unknown fusion"):
+        fuse([A], "vote")

@@ -1,0 +1,178 @@
+"""``python -m train --model NAME --data DIR``: train a digit detector and export its checkpoint."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from digit_demo.card import write_model_card
+from digit_demo.checkpoints import CHECKPOINT_DIR, save_checkpoint
+from digit_demo.data import DigitDataset, collate, load_coco
+from digit_demo.models import ARCHITECTURES, default_config, build_model
+
+from . import engine
+from .presets import eval_transforms, train_transforms
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "svhn"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    p.add_argument("--config", type=Path, help="JSON file of option defaults (a shipped recipe in train/configs/)")
+    p.add_argument("--model", choices=list(ARCHITECTURES), help="architecture to train")
+    p.add_argument("--name", help="checkpoint name (default: the architecture without 'fasterrcnn_')")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train/, valid/, train.json, valid.json")
+    p.add_argument("--train-json", default="train.json")
+    p.add_argument("--val-json", default="valid.json")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=0.005)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--lr-schedule", choices=["step", "cosine"], default="step")
+    p.add_argument("--lr-step", type=int, default=3, help="StepLR step, in epochs")
+    p.add_argument("--lr-gamma", type=float, default=0.3)
+    p.add_argument("--warmup-iters", type=int, default=0)
+    p.add_argument("--focal-loss", action="store_true", help="focal loss in the box classifier")
+    p.add_argument("--focal-alpha", type=float, default=0.25)
+    p.add_argument("--focal-gamma", type=float, default=2.0)
+    p.add_argument("--augment", choices=["default", "none"], default="default")
+    p.add_argument("--tiers", nargs="*", help="label tiers to train on (default: all)")
+    p.add_argument("--min-margin", type=float, help="drop resolved images below this resolver_margin")
+    p.add_argument("--min-size", type=int, nargs="+", help="input short side(s); several = multi-scale training")
+    p.add_argument("--max-size", type=int)
+    p.add_argument("--limit", type=int, help="use only the first N training images")
+    p.add_argument("--val-limit", type=int, help="validate on the first N images only")
+    p.add_argument("--max-iters", type=int, help="stop each epoch after N batches (smoke tests)")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--out-dir", type=Path, help="run folder: state, log, plots (default runs/NAME)")
+    p.add_argument("--export-dir", type=Path, default=CHECKPOINT_DIR, help="where the best epoch is exported")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a state")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = parser()
+    args, _ = p.parse_known_args(argv)
+    if args.config:
+        p.set_defaults(**{k.replace("-", "_"): v for k, v in json.loads(args.config.read_text()).items()})
+    args = p.parse_args(argv)
+    if not args.model:
+        p.error("--model is required (or a --config that sets it)")
+    args.name = args.name or args.model.replace("fasterrcnn_", "")
+    args.out_dir = args.out_dir or Path("runs") / args.name
+    return args
+
+
+def _distributed() -> tuple[int, int]:
+    """Initialise torch.distributed when launched by torchrun; returns (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return torch.distributed.get_rank(), world
+    return 0, 1
+
+
+def recipe(args) -> dict:
+    keys = ["epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "lr_step", "lr_gamma",
+            "warmup_iters", "focal_loss", "focal_alpha", "focal_gamma", "augment", "seed"]
+    return {k: getattr(args, k) for k in keys}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank, world = _distributed()
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if args.focal_loss:
+        engine.enable_focal_loss(args.focal_alpha, args.focal_gamma)
+
+    overrides = {}
+    if args.min_size:
+        overrides["min_size"] = args.min_size[0] if len(args.min_size) == 1 else tuple(args.min_size)
+    if args.max_size:
+        overrides["max_size"] = args.max_size
+    cfg = default_config(args.model, **overrides)
+    model = build_model(cfg).to(device)
+
+    data = args.data
+    train_set = DigitDataset(data / "train", data / args.train_json, train_transforms(args.augment),
+                             tiers=args.tiers, min_margin=args.min_margin, limit=args.limit)
+    val_set = DigitDataset(data / "valid", data / args.val_json, eval_transforms(), limit=args.val_limit)
+    val_gt = load_coco(data / args.val_json)
+    if args.val_limit:
+        keep = {im["id"] for im in val_set.images}
+        val_gt = {**val_gt, "images": val_set.images, "annotations": [a for a in val_gt["annotations"] if a["image_id"] in keep]}
+    sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True) if world > 1 else None
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
+                                         num_workers=args.workers, collate_fn=collate, drop_last=True)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=8, num_workers=args.workers, collate_fn=collate)
+
+    iters = len(loader) if not args.max_iters else min(len(loader), args.max_iters)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = engine.make_scheduler(optimizer, args.lr_schedule, args.epochs, iters, args.lr_step, args.lr_gamma,
+                                      args.warmup_iters)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    state_path = args.out_dir / "last.pt"
+    start_epoch, best_row = 0, None
+    if state_path.exists() and not args.no_resume:
+        start_epoch, best_row = engine.load_state(state_path, model, optimizer, scheduler)
+        print(f"resumed from {state_path} at epoch {start_epoch}", file=sys.stderr)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    data_info = {"train": str(args.train_json), "train_images": len(train_set), "tiers": args.tiers or "all",
+                 "min_margin": args.min_margin, "valid": str(args.val_json), "valid_images": len(val_set),
+                 "source": "SVHN format 1 (HW2 COCO layout), ../shared/data/svhn"}
+    for epoch in range(start_epoch, args.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader_iter = loader if not args.max_iters else _take(loader, args.max_iters)
+        stats = engine.train_one_epoch(train_model, optimizer, scheduler, loader_iter, device, epoch, show=not args.quiet)
+        if rank != 0:
+            continue
+        top, rows = engine.evaluate(model, val_loader, val_gt, device)
+        row = {"epoch": epoch, **{k: round(v, 5) for k, v in stats.items()}, "lr": optimizer.param_groups[0]["lr"],
+               "val_threshold": top.threshold, "val_mAP": round(top.mAP, 4), "val_AP50": round(top.AP50, 4),
+               "val_accuracy": round(top.accuracy, 4), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        engine.append_log(args.out_dir / "log.csv", row)
+        engine.plot_curves(args.out_dir / "log.csv", args.out_dir / "curves.png")
+        print(json.dumps(row), file=sys.stderr)
+        if best_row is None or (top.accuracy, top.mAP) > (best_row["accuracy"], best_row["mAP"]):
+            best_row = {"epoch": epoch, "threshold": top.threshold, "mAP": top.mAP, "AP50": top.AP50, "AP75": top.AP75,
+                        "accuracy": top.accuracy}
+            meta = {"recipe": recipe(args), "data": data_info, "device": str(device), "world_size": world,
+                    "metrics": {"valid": best_row}, "threshold": top.threshold,
+                    "training": {"epochs_run": epoch + 1, "images_per_s": round(stats["images_per_s"], 2),
+                                 "torch": torch.__version__},
+                    "sweep": [r.__dict__ for r in rows]}
+            path = save_checkpoint(model, args.export_dir / args.name, meta)
+            write_model_card(args.export_dir)
+            print(f"exported {path} (epoch {epoch}: accuracy {top.accuracy:.4f}, mAP {top.mAP:.4f})", file=sys.stderr)
+        engine.save_state(state_path, model, optimizer, scheduler, epoch, best_row, {k: str(v) for k, v in vars(args).items()})
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _take(loader, n: int):
+    for i, batch in enumerate(loader):
+        if i >= n:
+            return
+        yield batch

@@ -1,0 +1,152 @@
+"""Training engine: one epoch, validation, resumable state, logs and plots."""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection import roi_heads
+from tqdm import tqdm
+
+from digit_demo.assemble import Detections
+from digit_demo.detect import outputs_to_detections
+from digit_demo.evaluation import Metrics, best, sweep
+
+
+def focal_fastrcnn_loss(alpha: float, gamma: float):
+    """A ``fastrcnn_loss`` whose classification term is the (multi-class) focal loss."""
+
+    def loss(class_logits, box_regression, labels, regression_targets):
+        labels_cat = torch.cat(labels, 0)
+        ce = F.cross_entropy(class_logits, labels_cat, reduction="none")
+        p_t = torch.exp(-ce)
+        weight = torch.where(labels_cat > 0, alpha, 1 - alpha)
+        classification = (weight * (1 - p_t) ** gamma * ce).sum() / max(1, labels_cat.numel()) * 2
+        _, box_loss = original(class_logits, box_regression, labels, regression_targets)
+        return classification, box_loss
+
+    original = roi_heads.fastrcnn_loss
+    return loss
+
+
+def enable_focal_loss(alpha: float, gamma: float) -> None:
+    """Use focal loss in the box classifier of every Faster R-CNN in this process (training only)."""
+    if not getattr(roi_heads.fastrcnn_loss, "_focal", False):
+        fn = focal_fastrcnn_loss(alpha, gamma)
+        fn._focal = True
+        roi_heads.fastrcnn_loss = fn
+
+
+def make_scheduler(optimizer, kind: str, epochs: int, iters_per_epoch: int, step: int, gamma: float, warmup: int):
+    """Per-iteration LR: linear warm-up, then StepLR (per ``step`` epochs) or cosine to zero."""
+    total = epochs * iters_per_epoch
+
+    def factor(it: int) -> float:
+        w = min(1.0, (it + 1) / warmup) if warmup else 1.0
+        if kind == "cosine":
+            return w * 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
+        return w * gamma ** (it // (step * iters_per_epoch))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, log_every: int = 20, show: bool = True) -> dict:
+    """One pass over ``loader``; returns mean losses and throughput."""
+    model.train()
+    sums: dict[str, float] = {}
+    n_images, start = 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not show, mininterval=5, unit="batch")
+    for i, (images, targets) in enumerate(bar):
+        images = [im.to(device) for im in images]
+        targets = [{"boxes": t["boxes"].as_subclass(torch.Tensor).to(device), "labels": t["labels"].to(device)} for t in targets]
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, batch {i}: lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        n_images += len(images)
+        for k, v in {"loss": loss, **losses}.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+        if i % log_every == 0:
+            bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}",
+                            ips=f"{n_images / (time.perf_counter() - start):.1f}")
+    elapsed = time.perf_counter() - start
+    batches = max(1, i + 1)
+    return {**{k: v / batches for k, v in sums.items()}, "images_per_s": n_images / elapsed, "seconds": elapsed}
+
+
+@torch.inference_mode()
+def predict(model, loader, device) -> dict[int, Detections]:
+    model.eval()
+    out: dict[int, Detections] = {}
+    for images, targets in loader:
+        dets = outputs_to_detections(model([im.to(device) for im in images]))
+        out.update({t["image_id"]: d for t, d in zip(targets, dets)})
+    return out
+
+
+def evaluate(model, loader, gt: dict, device) -> tuple[Metrics, list[Metrics]]:
+    """Sweep thresholds on the validation set; returns the best row and all rows."""
+    rows = sweep(gt, predict(model, loader, device))
+    return best(rows), rows
+
+
+def save_state(path: Path, model, optimizer, scheduler, epoch: int, best_metrics: dict | None, args: dict) -> None:
+    """Resumable trainer state (our own file, read back with ``weights_only=True``)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+                "epoch": epoch, "best": best_metrics, "args": args}, tmp)
+    tmp.replace(path)
+
+
+def load_state(path: Path, model, optimizer, scheduler) -> tuple[int, dict | None]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["lr_scheduler"])
+    return state["epoch"] + 1, state["best"]
+
+
+def append_log(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row), lineterminator="\n")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def plot_curves(log_csv: Path, out_png: Path) -> None:
+    """Training loss and validation mAP / accuracy per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with log_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    ep = [int(r["epoch"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    for key in ("loss", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"):
+        if key in rows[0]:
+            a.plot(ep, [float(r[key]) for r in rows], marker=".", label=key)
+    a.set_title("training loss")
+    a.set_xlabel("epoch")
+    a.legend(fontsize=7)
+    for key in ("val_mAP", "val_AP50", "val_accuracy"):
+        b.plot(ep, [float(r[key]) for r in rows], marker=".", label=key)
+    b.set_title("validation (best threshold)")
+    b.set_xlabel("epoch")
+    b.set_ylim(0, 1)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
