@@ -44,3 +44,29 @@ def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
     out = directory / "README.md"
     out.write_text("".join(lines) + ("\n" + "".join(notes) if notes else ""))
     return out
+
+
+
+def sweep_curves(directory: Path = CHECKPOINT_DIR) -> dict:
+    """Validation sweeps: each checkpoint's own (from training), overridden by ``sweeps.json``
+    (written by ``benchmark.py``, which also holds ensembles)."""
+    from .evaluation import Metrics
+
+    curves = {m["name"]: [Metrics(**r) for r in m["sweep"]] for m in card_rows(directory) if m.get("sweep")}
+    path = directory / "sweeps.json"
+    if path.is_file():
+        curves.update({k: [Metrics(**r) for r in rows] for k, rows in json.loads(path.read_text()).items()})
+    return curves
+
+
+def model_label(name: str, directory: Path = CHECKPOINT_DIR) -> str:
+    """'name · acc 0.85 · mAP 0.41 · 45 ms' from the sidecar's measured numbers."""
+    meta = json.loads((directory / f"{name}.json").read_text())
+    v = meta.get("metrics", {}).get("valid", {})
+    bench = meta.get("benchmark", {})
+    parts = [name]
+    if v:
+        parts += [f"acc {v['accuracy']:.2f}", f"mAP {v['mAP']:.2f}"]
+    if bench.get("p50_ms"):
+        parts.append(f"{bench['p50_ms']:.0f} ms")
+    return " · ".join(parts)

@@ -89,11 +89,13 @@ def collate(batch):
     return tuple(zip(*batch))
 
 
-def _mat_value(f, ref) -> list[float]:
-    obj = f[ref]
-    if obj.shape[0] == 1:
-        return [float(obj[0][0])]
-    return [float(f[obj[k][0]][0][0]) for k in range(obj.shape[0])]
+def _mat_values(f, ds) -> list[float]:
+    """A MATLAB v7.3 field: the values themselves, or (for several digits) references to them."""
+    import h5py
+
+    if h5py.check_ref_dtype(ds.dtype) is not None:
+        return [float(f[r][()].item()) for r in ds[()].ravel()]
+    return [float(v) for v in ds[()].ravel()]
 
 
 def digitstruct_to_coco(mat_path: str | Path, image_dir: str | Path | None = None) -> dict:
@@ -110,10 +112,9 @@ def digitstruct_to_coco(mat_path: str | Path, image_dir: str | Path | None = Non
     with h5py.File(mat_path, "r") as f:
         names, bboxes = f["digitStruct"]["name"], f["digitStruct"]["bbox"]
         for i in range(names.shape[0]):
-            name = "".join(chr(int(c[0])) for c in f[names[i][0]][()])
+            name = "".join(chr(int(c)) for c in f[names[i][0]][()].ravel())
             box = f[bboxes[i][0]]
-            fields = {k: _mat_value(f, box[k]) if isinstance(box[k], h5py.Dataset) and box[k].dtype.kind == "O"
-                      else [float(box[k][0][0])] for k in ("label", "left", "top", "width", "height")}
+            fields = {k: _mat_values(f, box[k]) for k in ("label", "left", "top", "width", "height")}
             image_id = i + 1
             with Image.open(image_dir / name) as im:
                 width, height = im.size

@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train/, valid/, train.json, valid.json")
     p.add_argument("--train-json", default="train.json")
     p.add_argument("--val-json", default="valid.json")
+    p.add_argument("--train-images", default="train", help="training image folder inside --data")
+    p.add_argument("--val-images", default="valid", help="validation image folder inside --data")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.005)
@@ -112,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg).to(device)
 
     data = args.data
-    train_set = DigitDataset(data / "train", data / args.train_json, train_transforms(args.augment),
+    train_set = DigitDataset(data / args.train_images, data / args.train_json, train_transforms(args.augment),
                              tiers=args.tiers, min_margin=args.min_margin, limit=args.limit)
-    val_set = DigitDataset(data / "valid", data / args.val_json, eval_transforms(), limit=args.val_limit)
+    val_set = DigitDataset(data / args.val_images, data / args.val_json, eval_transforms(), limit=args.val_limit)
     val_gt = load_coco(data / args.val_json)
     if args.val_limit:
         keep = {im["id"] for im in val_set.images}

@@ -1,0 +1,199 @@
+"""Gradio demo: drop house-number photos, pick a detector or an ensemble, move the threshold."""
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from digit_demo.card import model_label, sweep_curves
+from digit_demo.checkpoints import DEFAULT_MODEL, available, read_sidecar, resolve
+from digit_demo.detect import Detector, Ensemble, set_threads, to_tensor
+from digit_demo.evaluation import best, plot_sweep
+from digit_demo.images import ImageError, load_image
+from digit_demo.session import Item, Session, image_id, write_downloads
+
+EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "examples").glob("*.png"))
+MAX_IMAGES = 32
+THREADS = int(os.environ.get("DIGIT_DEMO_THREADS", "2"))
+set_threads(THREADS)
+
+_detectors: dict[str, Detector] = {}
+_lock = threading.Lock()
+
+
+def detector_for(models: tuple[str, ...], fusion: str):
+    """Models load once and are shared by every visitor."""
+    with _lock:
+        for m in models:
+            if m not in _detectors:
+                _detectors[m] = Detector.load(m)
+    members = [_detectors[m] for m in models]
+    return members[0] if len(members) == 1 else Ensemble(members, fusion)
+
+
+def default_threshold(models: list[str] | None, fusion: str = "wbf") -> float:
+    """The best validation threshold of a model (or ensemble, where its sweep was measured)."""
+    models = models or [DEFAULT_MODEL]
+    curves = sweep_curves()
+    key = models[0] if len(models) == 1 else f"ensemble[{fusion}]({'+'.join(models)})"
+    if key in curves:
+        return best(curves[key]).threshold
+    if len(models) == 1:
+        return float(read_sidecar(resolve(models[0])).get("threshold", 0.5))
+    return 0.5
+
+
+def _paths(files) -> list[str]:
+    if not files:
+        return []
+    files = files if isinstance(files, list) else [files]
+    return [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files]
+
+
+NUMBER_HTML = """<div style="text-align:center;padding:8px 0">
+<div style="font-size:64px;font-weight:700;letter-spacing:6px;line-height:1.1">{number}</div>
+<div style="font-size:14px;opacity:.75">{detail}</div></div>"""
+
+
+def _outputs(session: Session, threshold: float, selected: int = 0):
+    readings = session.render(threshold)
+    note = "\n".join(f"⚠️ {e}" for e in session.errors)
+    if not readings:
+        empty = NUMBER_HTML.format(number="–", detail="no image yet" if not session.errors else "no readable image")
+        return session, None, empty, [], [], [], None, note
+    r = readings[min(selected, len(readings) - 1)]
+    n = r.number
+    detail = (f"{r.item.name} · confidence {n.confidence:.2f} · {len(n.digits)} digit(s) at threshold {threshold:.2f}"
+              if n.text else f"{r.item.name} · no digit above threshold {threshold:.2f}")
+    html = NUMBER_HTML.format(number=n.text or "?", detail=detail)
+    digits = [[int(d), round(float(s), 3), [round(float(v), 1) for v in b]]
+              for b, s, d in zip(n.digits.boxes, n.digits.scores, n.digits.digits)]
+    gallery = [(x.annotated, f"{x.item.name}: {x.number.text or '–'}") for x in readings]
+    table = [[x.item.name, x.item.image_id, x.number.text or "-1", round(x.number.confidence, 3)] for x in readings]
+    files = [str(p) for p in write_downloads(readings, threshold)]
+    return session, r.annotated, html, digits, gallery, table, files, note
+
+
+def read_numbers(files, webcam, models, fusion, threshold):
+    """Run the chosen model(s) once on the uploads and cache the raw detections."""
+    models = tuple(models or [DEFAULT_MODEL])
+    session = Session(models=models, fusion=fusion)
+    images, names = [], []
+    paths = _paths(files)
+    if len(paths) > MAX_IMAGES:
+        session.errors.append(f"only the first {MAX_IMAGES} of {len(paths)} images are read")
+        paths = paths[:MAX_IMAGES]
+    for k, p in enumerate(paths, 1):
+        name = Path(p).name
+        try:
+            images.append(load_image(p, name=name))
+            names.append(name)
+        except ImageError as e:
+            session.errors.append(str(e))
+    if webcam is not None:
+        try:
+            images.append(load_image(webcam, name="camera"))
+            names.append("camera.png")
+        except ImageError as e:
+            session.errors.append(str(e))
+    if images:
+        try:
+            detector = detector_for(models, fusion)
+        except Exception as e:  # a broken or missing checkpoint: say so, don't crash the page
+            session.errors.append(f"could not load {', '.join(models)}: {e}")
+            return _outputs(session, threshold)
+        raw = detector.detect_tensors([to_tensor(im) for im in images])
+        session.items = [Item(n, image_id(n, k), im, d) for k, (n, im, d) in enumerate(zip(names, images, raw), 1)]
+    return _outputs(session, threshold)
+
+
+def rethreshold(session: Session | None, threshold: float):
+    """Slider moved: re-filter the cached detections; never re-runs a model."""
+    return _outputs(session or Session(), threshold)
+
+
+def select_image(session: Session | None, threshold: float, evt: gr.SelectData):
+    return _outputs(session or Session(), threshold, evt.index)
+
+
+def explorer_plot(models: list[str] | None, fusion: str):
+    curves = sweep_curves()
+    models = models or [DEFAULT_MODEL]
+    keys = [m for m in models if m in curves]
+    ens = f"ensemble[{fusion}]({'+'.join(models)})"
+    if len(models) > 1 and ens in curves:
+        keys.append(ens)
+    shown = {k: curves[k] for k in (keys or list(curves))}
+    rows = [[k, r.threshold, round(r.mAP, 4), round(r.AP50, 4), round(r.accuracy, 4)] for k, v in shown.items()
+            for r in [best(v)]]
+    fig = plot_sweep(shown, title="Validation (300 SVHN images): accuracy and mAP vs threshold") if shown else None
+    return fig, rows
+
+
+def model_changed(models, fusion):
+    fig, rows = explorer_plot(models, fusion)
+    return gr.update(value=default_threshold(models, fusion)), fig, rows
+
+
+def build_demo() -> gr.Blocks:
+    names = available()
+    choices = [(model_label(n), n) for n in names]
+    default = [DEFAULT_MODEL] if DEFAULT_MODEL in names else names[:1]
+    with gr.Blocks(title="House-number reader") as demo:
+        gr.Markdown("# House-number reader\nDrop street photos of house numbers: every digit is boxed and the whole "
+                    "number read out. Models are Faster R-CNN detectors trained from scratch on SVHN; metrics are on "
+                    "300 validation images.")
+        session = gr.State(Session())
+        with gr.Tab("Read numbers"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    files = gr.File(label="Photos (drag and drop one or many)", file_count="multiple",
+                                    type="filepath")  # no file_types: our own loader validates every upload
+                    with gr.Accordion("Paste or webcam snapshot", open=False):
+                        webcam = gr.Image(label="Snapshot", sources=["webcam", "clipboard"], type="numpy")
+                    models = gr.Dropdown(choices, value=default, multiselect=True, label="Model(s): pick several for an ensemble")
+                    fusion = gr.Radio([("weighted box fusion", "wbf"), ("class-aware NMS", "nms")], value="wbf",
+                                      label="Ensemble fusion")
+                    threshold = gr.Slider(0.05, 0.95, value=default_threshold(default), step=0.01,
+                                          label="Confidence threshold", elem_id="threshold")
+                    run = gr.Button("Read numbers", variant="primary")
+                    if EXAMPLES:
+                        gr.Examples(EXAMPLES, inputs=[files], label="Real SVHN examples (click one)")
+                with gr.Column(scale=3):
+                    number = gr.HTML(NUMBER_HTML.format(number="–", detail="no image yet"), elem_id="number")
+                    annotated = gr.Image(label="Detected digits", type="pil", interactive=False, height=320)
+                    message = gr.Markdown(elem_id="message")
+                    digits = gr.Dataframe(headers=["digit", "score", "box [x1, y1, x2, y2]"], label="Digits, left to right",
+                                          interactive=False)
+            gallery = gr.Gallery(label="All images (click to inspect)", columns=4, height="auto")
+            results = gr.Dataframe(headers=["file", "image_id", "number", "confidence"], label="Results", interactive=False)
+            downloads = gr.File(label="Downloads: pred.json, pred.csv, annotated.zip", file_count="multiple")
+        with gr.Tab("Threshold explorer"):
+            gr.Markdown("Whole-number accuracy (solid) and COCO mAP (dashed) on the validation set at each threshold; "
+                        "the dot marks the best threshold, which is also the slider's default.")
+            plot = gr.Plot()
+            best_table = gr.Dataframe(headers=["model", "best threshold", "mAP", "AP50", "accuracy"], interactive=False)
+
+        outs = [session, annotated, number, digits, gallery, results, downloads, message]
+        run.click(read_numbers, [files, webcam, models, fusion, threshold], outs, api_name="read_numbers")
+        files.upload(read_numbers, [files, webcam, models, fusion, threshold], outs, api_name="read_uploads")
+        threshold.change(rethreshold, [session, threshold], outs, api_name="rethreshold", show_progress="hidden")
+        gallery.select(select_image, [session, threshold], outs, api_name="select_image")
+        models.change(model_changed, [models, fusion], [threshold, plot, best_table], api_name="model_settings")
+        fusion.change(model_changed, [models, fusion], [threshold, plot, best_table], api_name="fusion_settings")
+        demo.load(explorer_plot, [models, fusion], [plot, best_table], api_name="explorer")
+    return demo
+
+
+demo = build_demo()
+demo.queue(default_concurrency_limit=2, max_size=32)
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    a = ap.parse_args()
+    demo.launch(server_name=a.host, server_port=a.port, max_file_size="20mb", theme=gr.themes.Soft())

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+from digit_demo.checkpoints import CheckpointError, load_checkpoint, read_sidecar, resolve, save_checkpoint
+from digit_demo.models import ARCHITECTURES, build_model, default_config
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(default_config("fasterrcnn_resnet18_fpn", min_size=96, max_size=240))
+    path = save_checkpoint(model, tmp_path_factory.mktemp("ck") / "tiny", {"metrics": {"valid": {"accuracy": 0.5}}})
+    return model, path
+
+
+def test_every_architecture_builds_offline_with_11_classes():
+    for name in ARCHITECTURES:
+        m = build_model(name)
+        assert m.roi_heads.box_predictor.cls_score.out_features == 11
+        assert m.transform.min_size[-1] == default_config(name).min_size
+
+
+def test_round_trip_is_fp16_weights_run_in_fp32(saved):
+    model, path = saved
+    meta = read_sidecar(path)
+    assert meta["architecture"] == "fasterrcnn_resnet18_fpn" and meta["weights_dtype"] == "float16"
+    assert meta["normalisation"]["mean"] == [0.485, 0.456, 0.406] and meta["classes"]["1"] == "0"
+    assert meta["input_size"] == {"min_size": 96, "max_size": 240}
+    loaded, meta2 = load_checkpoint(path)
+    assert next(loaded.parameters()).dtype == torch.float32 and not loaded.training
+    for k, v in model.state_dict().items():
+        expected = v.half().float() if v.is_floating_point() else v
+        torch.testing.assert_close(loaded.state_dict()[k], expected)
+    assert loaded.transform.min_size == (96,) and meta2["metrics"]["valid"]["accuracy"] == 0.5
+
+
+def test_wrong_architecture_is_named(saved, tmp_path):
+    _, path = saved
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["architecture"] = "fasterrcnn_mobilenet_v3_large_fpn"
+    meta["config"] = default_config("fasterrcnn_mobilenet_v3_large_fpn").to_dict()
+    (tmp_path / "liar.json").write_text(json.dumps(meta))
+    (tmp_path / "liar.safetensors").write_bytes(path.read_bytes())
+    with pytest.raises(CheckpointError, match="do not fit architecture 'fasterrcnn_mobilenet_v3_large_fpn'.*missing"):
+        load_checkpoint(tmp_path / "liar.safetensors")
+
+
+def test_unknown_architecture_corrupt_file_missing_sidecar(saved, tmp_path):
+    _, path = saved
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["config"]["architecture"] = "yolo"
+    (tmp_path / "odd.json").write_text(json.dumps(meta))
+    (tmp_path / "odd.safetensors").write_bytes(path.read_bytes())
+    with pytest.raises(CheckpointError, match="unknown architecture 'yolo'"):
+        load_checkpoint(tmp_path / "odd")
+    (tmp_path / "bad.json").write_text(path.with_suffix(".json").read_text())
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+    (tmp_path / "lonely.safetensors").write_bytes(path.read_bytes())
+    with pytest.raises(CheckpointError, match="missing sidecar"):
+        load_checkpoint(tmp_path / "lonely.safetensors")
+
+
+def test_not_found_offline_says_how_to_download(monkeypatch):
+    monkeypatch.delenv("DIGIT_DEMO_HUB_REPO", raising=False)
+    with pytest.raises(CheckpointError, match="not found.*DIGIT_DEMO_HUB_REPO"):
+        resolve("no_such_model")
+
+
+def test_hub_download_failure_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("DIGIT_DEMO_HUB_REPO", "someone/digits")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="not found"):
+        resolve("no_such_model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    import huggingface_hub
+
+    def fail(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    with pytest.raises(CheckpointError, match="download from someone/digits failed"):
+        resolve("no_such_model")

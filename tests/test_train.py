@@ -1,0 +1,81 @@
+"""Short real training runs on the fixture images."""
+import csv
+
+import pytest
+import torch
+
+from digit_demo.checkpoints import load_checkpoint
+from digit_demo.detect import Detector
+from train import engine
+from train.cli import main, parse_args
+
+from .conftest import FIXTURES
+
+
+def run(tmp_path, *extra):
+    args = ["--data", str(FIXTURES), "--train-json", "valid.json", "--train-images", "valid", "--val-json", "valid.json",
+            "--out-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "ck"), "--quiet", "--augment", "none",
+            "--batch-size", "4", "--lr", "0.01", "--lr-schedule", "cosine", "--min-size", "96", "--max-size", "240", *extra]
+    assert main(args) == 0
+    with (tmp_path / "run" / "log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_short_run_lowers_loss_and_exports_a_loadable_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    log = run(tmp_path, "--model", "fasterrcnn_resnet18_fpn", "--name", "tiny", "--epochs", "4")
+    losses = [float(r["loss"]) for r in log]
+    assert len(log) == 4 and losses[-1] < losses[0] * 0.8
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    model, meta = load_checkpoint(tmp_path / "ck" / "tiny")
+    assert meta["recipe"]["lr"] == 0.01 and meta["data"]["train_images"] == 8
+    assert set(meta["metrics"]["valid"]) >= {"mAP", "AP50", "accuracy", "threshold"}
+    assert (tmp_path / "ck" / "README.md").read_text().count("| tiny") == 1
+    dets = Detector(model, meta)([FIXTURES / "valid" / "172.png"])
+    assert len(dets) == 1 and dets[0].boxes.shape[1] == 4
+
+
+def test_resume_restores_optimizer_and_scheduler(tmp_path):
+    log = run(tmp_path, "--model", "fasterrcnn_resnet18_fpn", "--epochs", "1", "--max-iters", "2")
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["epoch"] == 0 and state["lr_scheduler"]["last_epoch"] == 2
+    assert state["optimizer"]["state"], "momentum buffers are saved"
+    log = run(tmp_path, "--model", "fasterrcnn_resnet18_fpn", "--epochs", "2", "--max-iters", "2")
+    assert [int(r["epoch"]) for r in log] == [0, 1]  # epoch 0 was not repeated
+    state2 = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state2["lr_scheduler"]["last_epoch"] == 4
+
+    from digit_demo.models import build_model, default_config
+
+    model = build_model(default_config("fasterrcnn_resnet18_fpn", min_size=96, max_size=240))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sched = engine.make_scheduler(opt, "cosine", 2, 2, 3, 0.3, 0)
+    start, best = engine.load_state(tmp_path / "run" / "last.pt", model, opt, sched)
+    assert start == 2 and sched.last_epoch == 4 and opt.state_dict()["state"]
+    assert best is not None and "accuracy" in best
+
+
+def test_resnet50_fpn_v2_recipe_runs_with_focal_loss(tmp_path, monkeypatch):
+    from torchvision.models.detection import roi_heads
+
+    monkeypatch.setattr(roi_heads, "fastrcnn_loss", roi_heads.fastrcnn_loss)  # undo the patch afterwards
+    log = run(tmp_path, "--model", "fasterrcnn_resnet50_fpn_v2", "--epochs", "1", "--max-iters", "1", "--focal-loss",
+              "--limit", "4", "--val-limit", "2")
+    assert len(log) == 1 and float(log[0]["loss"]) > 0
+    assert getattr(roi_heads.fastrcnn_loss, "_focal", False)
+
+
+def test_focal_loss_down_weights_easy_examples():
+    logits = torch.tensor([[4.0, 0, 0], [0, 0.2, 0]])
+    labels = [torch.tensor([0, 1])]
+    focal = engine.focal_fastrcnn_loss(0.25, 2.0)
+    cls, _ = focal(logits, torch.zeros(2, 12), labels, [torch.zeros(2, 4)])
+    ce = torch.nn.functional.cross_entropy(logits, labels[0])
+    assert 0 < cls < ce
+
+
+def test_config_file_sets_defaults_and_flags_override(tmp_path):
+    args = parse_args(["--config", "train/configs/resnet18_fpn.json", "--epochs", "2"])
+    assert args.model == "fasterrcnn_resnet18_fpn" and args.epochs == 2 and args.lr_schedule == "cosine"
+    with pytest.raises(SystemExit):
+        parse_args([])
