@@ -168,7 +168,7 @@ def build_demo() -> gr.Blocks:
                     message = gr.Markdown(elem_id="message")
                     digits = gr.Dataframe(headers=["digit", "score", "box [x1, y1, x2, y2]"], label="Digits, left to right",
                                           interactive=False)
-            gallery = gr.Gallery(label="All images (click to inspect)", columns=4, height="auto")
+            gallery = gr.Gallery(label="All images (click to inspect)", columns=6, height=240, object_fit="contain")
             results = gr.Dataframe(headers=["file", "image_id", "number", "confidence"], label="Results", interactive=False)
             downloads = gr.File(label="Downloads: pred.json, pred.csv, annotated.zip", file_count="multiple")
         with gr.Tab("Threshold explorer"):

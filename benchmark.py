@@ -1,0 +1,145 @@
+"""Benchmark every shipped checkpoint and their ensembles on the 300 SVHN `valid` images (CPU).
+
+Per model: p50/p95 latency per image (batch 1), images/s in batches of 8, peak RSS, mAP / AP50 /
+whole-number accuracy at the best validation threshold, and the server-side cost of one slider
+update in the app. Writes ``checkpoints/benchmark.json``, ``checkpoints/sweeps.json`` (threshold
+curves the app's explorer shows), a ``benchmark`` entry in each sidecar, and prints a Markdown table.
+
+    python benchmark.py [--models a b c] [--threads 2] [--limit N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT.parent / "shared" / "data" / "svhn"
+
+
+def measure(name: str, threads: int, limit: int | None, out: Path) -> None:
+    """Runs in a child process so that peak memory is the model's own."""
+    import torch
+
+    from digit_demo.data import load_coco
+    from digit_demo.detect import Detector, set_threads, to_tensor
+    from digit_demo.images import load_image
+    from digit_demo.session import Item, Session, write_downloads
+
+    set_threads(threads)
+    gt = load_coco(DATA / "valid.json")
+    images = gt["images"][:limit] if limit else gt["images"]
+    det = Detector.load(name, batch_size=8)
+    tensors = [to_tensor(load_image(DATA / "valid" / im["file_name"])) for im in images]
+    det.detect_tensors(tensors[:4])  # warm-up
+    lat = []
+    raw = {}
+    for im, t in zip(images, tensors):
+        start = time.perf_counter()
+        raw[im["id"]] = det.detect_tensors([t])[0]
+        lat.append((time.perf_counter() - start) * 1000)
+    start = time.perf_counter()
+    det.detect_tensors(tensors)
+    batch_ips = len(tensors) / (time.perf_counter() - start)
+    # one slider update for one image, as the app does it: re-assemble, draw, write the downloads
+    first = images[0]
+    session = Session(items=[Item(first["file_name"], first["id"], load_image(DATA / "valid" / first["file_name"]), raw[first["id"]])])
+    slider = []
+    for t in np.linspace(0.1, 0.9, 20):
+        start = time.perf_counter()
+        write_downloads(session.render(float(t)), float(t))
+        slider.append((time.perf_counter() - start) * 1000)
+    dets = {k: {"boxes": v.boxes.tolist(), "scores": v.scores.tolist(), "digits": v.digits.tolist()} for k, v in raw.items()}
+    out.write_text(json.dumps({
+        "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)), "batch_images_per_s": batch_ips,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "slider_update_ms": float(np.median(slider)),
+        "threads": threads, "torch": torch.__version__, "detections": dets,
+    }))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child:
+        measure(args._child[0], args.threads, args.limit, Path(args._child[1]))
+        return 0
+
+    from digit_demo.assemble import Detections
+    from digit_demo.card import write_model_card
+    from digit_demo.checkpoints import CHECKPOINT_DIR, available
+    from digit_demo.data import load_coco
+    from digit_demo.ensemble import fuse
+    from digit_demo.evaluation import best, sweep
+
+    names = args.models or available()
+    gt = load_coco(DATA / "valid.json")
+    if args.limit:
+        gt = {**gt, "images": gt["images"][: args.limit]}
+        keep = {im["id"] for im in gt["images"]}
+        gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
+    results, raw, curves = {}, {}, {}
+    for name in names:
+        tmp = ROOT / "out" / f"bench_{name}.json"
+        tmp.parent.mkdir(exist_ok=True)
+        cmd = [sys.executable, __file__, "--threads", str(args.threads), "--_child", name, str(tmp)]
+        if args.limit:
+            cmd += ["--limit", str(args.limit)]
+        subprocess.run(cmd, check=True)
+        r = json.loads(tmp.read_text())
+        raw[name] = {int(k): Detections(np.array(v["boxes"], np.float32).reshape(-1, 4), np.array(v["scores"], np.float32),
+                                        np.array(v["digits"], np.int64)) for k, v in r.pop("detections").items()}
+        curves[name] = sweep(gt, raw[name])
+        results[name] = r
+    for k in range(2, len(names) + 1):
+        for group in combinations(names, k):
+            for method in ("wbf", "nms"):
+                key = f"ensemble[{method}]({'+'.join(group)})"
+                ids = sorted(raw[group[0]])
+                start = time.perf_counter()
+                fused = {i: fuse([raw[g][i] for g in group], method) for i in ids}
+                fuse_ms = (time.perf_counter() - start) * 1000 / len(ids)
+                curves[key] = sweep(gt, fused)
+                results[key] = {"p50_ms": sum(results[g]["p50_ms"] for g in group) + fuse_ms,
+                                "p95_ms": sum(results[g]["p95_ms"] for g in group) + fuse_ms,
+                                "batch_images_per_s": 1 / sum(1 / results[g]["batch_images_per_s"] for g in group),
+                                "peak_rss_mb": None, "slider_update_ms": results[group[0]]["slider_update_ms"]}
+    table = []
+    for key, rows in curves.items():
+        b = best(rows)
+        results[key].update({"threshold": b.threshold, "mAP": b.mAP, "AP50": b.AP50, "AP75": b.AP75, "accuracy": b.accuracy})
+        if "(" in key:
+            members = key[key.index("(") + 1 : -1].split("+")
+            top = max(members, key=lambda m: results[m]["accuracy"])
+            results[key]["beats_best_member"] = {"accuracy": b.accuracy >= results[top]["accuracy"],
+                                                 "mAP": b.mAP >= max(results[m]["mAP"] for m in members)}
+    (CHECKPOINT_DIR / "sweeps.json").write_text(json.dumps({k: [r.__dict__ for r in v] for k, v in curves.items()}, indent=1))
+    (CHECKPOINT_DIR / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+    for name in names:
+        side = CHECKPOINT_DIR / f"{name}.json"
+        meta = json.loads(side.read_text())
+        meta["benchmark"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in results[name].items()}
+        side.write_text(json.dumps(meta, indent=2) + "\n")
+    write_model_card()
+    print(f"\nValid = 300 SVHN images (exact labels); CPU threads = {args.threads}; latency = batch 1.\n")
+    print("| model | threshold | mAP | AP50 | accuracy | p50 ms | p95 ms | batch img/s | peak RSS MB | slider ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for key, r in results.items():
+        rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-"
+        print(f"| {key} | {r['threshold']:.2f} | {r['mAP']:.3f} | {r['AP50']:.3f} | {r['accuracy']:.3f} | {r['p50_ms']:.0f} "
+              f"| {r['p95_ms']:.0f} | {r['batch_images_per_s']:.1f} | {rss} | {r['slider_update_ms']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
