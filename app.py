@@ -8,8 +8,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from digit_demo.card import model_label, sweep_curves
-from digit_demo.checkpoints import DEFAULT_MODEL, available, read_sidecar, resolve
+from digit_demo.card import best_threshold, ensemble_key, model_label, sweep_curves
+from digit_demo.checkpoints import DEFAULT_MODEL, available
 from digit_demo.detect import Detector, Ensemble, set_threads, to_tensor
 from digit_demo.evaluation import best, plot_sweep
 from digit_demo.images import ImageError, load_image
@@ -32,18 +32,6 @@ def detector_for(models: tuple[str, ...], fusion: str):
                 _detectors[m] = Detector.load(m)
     members = [_detectors[m] for m in models]
     return members[0] if len(members) == 1 else Ensemble(members, fusion)
-
-
-def default_threshold(models: list[str] | None, fusion: str = "wbf") -> float:
-    """The best validation threshold of a model (or ensemble, where its sweep was measured)."""
-    models = models or [DEFAULT_MODEL]
-    curves = sweep_curves()
-    key = models[0] if len(models) == 1 else f"ensemble[{fusion}]({'+'.join(models)})"
-    if key in curves:
-        return best(curves[key]).threshold
-    if len(models) == 1:
-        return float(read_sidecar(resolve(models[0])).get("threshold", 0.5))
-    return 0.5
 
 
 def _paths(files) -> list[str]:
@@ -123,7 +111,7 @@ def explorer_plot(models: list[str] | None, fusion: str):
     curves = sweep_curves()
     models = models or [DEFAULT_MODEL]
     keys = [m for m in models if m in curves]
-    ens = f"ensemble[{fusion}]({'+'.join(models)})"
+    ens = ensemble_key(models, fusion)
     if len(models) > 1 and ens in curves:
         keys.append(ens)
     shown = {k: curves[k] for k in (keys or list(curves))}
@@ -135,7 +123,7 @@ def explorer_plot(models: list[str] | None, fusion: str):
 
 def model_changed(models, fusion):
     fig, rows = explorer_plot(models, fusion)
-    return gr.update(value=default_threshold(models, fusion)), fig, rows
+    return gr.update(value=best_threshold(models, fusion)), fig, rows
 
 
 def build_demo() -> gr.Blocks:
@@ -157,7 +145,7 @@ def build_demo() -> gr.Blocks:
                     models = gr.Dropdown(choices, value=default, multiselect=True, label="Model(s): pick several for an ensemble")
                     fusion = gr.Radio([("weighted box fusion", "wbf"), ("class-aware NMS", "nms")], value="wbf",
                                       label="Ensemble fusion")
-                    threshold = gr.Slider(0.05, 0.95, value=default_threshold(default), step=0.01,
+                    threshold = gr.Slider(0.05, 0.95, value=best_threshold(default), step=0.01,
                                           label="Confidence threshold", elem_id="threshold")
                     run = gr.Button("Read numbers", variant="primary")
                     if EXAMPLES:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, available
+from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, available, read_sidecar, resolve
 
 HEADER = """# Shipped checkpoints
 
@@ -70,3 +70,22 @@ def model_label(name: str, directory: Path = CHECKPOINT_DIR) -> str:
     if bench.get("p50_ms"):
         parts.append(f"{bench['p50_ms']:.0f} ms")
     return " · ".join(parts)
+
+
+def ensemble_key(models: list[str] | tuple[str, ...], fusion: str) -> str:
+    """How benchmarks and sweeps name a model or an ensemble."""
+    return models[0] if len(models) == 1 else f"ensemble[{fusion}]({'+'.join(models)})"
+
+
+def best_threshold(models: list[str] | tuple[str, ...] | None = None, fusion: str = "wbf") -> float:
+    """The best validation threshold of a model or ensemble (0.5 for an unmeasured ensemble)."""
+    from .evaluation import best
+
+    models = list(models or [DEFAULT_MODEL])
+    curves = sweep_curves()
+    key = ensemble_key(models, fusion)
+    if key in curves:
+        return best(curves[key]).threshold
+    if len(models) == 1:
+        return float(read_sidecar(resolve(models[0])).get("threshold", 0.5))
+    return 0.5

@@ -19,11 +19,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for inference")
 
 
-def _threshold(detector, given: float | None) -> float:
+def _threshold(detector, given: float | None, fusion: str) -> float:
+    """The given threshold, else the model's (or ensemble's) best on the validation sweep."""
     if given is not None:
         return given
-    members = getattr(detector, "members", [detector])
-    return float(members[0].meta.get("threshold", 0.5)) if len(members) == 1 else 0.5
+    from .card import best_threshold
+
+    return best_threshold([m.name for m in getattr(detector, "members", [detector])], fusion)
 
 
 def _load(args):
@@ -43,7 +45,7 @@ def cmd_predict(args) -> int:
     if not paths:
         raise FileNotFoundError("no images found in " + " ".join(args.paths))
     detector = _load(args)
-    threshold = _threshold(detector, args.threshold)
+    threshold = _threshold(detector, args.threshold, args.fusion)
     found, errors = detect_paths(detector, paths, args.batch_size, progress=not args.quiet)
     ids = {p: image_id_for(p, k) for k, p in enumerate(paths, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +119,7 @@ def cmd_evaluate(args) -> int:
         return 0
     gt, images = _ground_truth(args)
     detector = _load(args)
-    threshold = _threshold(detector, args.threshold)
+    threshold = _threshold(detector, args.threshold, args.fusion)
     per_member, fused = _detections_for_gt(args, detector, gt, images)
     rows = {name: evaluate(gt, d, threshold) for name, d in per_member.items()}
     if fused is not None:

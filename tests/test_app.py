@@ -106,11 +106,10 @@ def test_ensemble_and_bad_uploads(client, tmp_path):
 
 
 def test_threshold_default_comes_from_the_sweep(client):
-    from digit_demo.card import sweep_curves
-    from digit_demo.evaluation import best
+    from digit_demo.card import best_threshold
 
     slider, fig, rows = client.predict(["resnet18_fpn"], "wbf", api_name="/model_settings")
-    expected = best(sweep_curves()["resnet18_fpn"]).threshold
+    expected = best_threshold(["resnet18_fpn"])
     assert slider["value"] == pytest.approx(expected) if isinstance(slider, dict) else slider == pytest.approx(expected)
     assert rows["data"][0][0] == "resnet18_fpn"
 

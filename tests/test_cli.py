@@ -22,7 +22,9 @@ def test_predict_plain_form_writes_hw2_files(tmp_path, default_detector):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["image_id", "pred_label"] and len(rows) == 8
     images = sorted((FIXTURES / "valid").glob("*.png"))
-    threshold = default_detector.meta["threshold"]
+    from digit_demo.card import best_threshold
+
+    threshold = best_threshold(["resnet18_fpn"])
     expected = {int(p.stem): assemble(d, threshold).label for p, d in zip(images, default_detector(images))}
     assert {int(r["image_id"]): int(r["pred_label"]) for r in rows} == expected
     preds = json.loads((tmp_path / "out" / "pred.json").read_text())
