@@ -167,11 +167,14 @@ def build_demo() -> gr.Blocks:
 
         outs = [session, annotated, number, digits, gallery, results, downloads, message]
         run.click(read_numbers, [files, webcam, models, fusion, threshold], outs, api_name="read_numbers")
-        files.upload(read_numbers, [files, webcam, models, fusion, threshold], outs, api_name="read_uploads")
+        files.change(read_numbers, [files, webcam, models, fusion, threshold], outs, api_name="read_uploads")
+        webcam.change(read_numbers, [files, webcam, models, fusion, threshold], outs, api_name="read_snapshot")
         threshold.change(rethreshold, [session, threshold], outs, api_name="rethreshold", show_progress="hidden")
         gallery.select(select_image, [session, threshold], outs, api_name="select_image")
-        models.change(model_changed, [models, fusion], [threshold, plot, best_table], api_name="model_settings")
-        fusion.change(model_changed, [models, fusion], [threshold, plot, best_table], api_name="fusion_settings")
+        # a new model (or fusion) means new detections: re-read the current uploads with it
+        for control, name in ((models, "model_settings"), (fusion, "fusion_settings")):
+            control.change(model_changed, [models, fusion], [threshold, plot, best_table], api_name=name).then(
+                read_numbers, [files, webcam, models, fusion, threshold], outs, api_name=f"{name}_reread")
         demo.load(explorer_plot, [models, fusion], [plot, best_table], api_name="explorer")
     return demo
 

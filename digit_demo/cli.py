@@ -170,6 +170,15 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .data import digitstruct_to_coco
+
+    coco = digitstruct_to_coco(args.mat, args.images)
+    args.out.write_text(json.dumps(coco))
+    print(f"wrote {args.out}: {len(coco['images'])} images, {len(coco['annotations'])} digit boxes", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m digit_demo", description="Read house numbers in street photos.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -198,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--out", type=Path, default=Path("out/sweep"))
         s.set_defaults(func=fn)
+
+    c = sub.add_parser("convert", help="SVHN format-1 digitStruct.mat -> COCO JSON (HW2 layout)")
+    c.add_argument("mat", type=Path)
+    c.add_argument("--images", type=Path, help="folder of the images (default: the .mat's folder)")
+    c.add_argument("--out", type=Path, required=True)
+    c.set_defaults(func=cmd_convert)
 
     m = sub.add_parser("models", help="list available checkpoints and their measured metrics")
     m.add_argument("--write-card", action="store_true", help="regenerate checkpoints/README.md")

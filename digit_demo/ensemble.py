@@ -36,7 +36,7 @@ def weighted_box_fusion(dets: list[Detections], iou: float = 0.55, weights: list
     1/N of its score.
     """
     n_models = len(dets)
-    weights = weights or [1.0] * n_models
+    weights = [w / max(weights) for w in weights] if weights else [1.0] * n_models
     tagged = [Detections(d.boxes, d.scores * w, d.digits) for d, w in zip(dets, weights)]
     allb = _concat(tagged)
     out_boxes, out_scores, out_digits = [], [], []
@@ -67,10 +67,11 @@ def weighted_box_fusion(dets: list[Detections], iou: float = 0.55, weights: list
     return result.select(np.argsort(-result.scores, kind="stable"))
 
 
-def fuse(dets: list[Detections], method: str = "wbf", iou: float = 0.55) -> Detections:
-    """Fuse one image's detections from several models by ``method`` (``nms`` or ``wbf``)."""
+def fuse(dets: list[Detections], method: str = "wbf", iou: float = 0.55, weights: list[float] | None = None) -> Detections:
+    """Fuse one image's detections from several models by ``method`` (``nms`` or ``wbf``; only
+    ``wbf`` uses per-model ``weights``)."""
     if method == "nms":
         return nms_fusion(dets, iou)
     if method == "wbf":
-        return weighted_box_fusion(dets, iou)
+        return weighted_box_fusion(dets, iou, weights)
     raise ValueError(f"unknown fusion {method!r}; choose one of {', '.join(FUSIONS)}")

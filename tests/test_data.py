@@ -1,3 +1,5 @@
+import json
+
 import h5py
 import numpy as np
 import torch
@@ -44,6 +46,18 @@ def test_digitstruct_converts_to_hw2_coco(tmp_path):
     assert [a["category_id"] for a in coco["annotations"]] == [2, 1, 8]  # SVHN 10 is the digit 0
     assert coco["annotations"][1]["bbox"] == [18.0, 3.0, 11.0, 20.0]
     assert gt_numbers(coco) == {1: "10", 2: "7"}
+
+
+def test_convert_command(tmp_path):
+    from digit_demo.cli import main
+
+    Image.new("RGB", (60, 30)).save(tmp_path / "1.png")
+    write_digitstruct(tmp_path / "digitStruct.mat", [("1.png", [dict(label=4, left=5, top=2, width=10, height=20)])])
+    assert main(["convert", str(tmp_path / "digitStruct.mat"), "--out", str(tmp_path / "train.json")]) == 0
+    coco = json.loads((tmp_path / "train.json").read_text())
+    assert coco["annotations"][0]["category_id"] == 5 and coco["categories"][0] == {"id": 1, "name": "0"}
+    ds = DigitDataset(tmp_path, tmp_path / "train.json")  # and it trains like HW2 data
+    assert ds[0][1]["labels"].tolist() == [5]
 
 
 def test_boxes_are_clipped_and_empty_ones_dropped():

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             meta = {"recipe": recipe(args), "data": data_info, "device": str(device), "world_size": world,
                     "metrics": {"valid": best_row}, "threshold": top.threshold,
                     "training": {"epochs_run": epoch + 1, "images_per_s": round(stats["images_per_s"], 2),
-                                 "torch": torch.__version__},
+                                 "train_seconds": round(engine.total_seconds(args.out_dir / "log.csv")),
+                                 "threads": torch.get_num_threads(), "torch": torch.__version__},
                     "sweep": [r.__dict__ for r in rows]}
             path = save_checkpoint(model, args.export_dir / args.name, meta)
             write_model_card(args.export_dir)

@@ -122,6 +122,12 @@ def append_log(path: Path, row: dict) -> None:
         w.writerow(row)
 
 
+def total_seconds(log_csv: Path) -> float:
+    """Training time summed over the logged epochs (survives resumes)."""
+    with log_csv.open() as f:
+        return sum(float(r["seconds"]) for r in csv.DictReader(f))
+
+
 def plot_curves(log_csv: Path, out_png: Path) -> None:
     """Training loss and validation mAP / accuracy per epoch."""
     import matplotlib
