@@ -112,7 +112,7 @@ def plot_sweep(curves: dict[str, list[Metrics]], path: str | Path | None = None,
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     if path:
         fig.savefig(path)

@@ -1,5 +1,6 @@
 """Short real training runs on the fixture images."""
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +14,12 @@ from .conftest import FIXTURES
 
 
 def run(tmp_path, *extra):
+    out = extra[extra.index("--out-dir") + 1] if "--out-dir" in extra else str(tmp_path / "run")
     args = ["--data", str(FIXTURES), "--train-json", "valid.json", "--train-images", "valid", "--val-json", "valid.json",
-            "--out-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "ck"), "--quiet", "--augment", "none",
+            "--out-dir", out, "--export-dir", str(tmp_path / "ck"), "--quiet", "--augment", "none",
             "--batch-size", "4", "--lr", "0.01", "--lr-schedule", "cosine", "--min-size", "96", "--max-size", "240", *extra]
     assert main(args) == 0
-    with (tmp_path / "run" / "log.csv").open() as f:
+    with (Path(out) / "log.csv").open() as f:
         return list(csv.DictReader(f))
 
 
@@ -33,6 +35,16 @@ def test_short_run_lowers_loss_and_exports_a_loadable_checkpoint(tmp_path):
     assert (tmp_path / "ck" / "README.md").read_text().count("| tiny") == 1
     dets = Detector(model, meta)([FIXTURES / "valid" / "172.png"])
     assert len(dets) == 1 and dets[0].boxes.shape[1] == 4
+
+    # fine-tuning from it replaces the export only if it beats the parent's validation metrics
+    before = (tmp_path / "ck" / "tiny.safetensors").read_bytes()
+    parent = meta["metrics"]["valid"]
+    ft = run(tmp_path, "--model", "fasterrcnn_resnet18_fpn", "--name", "tiny", "--epochs", "1", "--lr", "0.001",
+             "--init-from", str(tmp_path / "ck" / "tiny"), "--out-dir", str(tmp_path / "ft"))
+    beaten = (float(ft[0]["val_accuracy"]), float(ft[0]["val_mAP"])) > (round(parent["accuracy"], 4), round(parent["mAP"], 4))
+    after = load_checkpoint(tmp_path / "ck" / "tiny")[1]
+    assert ((tmp_path / "ck" / "tiny.safetensors").read_bytes() != before) == beaten
+    assert ("init_from" in after["recipe"]) == beaten
 
 
 def test_resume_restores_optimizer_and_scheduler(tmp_path):

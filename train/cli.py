@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from digit_demo.card import write_model_card
-from digit_demo.checkpoints import CHECKPOINT_DIR, save_checkpoint
+from digit_demo.checkpoints import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from digit_demo.data import DigitDataset, collate, load_coco
 from digit_demo.models import ARCHITECTURES, default_config, build_model
 
@@ -57,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--out-dir", type=Path, help="run folder: state, log, plots (default runs/NAME)")
     p.add_argument("--export-dir", type=Path, default=CHECKPOINT_DIR, help="where the best epoch is exported")
+    p.add_argument("--init-from", help="start from this checkpoint's weights (fine-tuning); it is only replaced if beaten")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a state")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -111,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_size:
         overrides["max_size"] = args.max_size
     cfg = default_config(args.model, **overrides)
-    model = build_model(cfg).to(device)
+    parent = None
+    if args.init_from:  # its sidecar fixes the architecture and input size
+        model, parent = load_checkpoint(args.init_from)
+    else:
+        model = build_model(cfg)
+    model = model.to(device)
 
     data = args.data
     train_set = DigitDataset(data / args.train_images, data / args.train_json, train_transforms(args.augment),
@@ -133,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                                       args.warmup_iters)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     state_path = args.out_dir / "last.pt"
-    start_epoch, best_row = 0, None
+    start_epoch = 0
+    best_row = parent["metrics"]["valid"] if parent else None
     if state_path.exists() and not args.no_resume:
         start_epoch, best_row = engine.load_state(state_path, model, optimizer, scheduler)
         print(f"resumed from {state_path} at epoch {start_epoch}", file=sys.stderr)
@@ -156,10 +163,15 @@ def main(argv: list[str] | None = None) -> int:
         engine.append_log(args.out_dir / "log.csv", row)
         engine.plot_curves(args.out_dir / "log.csv", args.out_dir / "curves.png")
         print(json.dumps(row), file=sys.stderr)
-        if best_row is None or (top.accuracy, top.mAP) > (best_row["accuracy"], best_row["mAP"]):
+        score = (round(top.accuracy, 4), round(top.mAP, 4))  # as logged
+        if best_row is None or score > (round(best_row["accuracy"], 4), round(best_row["mAP"], 4)):
             best_row = {"epoch": epoch, "threshold": top.threshold, "mAP": top.mAP, "AP50": top.AP50, "AP75": top.AP75,
                         "accuracy": top.accuracy}
-            meta = {"recipe": recipe(args), "data": data_info, "device": str(device), "world_size": world,
+            rec = recipe(args)
+            if parent:
+                rec["init_from"] = {"checkpoint": parent["name"], "recipe": parent.get("recipe"),
+                                    "training": parent.get("training"), "metrics": parent["metrics"]}
+            meta = {"recipe": rec, "data": data_info, "device": str(device), "world_size": world,
                     "metrics": {"valid": best_row}, "threshold": top.threshold,
                     "training": {"epochs_run": epoch + 1, "images_per_s": round(stats["images_per_s"], 2),
                                  "train_seconds": round(engine.total_seconds(args.out_dir / "log.csv")),
