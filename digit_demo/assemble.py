@@ -40,8 +40,13 @@ class HouseNumber:
         return int(self.text) if self.text else -1
 
 
-def dedupe(dets: Detections, iou: float = 0.6) -> Detections:
-    """Keep the best-scoring box where boxes of different digits sit on the same spot."""
+# Distinct digits barely overlap: in train.json, 99.7% of multi-digit images have no two digit boxes
+# with IoU above 0.3 (99th percentile 0.24). Boxes overlapping more are one digit read twice.
+DEDUPE_IOU = 0.35
+
+
+def dedupe(dets: Detections, iou: float = DEDUPE_IOU) -> Detections:
+    """Keep the best-scoring box where boxes (of any digits) sit on the same spot."""
     if len(dets) < 2:
         return dets
     keep = nms(torch.from_numpy(dets.boxes).float(), torch.from_numpy(dets.scores).float(), iou).numpy()
@@ -89,7 +94,7 @@ def reading_order(dets: Detections) -> Detections:
     return dets.select(np.argsort(key, kind="stable"))
 
 
-def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = 0.6, strays: bool = True) -> HouseNumber:
+def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = DEDUPE_IOU, strays: bool = True) -> HouseNumber:
     """Read the house number from raw detections at a confidence ``threshold``.
 
     Confidence is the product of the digit scores (every digit must be right for the number to be).

@@ -12,7 +12,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from .assemble import Detections
 from .checkpoints import DEFAULT_MODEL, load_checkpoint
-from .ensemble import fuse
+from .ensemble import fuse, member_weights
 from .images import ImageInput, load_image
 
 
@@ -64,7 +64,8 @@ class Detector:
 
 
 class Ensemble:
-    """Several detectors whose detections are fused per image (``nms`` or ``wbf``)."""
+    """Several detectors whose detections are fused per image: ``nms`` (the reference's class-aware
+    NMS) or ``wbf`` (weighted box fusion, members weighted by their validation accuracy)."""
 
     def __init__(self, members: Sequence[Detector], method: str = "wbf", iou: float = 0.55):
         if not members:
@@ -72,11 +73,12 @@ class Ensemble:
         self.members = list(members)
         self.method = method
         self.iou = iou
+        self.weights = member_weights([m.meta for m in members])
         self.name = f"ensemble[{method}]({'+'.join(m.name for m in members)})"
 
     def fuse(self, per_member: Sequence[Sequence[Detections]]) -> list[Detections]:
         """Fuse members' detections, given as ``per_member[m][i]`` for image ``i``."""
-        return [fuse(list(dets), self.method, self.iou) for dets in zip(*per_member)]
+        return [fuse(list(dets), self.method, self.iou, self.weights) for dets in zip(*per_member)]
 
     def detect_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
         return self.fuse([m.detect_tensors(tensors) for m in self.members])

@@ -38,3 +38,16 @@ def test_fuse_by_name_and_empty_inputs():
     assert len(fuse([A], "wbf")) == 2
     with pytest.raises(ValueError, match="unknown fusion"):
         fuse([A], "vote")
+
+
+def test_weights_follow_measured_accuracy():
+    from digit_demo.ensemble import member_weights
+
+    metas = [{"metrics": {"valid": {"accuracy": 0.8}}}, {"metrics": {"valid": {"accuracy": 0.4}}}]
+    assert member_weights(metas) == pytest.approx([0.64, 0.16])
+    assert member_weights([{}, metas[0]]) == [1.0, 1.0]
+    # the weaker model's lone box loses more of its score than the stronger one's
+    strong = dets([(10, 10, 30, 50, 0.8, 4)])
+    weak = dets([(60, 10, 80, 50, 0.8, 7)])
+    out = weighted_box_fusion([strong, weak], weights=[0.64, 0.16])
+    assert out.scores[out.digits == 4][0] == pytest.approx(0.4) and out.scores[out.digits == 7][0] == pytest.approx(0.1)
