@@ -3,7 +3,8 @@
 Per model: p50/p95 latency per image (batch 1), images/s in batches of 8, peak RSS, mAP / AP50 /
 whole-number accuracy at the best validation threshold, and the server-side cost of one slider
 update in the app. Writes ``checkpoints/benchmark.json``, ``checkpoints/sweeps.json`` (threshold
-curves the app's explorer shows), a ``benchmark`` entry in each sidecar, and prints a Markdown table.
+curves the app's explorer shows), a ``benchmark`` entry in each sidecar (whose validation metrics
+and threshold are re-measured on the shipped weights), and prints a Markdown table.
 
     python benchmark.py [--models a b c] [--threads 2] [--limit N]
 """
