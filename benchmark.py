@@ -108,7 +108,8 @@ def main() -> int:
                 key = f"ensemble[{method}]({'+'.join(group)})"
                 ids = sorted(raw[group[0]])
                 start = time.perf_counter()
-                weights = member_weights([json.loads((CHECKPOINT_DIR / f"{g}.json").read_text()) for g in group])
+                # the accuracies measured here are what the sidecars will hold, so the app fuses alike
+                weights = member_weights([{"metrics": {"valid": {"accuracy": best(curves[g]).accuracy}}} for g in group])
                 fused = {i: fuse([raw[g][i] for g in group], method, 0.55, weights) for i in ids}
                 fuse_ms = (time.perf_counter() - start) * 1000 / len(ids)
                 curves[key] = sweep(gt, fused)
