@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, available, read_sidecar, resolve
+from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, CheckpointError, available, read_sidecar, resolve
 
 HEADER = """# Shipped checkpoints
 
@@ -87,5 +87,8 @@ def best_threshold(models: list[str] | tuple[str, ...] | None = None, fusion: st
     if key in curves:
         return best(curves[key]).threshold
     if len(models) == 1:
-        return float(read_sidecar(resolve(models[0])).get("threshold", 0.5))
+        try:
+            return float(read_sidecar(resolve(models[0])).get("threshold", 0.5))
+        except CheckpointError:  # nothing to go by: the caller reports the missing model when it loads it
+            return 0.5
     return 0.5
