@@ -135,6 +135,8 @@ def test_real_browser_upload_slider_and_number(server, tmp_path):
         shown = number.inner_text().split("\n")[0].strip()
         slider_value = float(page.locator("#threshold input[type=number]").input_value())
         assert shown == (assemble(raw, slider_value).text or "?")
+        (ROOT / "tests" / "artifacts").mkdir(exist_ok=True)
+        page.screenshot(path=str(ROOT / "tests" / "artifacts" / "browser_read.png"), full_page=True)
         # move the slider to the top: the number is re-assembled from cached detections
         box = page.locator("#threshold input[type=number]")
         box.fill("0.95")
@@ -142,6 +144,5 @@ def test_real_browser_upload_slider_and_number(server, tmp_path):
         expected = assemble(raw, 0.95).text or "?"
         page.wait_for_function(f"() => document.querySelector('#number').innerText.split('\\n')[0].trim() === '{expected}'",
                                timeout=30000)
-        (ROOT / "tests" / "artifacts").mkdir(exist_ok=True)
-        page.screenshot(path=str(ROOT / "tests" / "artifacts" / "browser.png"), full_page=True)
+        page.screenshot(path=str(ROOT / "tests" / "artifacts" / "browser_slider.png"), full_page=True)
         browser.close()
