@@ -1,6 +1,7 @@
 """Reading user images safely: any common mode in, an RGB PIL image out, or a clear error."""
 from __future__ import annotations
 
+import glob
 import io
 import warnings
 from pathlib import Path
@@ -102,8 +103,8 @@ def expand_paths(items: list[str]) -> list[Path]:
         elif p.exists():
             out.append(p)
         else:
-            matches = sorted(Path().glob(item)) if not p.is_absolute() else sorted(Path(p.anchor).glob(str(p.relative_to(p.anchor))))
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
             if not matches:
                 raise FileNotFoundError(f"{item}: no such file, folder or matching glob")
-            out += [m for m in matches if m.is_file()]
+            out += matches
     return out
