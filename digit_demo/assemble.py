@@ -107,6 +107,3 @@ def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = DEDUP
         return HouseNumber("", kept, 0.0)
     text = "".join(str(int(d)) for d in kept.digits)
     return HouseNumber(text, kept, float(np.prod(kept.scores)))
-
-
-__all__ = ["Detections", "HouseNumber", "assemble", "dedupe", "drop_strays", "reading_order"]

@@ -40,9 +40,6 @@ class Session:
     items: list[Item] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
-    def key(self) -> tuple:
-        return (self.models, self.fusion, tuple(i.name for i in self.items))
-
     def render(self, threshold: float) -> list[Reading]:
         """Re-filter the cached detections at ``threshold`` and draw them."""
         out = []
