@@ -12,10 +12,12 @@ Generated from the JSON sidecars by `python -m digit_demo models --write-card`; 
 Every model is a torchvision Faster R-CNN trained **from scratch** (no pretrained weights) on the SVHN
 photos in `../shared/data/svhn` (non-commercial licence), 11 classes (background + digits 0-9,
 `category_id = digit + 1`). Weights are fp16 safetensors; they run in fp32. Metrics are measured on the
-300 `valid` images (exact SVHN labels) at the checkpoint's chosen threshold.
+300 `valid` images (exact SVHN labels) at the checkpoint's chosen threshold (re-measured on the shipped
+weights by `benchmark.py`, which also gives the CPU latency: batch 1, 2 threads). Input sizes list the
+short sides used in (multi-scale) training; inference uses the last one.
 
-| name | architecture | input (short/long side) | valid mAP | AP50 | whole-number accuracy | threshold | epochs | trained on |
-|---|---|---|---|---|---|---|---|---|
+| name | architecture | input (short/long side) | valid mAP | AP50 | whole-number accuracy | threshold | p50 ms | epochs | trained on |
+|---|---|---|---|---|---|---|---|---|---|
 """
 
 
@@ -34,7 +36,7 @@ def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
         lines.append(
             f"| {name} | `{meta['architecture']}` | {cfg['min_size']}/{cfg['max_size']} | {v.get('mAP', float('nan')):.3f} "
             f"| {v.get('AP50', float('nan')):.3f} | {v.get('accuracy', float('nan')):.3f} | {meta.get('threshold', 0.5):.2f} "
-            f"| {tr.get('epochs_run', '?')} | {meta.get('device', '?')} |\n"
+            f"| {meta.get('benchmark', {}).get('p50_ms', '-')} | {tr.get('epochs_run', '?')} | {meta.get('device', '?')} |\n"
         )
         if meta.get("note"):
             notes.append(f"- **{meta['name']}**: {meta['note']}\n")
