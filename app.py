@@ -8,12 +8,14 @@ from pathlib import Path
 
 import gradio as gr
 
-from digit_demo.card import best_threshold, ensemble_key, model_label, sweep_curves
+from digit_demo.card import best_threshold, model_label, sweep_curves
 from digit_demo.checkpoints import DEFAULT_MODEL, available
 from digit_demo.detect import Detector, Ensemble, set_threads, to_tensor
+from digit_demo.ensemble import ensemble_key
 from digit_demo.evaluation import best, plot_sweep
 from digit_demo.images import ImageError, load_image
-from digit_demo.session import Item, Session, image_id, write_downloads
+from digit_demo.io import image_id_for
+from digit_demo.session import Item, Session, write_downloads
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "examples").glob("*.png"))
 MAX_IMAGES = 32
@@ -74,7 +76,7 @@ def read_numbers(files, webcam, models, fusion, threshold):
     if len(paths) > MAX_IMAGES:
         session.errors.append(f"only the first {MAX_IMAGES} of {len(paths)} images are read")
         paths = paths[:MAX_IMAGES]
-    for k, p in enumerate(paths, 1):
+    for p in paths:
         name = Path(p).name
         try:
             images.append(load_image(p, name=name))
@@ -94,7 +96,7 @@ def read_numbers(files, webcam, models, fusion, threshold):
             session.errors.append(f"could not load {', '.join(models)}: {e}")
             return _outputs(session, threshold)
         raw = detector.detect_tensors([to_tensor(im) for im in images])
-        session.items = [Item(n, image_id(n, k), im, d) for k, (n, im, d) in enumerate(zip(names, images, raw), 1)]
+        session.items = [Item(n, image_id_for(Path(n), k), im, d) for k, (n, im, d) in enumerate(zip(names, images, raw), 1)]
     return _outputs(session, threshold)
 
 

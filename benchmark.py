@@ -81,7 +81,7 @@ def main() -> int:
     from digit_demo.card import write_model_card
     from digit_demo.checkpoints import CHECKPOINT_DIR, available
     from digit_demo.data import load_coco
-    from digit_demo.ensemble import fuse, member_weights
+    from digit_demo.ensemble import ensemble_key, fuse, member_weights
     from digit_demo.evaluation import best, sweep
 
     names = args.models or available()
@@ -90,7 +90,7 @@ def main() -> int:
         gt = {**gt, "images": gt["images"][: args.limit]}
         keep = {im["id"] for im in gt["images"]}
         gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
-    results, raw, curves = {}, {}, {}
+    results, raw, curves, groups = {}, {}, {}, {}
     for name in names:
         tmp = ROOT / "out" / f"bench_{name}.json"
         tmp.parent.mkdir(exist_ok=True)
@@ -106,7 +106,8 @@ def main() -> int:
     for k in range(2, len(names) + 1):
         for group in combinations(names, k):
             for method in ("wbf", "nms"):
-                key = f"ensemble[{method}]({'+'.join(group)})"
+                key = ensemble_key(group, method)
+                groups[key] = group
                 ids = sorted(raw[group[0]])
                 start = time.perf_counter()
                 # the accuracies measured here are what the sidecars will hold, so the app fuses alike
@@ -118,12 +119,11 @@ def main() -> int:
                                 "p95_ms": sum(results[g]["p95_ms"] for g in group) + fuse_ms,
                                 "batch_images_per_s": 1 / sum(1 / results[g]["batch_images_per_s"] for g in group),
                                 "peak_rss_mb": None, "slider_update_ms": results[group[0]]["slider_update_ms"]}
-    table = []
     for key, rows in curves.items():
         b = best(rows)
         results[key].update({"threshold": b.threshold, "mAP": b.mAP, "AP50": b.AP50, "AP75": b.AP75, "accuracy": b.accuracy})
-        if "(" in key:
-            members = key[key.index("(") + 1 : -1].split("+")
+        if key in groups:
+            members = groups[key]
             top = max(members, key=lambda m: results[m]["accuracy"])
             results[key]["beats_best_member"] = {"accuracy": b.accuracy >= results[top]["accuracy"],
                                                  "mAP": b.mAP >= max(results[m]["mAP"] for m in members)}

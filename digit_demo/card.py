@@ -74,13 +74,9 @@ def model_label(name: str, directory: Path = CHECKPOINT_DIR) -> str:
     return " · ".join(parts)
 
 
-def ensemble_key(models: list[str] | tuple[str, ...], fusion: str) -> str:
-    """How benchmarks and sweeps name a model or an ensemble."""
-    return models[0] if len(models) == 1 else f"ensemble[{fusion}]({'+'.join(models)})"
-
-
 def best_threshold(models: list[str] | tuple[str, ...] | None = None, fusion: str = "wbf") -> float:
     """The best validation threshold of a model or ensemble (0.5 for an unmeasured ensemble)."""
+    from .ensemble import ensemble_key
     from .evaluation import best
 
     models = list(models or [DEFAULT_MODEL])

@@ -12,7 +12,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from .assemble import Detections
 from .checkpoints import DEFAULT_MODEL, load_checkpoint
-from .ensemble import fuse, member_weights
+from .ensemble import ensemble_key, fuse, member_weights
 from .images import ImageInput, load_image
 
 
@@ -74,7 +74,7 @@ class Ensemble:
         self.method = method
         self.iou = iou
         self.weights = member_weights([m.meta for m in members])
-        self.name = f"ensemble[{method}]({'+'.join(m.name for m in members)})"
+        self.name = ensemble_key([m.name for m in members], method)
 
     def fuse(self, per_member: Sequence[Sequence[Detections]]) -> list[Detections]:
         """Fuse members' detections, given as ``per_member[m][i]`` for image ``i``."""

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .assemble import Detections, HouseNumber, assemble
 from .draw import draw_detections
-from .io import image_id_for, write_pred_csv, write_pred_json
+from .io import write_pred_csv, write_pred_json
 
 
 @dataclass
@@ -47,10 +47,6 @@ class Session:
             number = assemble(item.raw, threshold)
             out.append(Reading(item, number, draw_detections(item.image, number.digits)))
         return out
-
-
-def image_id(name: str, index: int) -> int:
-    return image_id_for(Path(name), index)
 
 
 def write_downloads(readings: list[Reading], threshold: float, folder: str | Path | None = None) -> list[Path]:
