@@ -11,7 +11,7 @@ import gradio as gr
 from digit_demo.card import best_threshold, model_label, sweep_curves
 from digit_demo.checkpoints import DEFAULT_MODEL, available
 from digit_demo.detect import Detector, Ensemble, set_threads, to_tensor
-from digit_demo.ensemble import ensemble_key
+from digit_demo.ensemble import DEFAULT_FUSION, ensemble_key
 from digit_demo.evaluation import best, plot_sweep
 from digit_demo.images import ImageError, load_image
 from digit_demo.io import image_id_for
@@ -145,7 +145,8 @@ def build_demo() -> gr.Blocks:
                     with gr.Accordion("Paste or webcam snapshot", open=False):
                         webcam = gr.Image(label="Snapshot", sources=["webcam", "clipboard"], type="numpy")
                     models = gr.Dropdown(choices, value=default, multiselect=True, label="Model(s): pick several for an ensemble")
-                    fusion = gr.Radio([("weighted box fusion", "wbf"), ("class-aware NMS", "nms")], value="wbf",
+                    fusion = gr.Radio([("digit vote", "vote"), ("weighted box fusion", "wbf"), ("class-aware NMS", "nms")],
+                                      value=DEFAULT_FUSION,
                                       label="Ensemble fusion")
                     threshold = gr.Slider(0.05, 0.95, value=best_threshold(default), step=0.01,
                                           label="Confidence threshold", elem_id="threshold")

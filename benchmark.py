@@ -81,7 +81,7 @@ def main() -> int:
     from digit_demo.card import write_model_card
     from digit_demo.checkpoints import CHECKPOINT_DIR, available
     from digit_demo.data import load_coco
-    from digit_demo.ensemble import ensemble_key, fuse, member_weights
+    from digit_demo.ensemble import FUSIONS, ensemble_key, fuse, member_weights
     from digit_demo.evaluation import best, sweep
 
     names = args.models or available()
@@ -105,14 +105,15 @@ def main() -> int:
         results[name] = r
     for k in range(2, len(names) + 1):
         for group in combinations(names, k):
-            for method in ("wbf", "nms"):
+            for method in FUSIONS:
                 key = ensemble_key(group, method)
                 groups[key] = group
                 ids = sorted(raw[group[0]])
                 start = time.perf_counter()
                 # the accuracies measured here are what the sidecars will hold, so the app fuses alike
                 weights = member_weights([{"metrics": {"valid": {"accuracy": best(curves[g]).accuracy}}} for g in group])
-                fused = {i: fuse([raw[g][i] for g in group], method, 0.55, weights) for i in ids}
+                thresholds = [best(curves[g]).threshold for g in group]
+                fused = {i: fuse([raw[g][i] for g in group], method, 0.55, weights, thresholds) for i in ids}
                 fuse_ms = (time.perf_counter() - start) * 1000 / len(ids)
                 curves[key] = sweep(gt, fused)
                 results[key] = {"p50_ms": sum(results[g]["p50_ms"] for g in group) + fuse_ms,

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, CheckpointError, available, read_sidecar, resolve
+from .ensemble import DEFAULT_FUSION
 
 HEADER = """# Shipped checkpoints
 
@@ -74,7 +75,7 @@ def model_label(name: str, directory: Path = CHECKPOINT_DIR) -> str:
     return " · ".join(parts)
 
 
-def best_threshold(models: list[str] | tuple[str, ...] | None = None, fusion: str = "wbf") -> float:
+def best_threshold(models: list[str] | tuple[str, ...] | None = None, fusion: str = DEFAULT_FUSION) -> float:
     """The best validation threshold of a model or ensemble (0.5 for an unmeasured ensemble)."""
     from .ensemble import ensemble_key
     from .evaluation import best

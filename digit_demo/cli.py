@@ -8,12 +8,13 @@ from pathlib import Path
 
 from .assemble import assemble
 from .checkpoints import DEFAULT_MODEL, CheckpointError
+from .ensemble import DEFAULT_FUSION, FUSIONS
 from .images import ImageError
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", action="append", help=f"checkpoint name or path; repeat for an ensemble (default {DEFAULT_MODEL})")
-    p.add_argument("--fusion", choices=["wbf", "nms"], default="wbf", help="how an ensemble merges boxes")
+    p.add_argument("--fusion", choices=FUSIONS, default=DEFAULT_FUSION, help="how an ensemble merges boxes")
     p.add_argument("--fusion-iou", type=float, default=0.55)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, help="CPU threads for inference")

@@ -12,7 +12,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from .assemble import Detections
 from .checkpoints import DEFAULT_MODEL, load_checkpoint
-from .ensemble import ensemble_key, fuse, member_weights
+from .ensemble import DEFAULT_FUSION, ensemble_key, fuse, member_weights
 from .images import ImageInput, load_image
 
 
@@ -64,21 +64,23 @@ class Detector:
 
 
 class Ensemble:
-    """Several detectors whose detections are fused per image: ``nms`` (the reference's class-aware
-    NMS) or ``wbf`` (weighted box fusion, members weighted by their validation accuracy)."""
+    """Several detectors whose detections are fused per image: ``vote`` (class-agnostic clusters,
+    weighted digit vote on calibrated scores), ``wbf`` (weighted box fusion) or ``nms`` (the
+    reference's class-aware NMS). Members weigh by their validation accuracy."""
 
-    def __init__(self, members: Sequence[Detector], method: str = "wbf", iou: float = 0.55):
+    def __init__(self, members: Sequence[Detector], method: str = DEFAULT_FUSION, iou: float = 0.55):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         self.members = list(members)
         self.method = method
         self.iou = iou
         self.weights = member_weights([m.meta for m in members])
+        self.thresholds = [m.meta.get("threshold") for m in members]
         self.name = ensemble_key([m.name for m in members], method)
 
     def fuse(self, per_member: Sequence[Sequence[Detections]]) -> list[Detections]:
         """Fuse members' detections, given as ``per_member[m][i]`` for image ``i``."""
-        return [fuse(list(dets), self.method, self.iou, self.weights) for dets in zip(*per_member)]
+        return [fuse(list(dets), self.method, self.iou, self.weights, self.thresholds) for dets in zip(*per_member)]
 
     def detect_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
         return self.fuse([m.detect_tensors(tensors) for m in self.members])
@@ -87,7 +89,7 @@ class Ensemble:
         return self.detect_tensors([to_tensor(load_image(im)) for im in images])
 
 
-def load_detector(names: Sequence[str | Path], fusion: str = "wbf", iou: float = 0.55, batch_size: int = 8) -> Detector | Ensemble:
+def load_detector(names: Sequence[str | Path], fusion: str = DEFAULT_FUSION, iou: float = 0.55, batch_size: int = 8) -> Detector | Ensemble:
     """One name gives a :class:`Detector`; several give an :class:`Ensemble` fused by ``fusion``."""
     detectors = [Detector.load(n, batch_size=batch_size) for n in names]
     return detectors[0] if len(detectors) == 1 else Ensemble(detectors, fusion, iou)

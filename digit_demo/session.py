@@ -15,6 +15,7 @@ from PIL import Image
 
 from .assemble import Detections, HouseNumber, assemble
 from .draw import draw_detections
+from .ensemble import DEFAULT_FUSION
 from .io import write_pred_csv, write_pred_json
 
 
@@ -36,7 +37,7 @@ class Reading:
 @dataclass
 class Session:
     models: tuple[str, ...] = ()
-    fusion: str = "wbf"
+    fusion: str = DEFAULT_FUSION
     items: list[Item] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 

@@ -53,7 +53,7 @@ def client(server):
     return Client(server, verbose=False)
 
 
-def read_all(client, paths, models=("resnet18_fpn",), fusion="wbf", threshold=0.5):
+def read_all(client, paths, models=("resnet18_fpn",), fusion="vote", threshold=0.5):
     from gradio_client import handle_file
 
     return client.predict([handle_file(str(p)) for p in paths], None, list(models), fusion, threshold,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from digit_demo.assemble import Detections
-from digit_demo.ensemble import fuse, nms_fusion, weighted_box_fusion
+from digit_demo.ensemble import calibrate, fuse, nms_fusion, vote_fusion, weighted_box_fusion
 
 
 def dets(rows):
@@ -36,8 +36,10 @@ def test_fuse_by_name_and_empty_inputs():
     assert len(fuse([Detections(), Detections()], "nms")) == 0
     assert len(fuse([Detections(), Detections()], "wbf")) == 0
     assert len(fuse([A], "wbf")) == 2
+    assert len(fuse([Detections(), Detections()], "vote")) == 0
+    assert len(fuse([A], "vote")) == 2
     with pytest.raises(ValueError, match="unknown fusion"):
-        fuse([A], "vote")
+        fuse([A], "soft-nms")
 
 
 def test_weights_follow_measured_accuracy():
@@ -51,3 +53,37 @@ def test_weights_follow_measured_accuracy():
     weak = dets([(60, 10, 80, 50, 0.8, 7)])
     out = weighted_box_fusion([strong, weak], weights=[0.64, 0.16])
     assert out.scores[out.digits == 4][0] == pytest.approx(0.4) and out.scores[out.digits == 7][0] == pytest.approx(0.1)
+
+
+def test_calibration_maps_each_models_best_threshold_to_one_half():
+    s = np.array([0.1, 0.25, 0.6, 1.0])
+    c = calibrate(s, 0.25)
+    assert c[1] == pytest.approx(0.5) and c[3] == pytest.approx(1.0)
+    assert np.all(np.diff(c) > 0)  # monotone: one model's ranking never changes
+    assert calibrate(s, None) is s and calibrate(s, 1.0) is s
+
+
+def test_vote_settles_a_disputed_digit_by_weighted_majority():
+    # two models read a 4 on the left, the third a 7 on the same spot; all agree on the 9
+    a = dets([(10, 10, 30, 50, 0.9, 4), (40, 10, 60, 50, 0.8, 9)])
+    b = dets([(11, 10, 31, 50, 0.7, 4), (40, 11, 60, 51, 0.8, 9)])
+    c = dets([(10, 11, 30, 51, 0.95, 7), (41, 10, 61, 50, 0.9, 9)])
+    out = vote_fusion([a, b, c])
+    assert sorted(out.digits.tolist()) == [4, 9]  # one box per spot: the 7 lost the vote
+    assert out.scores[out.digits == 4][0] == pytest.approx((0.9 + 0.7) / 3)
+    assert out.scores[out.digits == 9][0] == pytest.approx((0.8 + 0.8 + 0.9) / 3)
+    left = out.boxes[out.digits == 4][0]
+    assert left[0] == pytest.approx((10 * 0.9 + 11 * 0.7) / 1.6, abs=1e-4)  # only the winners' boxes
+    # weigh the third model heavily enough and its 7 wins instead
+    assert 7 in vote_fusion([a, b, c], weights=[1, 1, 5]).digits.tolist()
+    # per-digit NMS would have kept both readings of the left digit
+    assert sorted(nms_fusion([a, b, c]).digits.tolist()) == [4, 7, 9]
+
+
+def test_vote_calibrates_members_to_their_own_thresholds():
+    timid = dets([(10, 10, 30, 50, 0.3, 4)])  # best threshold 0.25: 0.3 is a confident box for it
+    bold = dets([(60, 10, 80, 50, 0.6, 2)])  # best threshold 0.6: 0.6 is borderline
+    out = vote_fusion([timid, bold], thresholds=[0.25, 0.6])
+    assert out.scores[out.digits == 4][0] > out.scores[out.digits == 2][0]
+    raw = vote_fusion([timid, bold])
+    assert raw.scores[raw.digits == 4][0] < raw.scores[raw.digits == 2][0]

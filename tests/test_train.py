@@ -1,5 +1,6 @@
 """Short real training runs on the fixture images."""
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,29 @@ def test_resume_restores_optimizer_and_scheduler(tmp_path):
     start, best = engine.load_state(tmp_path / "run" / "last.pt", model, opt, sched)
     assert start == 2 and sched.last_epoch == 4 and opt.state_dict()["state"]
     assert best is not None and "accuracy" in best
+
+
+def test_time_budget_stops_the_run_and_anneals_over_the_budget(tmp_path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock[0])
+    budget = engine.TimeBudget(100.0, spent=20.0)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = engine.make_scheduler(opt, "cosine", 1000, 1000, 3, 0.3, 0, budget)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))  # resumed: 20 s spent
+    clock[0] = 30.0
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5) and not budget.used_up()  # half the budget: half the LR
+    clock[0] = 80.0
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12) and budget.used_up()
+    monkeypatch.undo()
+
+    # a real run with a budget far shorter than its epochs stops early and logs why
+    log = run(tmp_path, "--model", "fasterrcnn_resnet18_fpn", "--epochs", "50", "--time-budget", "1")
+    assert len(log) == 1 and float(log[0]["lr"]) == 0.0
 
 
 def test_resnet50_fpn_v2_recipe_runs_with_focal_loss(tmp_path, monkeypatch):

@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use only the first N training images")
     p.add_argument("--val-limit", type=int, help="validate on the first N images only")
     p.add_argument("--max-iters", type=int, help="stop each epoch after N batches (smoke tests)")
+    p.add_argument("--time-budget", type=float,
+                   help="train for this many seconds at most; the LR schedule then runs over the budget, not --epochs")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -87,7 +89,7 @@ def _distributed() -> tuple[int, int]:
 
 
 def recipe(args) -> dict:
-    keys = ["epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "lr_step", "lr_gamma",
+    keys = ["epochs", "time_budget", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "lr_step", "lr_gamma",
             "warmup_iters", "focal_loss", "focal_alpha", "focal_gamma", "augment", "seed"]
     return {k: getattr(args, k) for k in keys}
 
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.focal_loss:
         engine.enable_focal_loss(args.focal_alpha, args.focal_gamma)
 
@@ -129,16 +133,22 @@ def main(argv: list[str] | None = None) -> int:
         val_gt = {**val_gt, "images": val_set.images, "annotations": [a for a in val_gt["annotations"] if a["image_id"] in keep]}
     sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True) if world > 1 else None
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
-                                         num_workers=args.workers, collate_fn=collate, drop_last=True)
+                                         num_workers=args.workers, collate_fn=collate, drop_last=True,
+                                         persistent_workers=args.workers > 0)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=8, num_workers=args.workers, collate_fn=collate)
 
     iters = len(loader) if not args.max_iters else min(len(loader), args.max_iters)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler = engine.make_scheduler(optimizer, args.lr_schedule, args.epochs, iters, args.lr_step, args.lr_gamma,
-                                      args.warmup_iters)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     state_path = args.out_dir / "last.pt"
+    log_path = args.out_dir / "log.csv"
+    budget = None
+    if args.time_budget:
+        resuming = state_path.exists() and log_path.exists() and not args.no_resume
+        budget = engine.TimeBudget(args.time_budget, engine.total_seconds(log_path) if resuming else 0.0)
+    scheduler = engine.make_scheduler(optimizer, args.lr_schedule, args.epochs, iters, args.lr_step, args.lr_gamma,
+                                      args.warmup_iters, budget)
     start_epoch = 0
     best_row = parent["metrics"]["valid"] if parent else None
     if state_path.exists() and not args.no_resume:
@@ -153,15 +163,19 @@ def main(argv: list[str] | None = None) -> int:
         if sampler is not None:
             sampler.set_epoch(epoch)
         loader_iter = loader if not args.max_iters else _take(loader, args.max_iters)
-        stats = engine.train_one_epoch(train_model, optimizer, scheduler, loader_iter, device, epoch, show=not args.quiet)
+        stats = engine.train_one_epoch(train_model, optimizer, scheduler, loader_iter, device, epoch, show=not args.quiet,
+                                       budget=budget)
+        out_of_time = budget is not None and budget.used_up()
         if rank != 0:
+            if out_of_time:
+                break
             continue
         top, rows = engine.evaluate(model, val_loader, val_gt, device)
         row = {"epoch": epoch, **{k: round(v, 5) for k, v in stats.items()}, "lr": optimizer.param_groups[0]["lr"],
                "val_threshold": top.threshold, "val_mAP": round(top.mAP, 4), "val_AP50": round(top.AP50, 4),
                "val_accuracy": round(top.accuracy, 4), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-        engine.append_log(args.out_dir / "log.csv", row)
-        engine.plot_curves(args.out_dir / "log.csv", args.out_dir / "curves.png")
+        engine.append_log(log_path, row)
+        engine.plot_curves(log_path, args.out_dir / "curves.png")
         print(json.dumps(row), file=sys.stderr)
         score = (round(top.accuracy, 4), round(top.mAP, 4))  # as logged
         if best_row is None or score > (round(best_row["accuracy"], 4), round(best_row["mAP"], 4)):
@@ -172,15 +186,19 @@ def main(argv: list[str] | None = None) -> int:
                 rec["init_from"] = {"checkpoint": parent["name"], "recipe": parent.get("recipe"),
                                     "training": parent.get("training"), "metrics": parent["metrics"]}
             meta = {"recipe": rec, "data": data_info, "device": str(device), "world_size": world,
+                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "metrics": {"valid": best_row}, "threshold": top.threshold,
                     "training": {"epochs_run": epoch + 1, "images_per_s": round(stats["images_per_s"], 2),
-                                 "train_seconds": round(engine.total_seconds(args.out_dir / "log.csv")),
+                                 "train_seconds": round(engine.total_seconds(log_path)),
                                  "threads": torch.get_num_threads(), "torch": torch.__version__},
                     "sweep": [r.__dict__ for r in rows]}
             path = save_checkpoint(model, args.export_dir / args.name, meta)
             write_model_card(args.export_dir)
             print(f"exported {path} (epoch {epoch}: accuracy {top.accuracy:.4f}, mAP {top.mAP:.4f})", file=sys.stderr)
         engine.save_state(state_path, model, optimizer, scheduler, epoch, best_row, {k: str(v) for k, v in vars(args).items()})
+        if out_of_time:
+            print(f"time budget of {args.time_budget:.0f} s used up after epoch {epoch}", file=sys.stderr)
+            break
     if world > 1:
         torch.distributed.destroy_process_group()
     return 0

@@ -40,21 +40,48 @@ def enable_focal_loss(alpha: float, gamma: float) -> None:
         roi_heads.fastrcnn_loss = fn
 
 
-def make_scheduler(optimizer, kind: str, epochs: int, iters_per_epoch: int, step: int, gamma: float, warmup: int):
-    """Per-iteration LR: linear warm-up, then StepLR (per ``step`` epochs) or cosine to zero."""
+class TimeBudget:
+    """Training wall-clock budget in seconds; ``progress()`` is the fraction spent (resumable)."""
+
+    def __init__(self, seconds: float, spent: float = 0.0):
+        self.seconds, self.spent, self.start = seconds, spent, time.perf_counter()
+
+    def progress(self) -> float:
+        return min(1.0, (self.spent + time.perf_counter() - self.start) / self.seconds)
+
+    def used_up(self) -> bool:
+        """True once the budget is spent; under torchrun every rank agrees (any rank's clock decides)."""
+        done = self.progress() >= 1.0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(done)], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            done = bool(flag.item())
+        return done
+
+
+def make_scheduler(optimizer, kind: str, epochs: int, iters_per_epoch: int, step: int, gamma: float, warmup: int,
+                   budget: TimeBudget | None = None):
+    """Per-iteration LR: linear warm-up, then StepLR (per ``step`` epochs) or cosine to zero.
+
+    With a ``budget`` the schedule runs over the time budget instead of the iteration count, so a
+    run that must stop after N minutes still anneals fully, however fast the machine is.
+    """
     total = epochs * iters_per_epoch
 
     def factor(it: int) -> float:
         w = min(1.0, (it + 1) / warmup) if warmup else 1.0
         if kind == "cosine":
-            return w * 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
-        return w * gamma ** (it // (step * iters_per_epoch))
+            done = budget.progress() if budget else min(it, total) / total
+            return w * 0.5 * (1 + math.cos(math.pi * done))
+        epoch = int(budget.progress() * epochs) if budget else it // iters_per_epoch
+        return w * gamma ** (epoch // step)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, log_every: int = 20, show: bool = True) -> dict:
-    """One pass over ``loader``; returns mean losses and throughput."""
+def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, log_every: int = 20, show: bool = True,
+                    budget: TimeBudget | None = None) -> dict:
+    """One pass over ``loader`` (cut short when ``budget`` is used up); returns mean losses and throughput."""
     model.train()
     sums: dict[str, float] = {}
     n_images, start = 0, time.perf_counter()
@@ -73,6 +100,8 @@ def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, log
         n_images += len(images)
         for k, v in {"loss": loss, **losses}.items():
             sums[k] = sums.get(k, 0.0) + v.item()
+        if budget and budget.used_up():
+            break
         if i % log_every == 0:
             bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}",
                             ips=f"{n_images / (time.perf_counter() - start):.1f}")
