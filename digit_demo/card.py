@@ -26,6 +26,15 @@ def card_rows(directory: Path = CHECKPOINT_DIR) -> list[dict]:
     return [json.loads((directory / f"{n}.json").read_text()) for n in available(directory)]
 
 
+def _epochs(meta: dict) -> str:
+    """Epochs run, with a fine-tuned checkpoint's parent epochs first: '5 + 7'."""
+    runs = []
+    while meta:
+        runs.append(str(meta.get("training", {}).get("epochs_run", "?")))
+        meta = meta.get("recipe", {}).get("init_from")
+    return " + ".join(reversed(runs))
+
+
 def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
     lines = [HEADER]
     notes = []
@@ -37,7 +46,7 @@ def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
         lines.append(
             f"| {name} | `{meta['architecture']}` | {cfg['min_size']}/{cfg['max_size']} | {v.get('mAP', float('nan')):.3f} "
             f"| {v.get('AP50', float('nan')):.3f} | {v.get('accuracy', float('nan')):.3f} | {meta.get('threshold', 0.5):.2f} "
-            f"| {meta.get('benchmark', {}).get('p50_ms', '-')} | {tr.get('epochs_run', '?')} | {meta.get('device', '?')} |\n"
+            f"| {meta.get('benchmark', {}).get('p50_ms', '-')} | {_epochs(meta)} | {meta.get('device', '?')} |\n"
         )
         if meta.get("note"):
             notes.append(f"- **{meta['name']}**: {meta['note']}\n")

@@ -46,6 +46,7 @@ def test_short_run_lowers_loss_and_exports_a_loadable_checkpoint(tmp_path):
     after = load_checkpoint(tmp_path / "ck" / "tiny")[1]
     assert ((tmp_path / "ck" / "tiny.safetensors").read_bytes() != before) == beaten
     assert ("init_from" in after["recipe"]) == beaten
+    assert ("| 4 + 1 |" in (tmp_path / "ck" / "README.md").read_text()) == beaten  # the card counts parent epochs
 
 
 def test_resume_restores_optimizer_and_scheduler(tmp_path):
