@@ -111,8 +111,9 @@ def main() -> int:
                 ids = sorted(raw[group[0]])
                 start = time.perf_counter()
                 # the accuracies measured here are what the sidecars will hold, so the app fuses alike
-                weights = member_weights([{"metrics": {"valid": {"accuracy": best(curves[g]).accuracy}}} for g in group])
-                thresholds = [best(curves[g]).threshold for g in group]
+                tops = [best(curves[g]) for g in group]
+                weights = member_weights([{"metrics": {"valid": {"accuracy": t.accuracy}}} for t in tops])
+                thresholds = [t.threshold for t in tops]
                 fused = {i: fuse([raw[g][i] for g in group], method, 0.55, weights, thresholds) for i in ids}
                 fuse_ms = (time.perf_counter() - start) * 1000 / len(ids)
                 curves[key] = sweep(gt, fused)

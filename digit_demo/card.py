@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, CheckpointError, available, read_sidecar, resolve
-from .ensemble import DEFAULT_FUSION
+from .ensemble import DEFAULT_FUSION, ensemble_key
 
 HEADER = """# Shipped checkpoints
 
@@ -86,7 +86,6 @@ def model_label(name: str, directory: Path = CHECKPOINT_DIR) -> str:
 
 def best_threshold(models: list[str] | tuple[str, ...] | None = None, fusion: str = DEFAULT_FUSION) -> float:
     """The best validation threshold of a model or ensemble (0.5 for an unmeasured ensemble)."""
-    from .ensemble import ensemble_key
     from .evaluation import best
 
     models = list(models or [DEFAULT_MODEL])

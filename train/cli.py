@@ -143,15 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     state_path = args.out_dir / "last.pt"
     log_path = args.out_dir / "log.csv"
+    resuming = state_path.exists() and not args.no_resume
     budget = None
     if args.time_budget:
-        resuming = state_path.exists() and log_path.exists() and not args.no_resume
-        budget = engine.TimeBudget(args.time_budget, engine.total_seconds(log_path) if resuming else 0.0)
+        spent = engine.total_seconds(log_path) if resuming and log_path.exists() else 0.0
+        budget = engine.TimeBudget(args.time_budget, spent)
     scheduler = engine.make_scheduler(optimizer, args.lr_schedule, args.epochs, iters, args.lr_step, args.lr_gamma,
                                       args.warmup_iters, budget)
     start_epoch = 0
     best_row = parent["metrics"]["valid"] if parent else None
-    if state_path.exists() and not args.no_resume:
+    if resuming:
         start_epoch, best_row = engine.load_state(state_path, model, optimizer, scheduler)
         print(f"resumed from {state_path} at epoch {start_epoch}", file=sys.stderr)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
