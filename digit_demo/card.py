@@ -50,6 +50,10 @@ def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
         )
         if meta.get("note"):
             notes.append(f"- **{meta['name']}**: {meta['note']}\n")
+        for extra in meta.get("data", {}).get("extra", []):
+            notes.append(f"- **{meta['name']}** also trained on {extra['count']} `{extra['images']}/` images labelled by "
+                         "`python -m train.resolve`: real SVHN boxes, each image's record picked among its same-size "
+                         "candidates by a trained detector (pseudo-labels, self-training)\n")
         rec = meta.get("recipe")
         if rec:
             notes.append(f"- **{meta['name']}** recipe: `{json.dumps(rec)}`; data: `{json.dumps(meta.get('data', {}))}`\n")

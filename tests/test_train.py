@@ -1,5 +1,6 @@
 """Short real training runs on the fixture images."""
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 
 from digit_demo.checkpoints import load_checkpoint
 from digit_demo.detect import Detector
+from digit_demo.data import load_coco
 from train import engine
 from train.cli import main, parse_args
 
@@ -116,3 +118,21 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
     assert args.model == "fasterrcnn_resnet18_fpn" and args.epochs == 2 and args.lr_schedule == "cosine"
     with pytest.raises(SystemExit):
         parse_args([])
+
+
+def test_extra_json_adds_resolved_images_to_the_training_set(tmp_path):
+    gt = load_coco(FIXTURES / "valid.json")
+    keep = {im["id"] for im in gt["images"][:2]}
+    extra = {**gt, "images": [im for im in gt["images"] if im["id"] in keep],
+             "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
+    path = tmp_path / "pseudo.json"
+    path.write_text(json.dumps(extra))
+    run(tmp_path, "--model", "fasterrcnn_resnet18_fpn", "--name", "tiny", "--epochs", "1", "--max-iters", "1",
+        "--limit", "4", "--extra-json", str(path), "--extra-images", "valid")
+    _, meta = load_checkpoint(tmp_path / "ck" / "tiny")
+    assert meta["data"]["train_images"] == 6
+    assert meta["data"]["extra"] == [{"json": str(path), "images": "valid", "count": 2}]
+    # a shipped config names its extra labels; they are plain paths, not inside --data
+    args = parse_args(["--config", "train/configs/resnet18_fpn_selftrain.json"])
+    assert [str(p) for p in args.extra_json] == ["runs/pseudo/unlabeled_m8.json"] and args.init_from == "resnet18_fpn"
+    assert "also trained on 2 `valid/` images labelled by `python -m train.resolve`" in (tmp_path / "ck" / "README.md").read_text()

@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--focal-alpha", type=float, default=0.25)
     p.add_argument("--focal-gamma", type=float, default=2.0)
     p.add_argument("--augment", choices=["default", "none"], default="default")
+    p.add_argument("--extra-json", type=Path, nargs="*", default=[],
+                   help="more training labels (COCO json, e.g. written by python -m train.resolve), images in --extra-images")
+    p.add_argument("--extra-images", default="unlabeled", help="image folder inside --data for --extra-json")
     p.add_argument("--tiers", nargs="*", help="label tiers to train on (default: all)")
     p.add_argument("--min-margin", type=float, help="drop resolved images below this resolver_margin")
     p.add_argument("--min-size", type=int, nargs="+", help="input short side(s); several = multi-scale training")
@@ -126,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data
     train_set = DigitDataset(data / args.train_images, data / args.train_json, train_transforms(args.augment),
                              tiers=args.tiers, min_margin=args.min_margin, limit=args.limit)
+    extra_sets = [DigitDataset(data / args.extra_images, path, train_transforms(args.augment)) for path in args.extra_json]
+    if extra_sets:
+        train_set = torch.utils.data.ConcatDataset([train_set, *extra_sets])
     val_set = DigitDataset(data / args.val_images, data / args.val_json, eval_transforms(), limit=args.val_limit)
     val_gt = load_coco(data / args.val_json)
     if args.val_limit:
@@ -158,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     data_info = {"train": str(args.train_json), "train_images": len(train_set), "tiers": args.tiers or "all",
-                 "min_margin": args.min_margin, "valid": str(args.val_json), "valid_images": len(val_set),
+                 "min_margin": args.min_margin,
+                 "extra": [{"json": str(p), "images": args.extra_images, "count": len(d)} for p, d in zip(args.extra_json, extra_sets)],
+                 "valid": str(args.val_json), "valid_images": len(val_set),
                  "source": "SVHN format 1 (HW2 COCO layout), ../shared/data/svhn"}
     for epoch in range(start_epoch, args.epochs):
         if sampler is not None:
