@@ -15,7 +15,8 @@ photos in `../shared/data/svhn` (non-commercial licence), 11 classes (background
 `category_id = digit + 1`). Weights are fp16 safetensors; they run in fp32. Metrics are measured on the
 300 `valid` images (exact SVHN labels) at the checkpoint's chosen threshold (re-measured on the shipped
 weights by `benchmark.py`, which also gives the CPU latency: batch 1, 2 threads). Input sizes list the
-short sides used in (multi-scale) training; inference uses the last one.
+short sides used in (multi-scale) training; inference uses the last one, or the size after the arrow,
+chosen on `valid` by `python -m train.input_size`.
 
 | name | architecture | input (short/long side) | valid mAP | AP50 | whole-number accuracy | threshold | p50 ms | epochs | trained on |
 |---|---|---|---|---|---|---|---|---|---|
@@ -35,6 +36,15 @@ def _epochs(meta: dict) -> str:
     return " + ".join(reversed(runs))
 
 
+def _input(cfg: dict) -> str:
+    """'[80, 96]/256', with the inference size when it differs: '[80, 96]/256 → 128/341'."""
+    trained = f"{cfg['min_size']}/{cfg['max_size']}"
+    last = cfg["min_size"][-1] if isinstance(cfg["min_size"], list) else cfg["min_size"]
+    if not cfg.get("test_size") or (cfg["test_size"], cfg["test_max_size"]) == (last, cfg["max_size"]):
+        return trained
+    return f"{trained} → {cfg['test_size']}/{cfg['test_max_size']}"
+
+
 def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
     lines = [HEADER]
     notes = []
@@ -44,7 +54,7 @@ def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
         tr = meta.get("training", {})
         name = meta["name"] + (" (default)" if meta["name"] == DEFAULT_MODEL else "")
         lines.append(
-            f"| {name} | `{meta['architecture']}` | {cfg['min_size']}/{cfg['max_size']} | {v.get('mAP', float('nan')):.3f} "
+            f"| {name} | `{meta['architecture']}` | {_input(cfg)} | {v.get('mAP', float('nan')):.3f} "
             f"| {v.get('AP50', float('nan')):.3f} | {v.get('accuracy', float('nan')):.3f} | {meta.get('threshold', 0.5):.2f} "
             f"| {meta.get('benchmark', {}).get('p50_ms', '-')} | {_epochs(meta)} | {meta.get('device', '?')} |\n"
         )

@@ -16,6 +16,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .roi_align import use_fast_roi_align
 
@@ -34,6 +35,8 @@ class ModelConfig:
     architecture: str
     min_size: int | tuple[int, ...] = 128
     max_size: int = 320
+    test_size: int | None = None  # short side at inference (None: the last min_size), chosen on valid
+    test_max_size: int | None = None
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -144,6 +147,36 @@ def _anchor_generator(cfg: ModelConfig, num_levels: int, per_level: int) -> Anch
     return generator
 
 
+class DigitTransform(GeneralizedRCNNTransform):
+    """torchvision's resize-and-normalise, with its own input size at inference (``test_size``).
+
+    Training samples the short side from ``min_size``; torchvision would infer at the last of them.
+    A model trained on small, multi-scale inputs can read better a little larger, so the inference
+    size is a separate, measured setting.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        min_size = cfg.min_size if isinstance(cfg.min_size, tuple) else (cfg.min_size,)
+        super().__init__(min_size, cfg.max_size, list(cfg.image_mean), list(cfg.image_std))
+        self.test_size, self.test_max_size = cfg.test_size, cfg.test_max_size
+
+    def resize(self, image, target=None):
+        if self.training or not self.test_size:
+            return super().resize(image, target)
+        train_sizes = self.min_size, self.max_size
+        self.min_size, self.max_size = (self.test_size,), self.test_max_size or self.max_size
+        try:
+            return super().resize(image, target)
+        finally:
+            self.min_size, self.max_size = train_sizes
+
+
+def set_test_size(model: FasterRCNN, size: int | None, max_size: int | None = None) -> None:
+    """Set the input short side (and long-side cap) used at inference, in the model and its config."""
+    model.transform.test_size, model.transform.test_max_size = size, max_size
+    model.digit_config.test_size, model.digit_config.test_max_size = size, max_size
+
+
 def build_model(cfg: ModelConfig | str) -> FasterRCNN:
     """Build a randomly initialised detector (never downloads anything)."""
     if isinstance(cfg, str):
@@ -154,5 +187,6 @@ def build_model(cfg: ModelConfig | str) -> FasterRCNN:
     stock = model.rpn.anchor_generator
     model.rpn.anchor_generator = _anchor_generator(cfg, len(stock.sizes), stock.num_anchors_per_location()[0])
     model.roi_heads.box_roi_pool = use_fast_roi_align(model.roi_heads.box_roi_pool)
+    model.transform = DigitTransform(cfg)
     model.digit_config = cfg
     return model

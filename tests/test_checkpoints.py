@@ -27,7 +27,7 @@ def test_round_trip_is_fp16_weights_run_in_fp32(saved):
     meta = read_sidecar(path)
     assert meta["architecture"] == "fasterrcnn_resnet18_fpn" and meta["weights_dtype"] == "float16"
     assert meta["normalisation"]["mean"] == [0.485, 0.456, 0.406] and meta["classes"]["1"] == "0"
-    assert meta["input_size"] == {"min_size": 96, "max_size": 240}
+    assert meta["input_size"] == {"min_size": 96, "max_size": 240, "test_size": None, "test_max_size": None}
     loaded, meta2 = load_checkpoint(path)
     assert next(loaded.parameters()).dtype == torch.float32 and not loaded.training
     for k, v in model.state_dict().items():
@@ -84,3 +84,18 @@ def test_hub_download_failure_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
     with pytest.raises(CheckpointError, match="download from someone/digits failed"):
         resolve("no_such_model")
+
+
+def test_test_size_sets_the_inference_input_only_and_round_trips(tmp_path):
+    from digit_demo.models import set_test_size
+
+    model = build_model(default_config("fasterrcnn_resnet18_fpn", min_size=(80, 96), max_size=240))
+    image = torch.rand(3, 60, 150)
+    assert model.eval().transform([image])[0].image_sizes == [(96, 240)]
+    set_test_size(model, 128, 320)
+    assert model.transform([image])[0].image_sizes == [(128, 320)]
+    model.train()
+    assert model.transform([image])[0].image_sizes[0][0] in (80, 96)  # training still samples its own sizes
+    path = save_checkpoint(model, tmp_path / "big", {})
+    loaded, meta = load_checkpoint(path)
+    assert meta["input_size"]["test_size"] == 128 and loaded.transform([image])[0].image_sizes == [(128, 320)]
