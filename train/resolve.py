@@ -117,7 +117,7 @@ def resolve(model, data: Path, records: dict, candidates: dict, min_margin: floa
     """COCO json (HW2 layout) for the ``unlabeled/`` images whose best candidate wins by ``min_margin``."""
     claimed = {im["svhn_format1_train_file"] for split in ("train", "valid")
                for im in load_coco(data / f"{split}.json")["images"]}
-    picks: dict[str, list[tuple[float, dict]]] = defaultdict(list)
+    picks: dict[str, list[dict]] = defaultdict(list)
     files = sorted(p.name for p in (data / "unlabeled").iterdir())
     for name in tqdm(files, desc="resolve", file=sys.stderr):
         info = candidates[name]
@@ -128,14 +128,14 @@ def resolve(model, data: Path, records: dict, candidates: dict, min_margin: floa
         image = to_tensor(Image.open(data / "unlabeled" / name).convert("RGB"))
         best, margin = pick(score_records(model, image, [records[n][1] for n in names]))
         if margin >= min_margin:
-            picks[names[best]].append((margin, {"file_name": name, "width": image.shape[-1], "height": image.shape[-2],
-                                                "svhn_format1_train_file": names[best], "n_candidates": len(names),
-                                                "resolver_margin": round(min(margin, 1e6), 3), "label_tier": "pseudo"}))
+            picks[names[best]].append({"file_name": name, "width": image.shape[-1], "height": image.shape[-2],
+                                       "svhn_format1_train_file": names[best], "n_candidates": len(names),
+                                       "resolver_margin": round(min(margin, 1e6), 3), "label_tier": "pseudo"})
     images, annotations = [], []
     for record, claims in picks.items():
         if len(claims) > 1:  # two images claim one record: at most one is right, trust neither
             continue
-        im = claims[0][1]
+        im = claims[0]
         im["id"] = int(Path(im["file_name"]).stem)
         images.append(im)
         for c, (x, y, w, h) in records[record][1]:
@@ -156,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     set_threads(args.threads)
-    model, _ = load_checkpoint(args.checkpoint)
-    model.eval()
+    model, _ = load_checkpoint(args.checkpoint)  # in eval mode
     records = read_records(args.boxes)
     if args.calibrate:
         trials = calibrate(model, args.data, records, args.calibrate)
