@@ -78,7 +78,7 @@ def main() -> int:
         return 0
 
     from digit_demo.assemble import Detections
-    from digit_demo.card import write_model_card
+    from digit_demo.card import training_summary, write_model_card
     from digit_demo.checkpoints import CHECKPOINT_DIR, available
     from digit_demo.data import load_coco
     from digit_demo.ensemble import FUSIONS, ensemble_key, fuse, member_weights
@@ -135,7 +135,7 @@ def main() -> int:
     for name in names:
         side = CHECKPOINT_DIR / f"{name}.json"
         meta = json.loads(side.read_text())
-        train_speed[name] = meta.get("training", {}).get("images_per_s", "-")
+        train_speed[name] = training_summary(meta)
         meta["benchmark"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in results[name].items()}
         # re-measured on the shipped (fp16) weights with the current number assembly
         b = best(curves[name])
@@ -149,7 +149,7 @@ def main() -> int:
     lines = [f"Measured {time.strftime('%Y-%m-%d')} on {len(gt['images'])} `valid` images, {args.threads} CPU threads "
              f"(this 2-core machine), torch {results[names[0]]['torch']}; latency is per image at batch 1, "
              "ensembles add up their members; accuracy and mAP at each row's best threshold.", ""]
-    lines += ["| model | threshold | mAP | AP50 | accuracy | p50 ms | p95 ms | batch img/s | peak RSS MB | slider ms | train img/s |",
+    lines += ["| model | threshold | mAP | AP50 | accuracy | p50 ms | p95 ms | batch img/s | peak RSS MB | slider ms | training (per device: epochs, time, img/s) |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-"

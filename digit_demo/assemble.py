@@ -75,6 +75,25 @@ def drop_strays(dets: Detections, min_height: float = 0.55, max_offset: float = 
     return dets.select(keep)
 
 
+# Digits of one number sit close together: in train.json the gap between neighbouring digits is
+# under 0.39 of their height in 99.5% of cases. A wider gap (with slack for predicted boxes)
+# separates two numbers, e.g. a neighbour's number or a stray digit on the same line.
+MAX_GAP = 0.6
+
+
+def main_group(dets: Detections, max_gap: float = MAX_GAP) -> Detections:
+    """Split reading-ordered ``dets`` where neighbours are more than ``max_gap`` x the digit height
+    apart and keep the group with the highest total score."""
+    if len(dets) < 2:
+        return dets
+    b = dets.boxes
+    lo, hi = (b[:, 1], b[:, 3]) if _is_column(b) else (b[:, 0], b[:, 2])
+    height = float(np.median(b[:, 3] - b[:, 1]))
+    starts = np.flatnonzero(lo[1:] - hi[:-1] > max_gap * height) + 1
+    groups = np.split(np.arange(len(dets)), starts)
+    return dets.select(max(groups, key=lambda g: dets.scores[g].sum()))
+
+
 def _is_column(boxes: np.ndarray) -> bool:
     """True when boxes stack top to bottom (a vertical house number) rather than left to right."""
     if len(boxes) < 2:
@@ -94,15 +113,21 @@ def reading_order(dets: Detections) -> Detections:
     return dets.select(np.argsort(key, kind="stable"))
 
 
-def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = DEDUPE_IOU, strays: bool = True) -> HouseNumber:
+def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = DEDUPE_IOU, strays: bool = True,
+             max_gap: float | None = MAX_GAP) -> HouseNumber:
     """Read the house number from raw detections at a confidence ``threshold``.
 
-    Confidence is the product of the digit scores (every digit must be right for the number to be).
+    Digits on the same spot are deduplicated, strays dropped (``strays``), the rest read in order,
+    and only the main group kept where a gap wider than ``max_gap`` digit heights splits them
+    (``None``: keep all). Confidence is the product of the digit scores (every digit must be right
+    for the number to be).
     """
     kept = dedupe(dets.above(threshold), dedupe_iou)
     if strays:
         kept = drop_strays(kept)
     kept = reading_order(kept)
+    if max_gap is not None:
+        kept = main_group(kept, max_gap)
     if not len(kept):
         return HouseNumber("", kept, 0.0)
     text = "".join(str(int(d)) for d in kept.digits)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import tv_tensors
+from torchvision.ops import box_convert, clip_boxes_to_image
 
 CATEGORIES = [{"id": d + 1, "name": str(d)} for d in range(10)]
 
@@ -34,14 +35,16 @@ def gt_numbers(coco: dict) -> dict[int, str]:
     }
 
 
+def clip_xywh(xywh: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """COCO [x, y, w, h] boxes as xyxy, clipped to the image (SVHN boxes can poke a pixel outside)."""
+    return clip_boxes_to_image(box_convert(xywh, "xywh", "xyxy"), (height, width))
+
+
 def clipped_boxes(anns: list[dict], width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """xyxy boxes clipped to the image (SVHN boxes can poke a pixel outside), empty ones dropped."""
+    """xyxy boxes clipped to the image, empty ones dropped."""
     if not anns:
         return torch.zeros((0, 4)), torch.zeros(0, dtype=torch.int64)
-    b = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
-    xyxy = torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1)
-    xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
-    xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
+    xyxy = clip_xywh(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32), width, height)
     labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
     ok = (xyxy[:, 2] > xyxy[:, 0] + 0.5) & (xyxy[:, 3] > xyxy[:, 1] + 0.5)
     return xyxy[ok], labels[ok]

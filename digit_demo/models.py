@@ -66,6 +66,11 @@ class ModelConfig:
             d["min_size"] = tuple(d["min_size"])
         return cls(**d)
 
+    @property
+    def train_size(self) -> int:
+        """The last (largest-listed) training short side: torchvision's own inference size."""
+        return self.min_size[-1] if isinstance(self.min_size, tuple) else self.min_size
+
     def detector_kwargs(self) -> dict:
         return dict(
             num_classes=NUM_CLASSES, min_size=self.min_size, max_size=self.max_size,

@@ -1,6 +1,6 @@
 import numpy as np
 
-from digit_demo.assemble import Detections, assemble, dedupe, drop_strays, reading_order
+from digit_demo.assemble import Detections, assemble, dedupe, drop_strays, main_group, reading_order
 
 
 def dets(rows):
@@ -60,3 +60,23 @@ def test_empty_gives_minus_one():
     assert n.text == "" and n.label == -1 and n.confidence == 0.0
     d = dets([(10, 10, 25, 40, 0.2, 1)])
     assert assemble(d, 0.5).label == -1
+
+
+def test_digit_beyond_a_wide_gap_is_another_number():
+    # "74" with a neighbour's "1" two digit-heights to its left (seen in SVHN valid: read "174")
+    d = dets([(10, 10, 25, 40, 0.85, 1), (85, 10, 100, 40, 0.95, 7), (102, 10, 117, 40, 0.9, 4)])
+    assert assemble(d, 0.5).text == "74"
+    assert assemble(d, 0.5, max_gap=None).text == "174"
+    assert assemble(d, 0.5, max_gap=3.0).text == "174"
+
+
+def test_main_group_is_the_one_with_more_evidence():
+    d = reading_order(dets([(10, 10, 25, 40, 0.99, 3), (100, 10, 115, 40, 0.6, 5), (117, 10, 132, 40, 0.6, 6)]))
+    assert [int(x) for x in main_group(d).digits] == [5, 6]  # 1.2 beats 0.99
+    spaced = reading_order(dets([(10, 10, 25, 40, 0.9, 1), (35, 10, 50, 40, 0.9, 2), (60, 10, 75, 40, 0.9, 3)]))
+    assert len(main_group(spaced)) == 3  # gaps of a third of the height stay one number
+
+
+def test_vertical_number_splits_on_vertical_gaps():
+    d = dets([(10, 10, 30, 50, 0.9, 1), (10, 55, 30, 95, 0.9, 2), (10, 200, 30, 240, 0.6, 9)])
+    assert assemble(d, 0.5).text == "12"

@@ -99,3 +99,14 @@ def test_test_size_sets_the_inference_input_only_and_round_trips(tmp_path):
     path = save_checkpoint(model, tmp_path / "big", {})
     loaded, meta = load_checkpoint(path)
     assert meta["input_size"]["test_size"] == 128 and loaded.transform([image])[0].image_sizes == [(128, 320)]
+
+
+def test_card_lists_each_training_stage_and_where_it_ran():
+    from digit_demo.card import _epochs, training_summary
+
+    cpu = {"training": {"epochs_run": 5, "device": "cpu", "images_per_s": 8.0, "train_seconds": 3600}, "recipe": {}}
+    old = {"training": {"epochs_run": 3}, "device_name": "cpu", "recipe": {}}  # logged neither time nor device
+    gpu = {"training": {"epochs_run": 4, "device": "NVIDIA H200", "images_per_s": 150.0, "train_seconds": 200},
+           "recipe": {"init_from": {**cpu, "recipe": {"init_from": old}}}}
+    assert _epochs(gpu) == "3 + 5 + 4"
+    assert training_summary(gpu) == "cpu 8 ep, ≥60 min, 8 img/s; NVIDIA H200 4 ep, 3 min, 150 img/s"

@@ -57,8 +57,9 @@ def test_gt_numbers_read_in_annotation_order(fixture_gt):
 
 def test_sweep_picks_best_and_writes_plot_and_table(fixture_gt, tmp_path):
     dets = perfect(fixture_gt)
-    for d in dets.values():  # add a confident wrong box and a low-score wrong box
-        d.boxes = np.concatenate([d.boxes, [[0, 0, 2, 30]]]).astype(np.float32)
+    for d in dets.values():  # add a low-score wrong digit right after the number, in line with it
+        x1, y1, x2, y2 = d.boxes[np.argmax(d.boxes[:, 2])]
+        d.boxes = np.concatenate([d.boxes, [[x2 + 1, y1, x2 + 1 + (x2 - x1), y2]]]).astype(np.float32)
         d.scores = np.concatenate([d.scores, [0.3]]).astype(np.float32)
         d.digits = np.concatenate([d.digits, [1]])
     rows = sweep(fixture_gt, dets, thresholds=(0.1, 0.5, 0.95))

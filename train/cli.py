@@ -194,12 +194,13 @@ def main(argv: list[str] | None = None) -> int:
             if parent:
                 rec["init_from"] = {"checkpoint": parent["name"], "recipe": parent.get("recipe"),
                                     "training": parent.get("training"), "metrics": parent["metrics"]}
-            meta = {"recipe": rec, "data": data_info, "device": str(device), "world_size": world,
-                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            meta = {"recipe": rec, "data": data_info, "device": str(device), "world_size": world, "device_name": device_name,
                     "metrics": {"valid": best_row}, "threshold": top.threshold,
-                    "training": {"epochs_run": epoch + 1, "images_per_s": round(stats["images_per_s"], 2),
+                    "training": {"epochs_run": epoch + 1, "images_per_s": round(engine.mean_throughput(log_path), 2),
                                  "train_seconds": round(engine.total_seconds(log_path)),
-                                 "threads": torch.get_num_threads(), "torch": torch.__version__},
+                                 "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                 "device": device_name},
                     "sweep": [r.__dict__ for r in rows]}
             path = save_checkpoint(model, args.export_dir / args.name, meta)
             write_model_card(args.export_dir)

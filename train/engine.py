@@ -157,6 +157,13 @@ def total_seconds(log_csv: Path) -> float:
         return sum(float(r["seconds"]) for r in csv.DictReader(f))
 
 
+def mean_throughput(log_csv: Path) -> float:
+    """Training images per second over all logged epochs (a short last epoch weighs little)."""
+    with log_csv.open() as f:
+        rows = [(float(r["images_per_s"]), float(r["seconds"])) for r in csv.DictReader(f)]
+    return sum(ips * s for ips, s in rows) / max(sum(s for _, s in rows), 1e-9)
+
+
 def plot_curves(log_csv: Path, out_png: Path) -> None:
     """Training loss and validation mAP / accuracy per epoch."""
     import matplotlib

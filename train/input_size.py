@@ -30,10 +30,9 @@ from .presets import eval_transforms
 def size_sweep(model, loader, gt: dict, sizes: list[int]) -> list[dict]:
     """Best validation row per inference short side (the long-side cap scales with it)."""
     cfg = model.digit_config
-    trained = cfg.min_size[-1] if isinstance(cfg.min_size, tuple) else cfg.min_size
     out = []
     for size in sizes:
-        max_size = round(cfg.max_size * size / trained)
+        max_size = round(cfg.max_size * size / cfg.train_size)
         set_test_size(model, size, max_size)
         top, rows = engine.evaluate(model, loader, gt, torch.device("cpu"))
         out.append({"size": size, "max_size": max_size, **top.__dict__, "sweep": [r.__dict__ for r in rows]})

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from digit_demo.checkpoints import load_checkpoint
-from digit_demo.data import CATEGORIES, load_coco
+from digit_demo.data import CATEGORIES, clip_xywh, load_coco
 from digit_demo.detect import set_threads, to_tensor
 
 from .cli import DEFAULT_DATA
@@ -69,12 +69,9 @@ def box_log_odds(model, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tenso
 def score_records(model, image: torch.Tensor, records: list[Record]) -> list[float]:
     """Each record's evidence on ``image``: the sum over its digits of log p(digit) - log p(background)."""
     flat = [(i, c, b) for i, rec in enumerate(records) for c, b in rec]
-    xywh = torch.tensor([b for _, _, b in flat], dtype=torch.float32)
     h, w = image.shape[-2:]
-    xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
-    xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, w)
-    xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, h)
-    xyxy[:, 2:] = torch.maximum(xyxy[:, 2:], xyxy[:, :2] + 1)
+    xyxy = clip_xywh(torch.tensor([b for _, _, b in flat], dtype=torch.float32), w, h)
+    xyxy[:, 2:] = torch.maximum(xyxy[:, 2:], xyxy[:, :2] + 1)  # keep every box (and the alignment): 1 px at least
     odds = box_log_odds(model, image, xyxy)
     per_box = odds[torch.arange(len(flat)), torch.tensor([c for _, c, _ in flat])]
     scores = [0.0] * len(records)
