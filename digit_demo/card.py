@@ -37,6 +37,22 @@ def _epochs(meta: dict) -> str:
     return " + ".join(reversed(runs))
 
 
+def _stages(meta: dict) -> str:
+    """One indented line per training stage, oldest first: epochs, device, recipe, validation result."""
+    stages = []
+    while meta:
+        stages.append(meta)
+        meta = meta.get("recipe", {}).get("init_from")
+    lines = []
+    for i, st in enumerate(reversed(stages), 1):
+        tr, rec, v = st.get("training", {}), st.get("recipe", {}), st.get("metrics", {}).get("valid", {})
+        config = f", `{rec['config']}`" if rec.get("config") else ""
+        lines.append(f"  {i}. {tr.get('epochs_run', '?')} epochs on {tr.get('device') or st.get('device_name', '?')}: "
+                     f"batch {rec.get('batch_size', '?')}, lr {rec.get('lr', '?')} {rec.get('lr_schedule', '')}{config}; "
+                     f"valid accuracy {v.get('accuracy', float('nan')):.3f}, mAP {v.get('mAP', float('nan')):.3f}\n")
+    return "".join(lines)
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
@@ -94,7 +110,10 @@ def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
                          "candidates by a trained detector (pseudo-labels, self-training)\n")
         rec = meta.get("recipe")
         if rec:
-            notes.append(f"- **{meta['name']}** recipe: `{json.dumps(rec)}`; data: `{json.dumps(meta.get('data', {}))}`\n")
+            last = {k: v for k, v in rec.items() if k != "init_from"}
+            notes.append(f"- **{meta['name']}** recipe: `{json.dumps(last)}`; data: `{json.dumps(meta.get('data', {}))}`\n")
+            if "init_from" in rec:
+                notes.append(f"- **{meta['name']}** training stages, each fine-tuning the one before:\n{_stages(meta)}")
     out = directory / "README.md"
     out.write_text("".join(lines) + ("\n" + "".join(notes) if notes else ""))
     return out

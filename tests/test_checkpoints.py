@@ -102,7 +102,7 @@ def test_test_size_sets_the_inference_input_only_and_round_trips(tmp_path):
 
 
 def test_card_lists_each_training_stage_and_where_it_ran():
-    from digit_demo.card import _epochs, training_summary
+    from digit_demo.card import _epochs, _stages, training_summary
 
     cpu = {"training": {"epochs_run": 5, "device": "cpu", "images_per_s": 8.0, "train_seconds": 3600}, "recipe": {}}
     old = {"training": {"epochs_run": 3}, "device_name": "cpu", "recipe": {}}  # logged neither time nor device
@@ -110,3 +110,8 @@ def test_card_lists_each_training_stage_and_where_it_ran():
            "recipe": {"init_from": {**cpu, "recipe": {"init_from": old}}}}
     assert _epochs(gpu) == "3 + 5 + 4"
     assert training_summary(gpu) == "cpu 8 ep, ≥60 min, 8 img/s; NVIDIA H200 4 ep, 3 min, 150 img/s"
+    gpu["recipe"].update(batch_size=16, lr=0.01, lr_schedule="cosine", config="train/configs/x.json")
+    gpu["metrics"] = {"valid": {"accuracy": 0.7, "mAP": 0.36}}
+    lines = _stages(gpu).splitlines()
+    assert len(lines) == 3 and lines[0].startswith("  1. 3 epochs on cpu")
+    assert lines[2] == "  3. 4 epochs on NVIDIA H200: batch 16, lr 0.01 cosine, `train/configs/x.json`; valid accuracy 0.700, mAP 0.360"

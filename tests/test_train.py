@@ -11,7 +11,7 @@ from digit_demo.checkpoints import load_checkpoint
 from digit_demo.detect import Detector
 from digit_demo.data import load_coco
 from train import engine
-from train.cli import main, parse_args
+from train.cli import main, parse_args, recipe
 
 from .conftest import FIXTURES
 
@@ -120,6 +120,8 @@ def test_focal_loss_down_weights_easy_examples():
 def test_config_file_sets_defaults_and_flags_override(tmp_path):
     args = parse_args(["--config", "train/configs/resnet18_fpn.json", "--epochs", "2"])
     assert args.model == "fasterrcnn_resnet18_fpn" and args.epochs == 2 and args.lr_schedule == "cosine"
+    assert recipe(args)["config"] == "train/configs/resnet18_fpn.json"  # the sidecar names the recipe file
+    assert "config" not in recipe(parse_args(["--model", "fasterrcnn_resnet18_fpn"]))
     with pytest.raises(SystemExit):
         parse_args([])
 

@@ -94,7 +94,7 @@ def _distributed() -> tuple[int, int]:
 def recipe(args) -> dict:
     keys = ["epochs", "time_budget", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "lr_step", "lr_gamma",
             "warmup_iters", "focal_loss", "focal_alpha", "focal_gamma", "augment", "seed"]
-    return {k: getattr(args, k) for k in keys}
+    return {**{k: getattr(args, k) for k in keys}, **({"config": str(args.config)} if args.config else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
