@@ -28,26 +28,31 @@ def card_rows(directory: Path = CHECKPOINT_DIR) -> list[dict]:
     return [json.loads((directory / f"{n}.json").read_text()) for n in available(directory)]
 
 
-def _epochs(meta: dict) -> str:
-    """Epochs run, with a fine-tuned checkpoint's parent epochs first: '5 + 7'."""
-    runs = []
-    while meta:
-        runs.append(str(meta.get("training", {}).get("epochs_run", "?")))
-        meta = meta.get("recipe", {}).get("init_from")
-    return " + ".join(reversed(runs))
-
-
-def _stages(meta: dict) -> str:
-    """One indented line per training stage, oldest first: epochs, device, recipe, validation result."""
+def _chain(meta: dict) -> list[dict]:
+    """A checkpoint's training stages, oldest first (each fine-tuned stage names its parent in ``recipe.init_from``)."""
     stages = []
     while meta:
         stages.append(meta)
         meta = meta.get("recipe", {}).get("init_from")
+    return stages[::-1]
+
+
+def _device(stage: dict) -> str:
+    return stage.get("training", {}).get("device") or stage.get("device_name") or "?"
+
+
+def _epochs(meta: dict) -> str:
+    """Epochs run, with a fine-tuned checkpoint's parent epochs first: '5 + 7'."""
+    return " + ".join(str(st.get("training", {}).get("epochs_run", "?")) for st in _chain(meta))
+
+
+def _stages(meta: dict) -> str:
+    """One indented line per training stage, oldest first: epochs, device, recipe, validation result."""
     lines = []
-    for i, st in enumerate(reversed(stages), 1):
+    for i, st in enumerate(_chain(meta), 1):
         tr, rec, v = st.get("training", {}), st.get("recipe", {}), st.get("metrics", {}).get("valid", {})
         config = f", `{rec['config']}`" if rec.get("config") else ""
-        lines.append(f"  {i}. {tr.get('epochs_run', '?')} epochs on {tr.get('device') or st.get('device_name', '?')}: "
+        lines.append(f"  {i}. {tr.get('epochs_run', '?')} epochs on {_device(st)}: "
                      f"batch {rec.get('batch_size', '?')}, lr {rec.get('lr', '?')} {rec.get('lr_schedule', '')}{config}; "
                      f"valid accuracy {v.get('accuracy', float('nan')):.3f}, mAP {v.get('mAP', float('nan')):.3f}\n")
     return "".join(lines)
@@ -61,17 +66,16 @@ def training_summary(meta: dict) -> str:
     """Epochs, time and speed per device over every training stage, oldest first:
     'cpu 20 ep, ≥3.3 h, 7.74 img/s; NVIDIA H200 12 ep, 9 min, 140 img/s' (≥: a stage did not log its time)."""
     per: dict[str, dict] = {}
-    while meta:
-        tr = meta.get("training", {})
-        d = per.setdefault(tr.get("device") or meta.get("device_name") or "?", {"epochs": 0, "runs": [], "untimed": False})
+    for st in _chain(meta):
+        tr = st.get("training", {})
+        d = per.setdefault(_device(st), {"epochs": 0, "runs": [], "untimed": False})
         d["epochs"] += tr.get("epochs_run", 0)
         if tr.get("train_seconds") and tr.get("images_per_s"):
             d["runs"].append((tr["images_per_s"], tr["train_seconds"]))
         else:
             d["untimed"] = True
-        meta = meta.get("recipe", {}).get("init_from")
     parts = []
-    for device, d in reversed(per.items()):
+    for device, d in per.items():
         text = f"{device} {d['epochs']} ep"
         seconds = sum(s for _, s in d["runs"])
         if seconds:
