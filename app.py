@@ -15,6 +15,7 @@ from digit_demo.ensemble import DEFAULT_FUSION, ensemble_key
 from digit_demo.evaluation import best, plot_sweep
 from digit_demo.images import ImageError, load_image
 from digit_demo.io import image_id_for
+from digit_demo.reader import optional_reader
 from digit_demo.session import Item, Session, write_downloads
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "examples").glob("*.png"))
@@ -24,15 +25,17 @@ set_threads(THREADS)
 
 _detectors: dict[str, Detector] = {}
 _lock = threading.Lock()
+READER = optional_reader()  # the shipped second-stage digit reader, if any
 
 
-def detector_for(models: tuple[str, ...], fusion: str):
-    """Models load once and are shared by every visitor."""
+def detector_for(models: tuple[str, ...], fusion: str, use_reader: bool = True):
+    """Models load once and are shared by every visitor; the digit reader is applied on request."""
     with _lock:
         for m in models:
             if m not in _detectors:
-                _detectors[m] = Detector.load(m)
-    members = [_detectors[m] for m in models]
+                _detectors[m] = Detector.load(m, reader=None)
+    reader = READER if use_reader else None
+    members = [Detector(_detectors[m].model, _detectors[m].meta, reader=reader) for m in models]
     return members[0] if len(members) == 1 else Ensemble(members, fusion)
 
 
@@ -67,7 +70,7 @@ def _outputs(session: Session, threshold: float, selected: int = 0):
     return session, r.annotated, html, digits, gallery, table, files, note
 
 
-def read_numbers(files, webcam, models, fusion, threshold):
+def read_numbers(files, webcam, models, fusion, threshold, use_reader=True):
     """Run the chosen model(s) once on the uploads and cache the raw detections."""
     models = tuple(models or [DEFAULT_MODEL])
     session = Session(models=models, fusion=fusion)
@@ -91,7 +94,7 @@ def read_numbers(files, webcam, models, fusion, threshold):
             session.errors.append(str(e))
     if images:
         try:
-            detector = detector_for(models, fusion)
+            detector = detector_for(models, fusion, use_reader)
         except Exception as e:  # a broken or missing checkpoint: say so, don't crash the page
             session.errors.append(f"could not load {', '.join(models)}: {e}")
             return _outputs(session, threshold)
@@ -109,11 +112,12 @@ def select_image(session: Session | None, threshold: float, evt: gr.SelectData):
     return _outputs(session or Session(), threshold, evt.index)
 
 
-def explorer_plot(models: list[str] | None, fusion: str):
+def explorer_plot(models: list[str] | None, fusion: str, use_reader: bool = True):
     curves = sweep_curves()
     models = models or [DEFAULT_MODEL]
-    keys = [m for m in models if m in curves]
-    ens = ensemble_key(models, fusion)
+    reader = use_reader and READER is not None
+    keys = [k for m in models if (k := ensemble_key([m], fusion, reader)) in curves]
+    ens = ensemble_key(models, fusion, reader)
     if len(models) > 1 and ens in curves:
         keys.append(ens)
     shown = {k: curves[k] for k in (keys or list(curves))}
@@ -123,9 +127,9 @@ def explorer_plot(models: list[str] | None, fusion: str):
     return fig, rows
 
 
-def model_changed(models, fusion):
-    fig, rows = explorer_plot(models, fusion)
-    return gr.update(value=best_threshold(models, fusion)), fig, rows
+def model_changed(models, fusion, use_reader=True):
+    fig, rows = explorer_plot(models, fusion, use_reader)
+    return gr.update(value=best_threshold(models, fusion, use_reader and READER is not None)), fig, rows
 
 
 def build_demo() -> gr.Blocks:
@@ -148,7 +152,9 @@ def build_demo() -> gr.Blocks:
                     fusion = gr.Radio([("digit vote", "vote"), ("weighted box fusion", "wbf"), ("class-aware NMS", "nms")],
                                       value=DEFAULT_FUSION,
                                       label="Ensemble fusion")
-                    threshold = gr.Slider(0.05, 0.95, value=best_threshold(default), step=0.01,
+                    use_reader = gr.Checkbox(READER is not None, visible=READER is not None,
+                                             label="Re-read each digit with the second-stage reader (more accurate)")
+                    threshold = gr.Slider(0.05, 0.95, value=best_threshold(default, reader=READER is not None), step=0.01,
                                           label="Confidence threshold", elem_id="threshold")
                     run = gr.Button("Read numbers", variant="primary")
                     if EXAMPLES:
@@ -169,16 +175,16 @@ def build_demo() -> gr.Blocks:
             best_table = gr.Dataframe(headers=["model", "best threshold", "mAP", "AP50", "accuracy"], interactive=False)
 
         outs = [session, annotated, number, digits, gallery, results, downloads, message]
-        run.click(read_numbers, [files, webcam, models, fusion, threshold], outs, api_name="read_numbers")
-        files.change(read_numbers, [files, webcam, models, fusion, threshold], outs, api_name="read_uploads")
-        webcam.change(read_numbers, [files, webcam, models, fusion, threshold], outs, api_name="read_snapshot")
+        run.click(read_numbers, [files, webcam, models, fusion, threshold, use_reader], outs, api_name="read_numbers")
+        files.change(read_numbers, [files, webcam, models, fusion, threshold, use_reader], outs, api_name="read_uploads")
+        webcam.change(read_numbers, [files, webcam, models, fusion, threshold, use_reader], outs, api_name="read_snapshot")
         threshold.change(rethreshold, [session, threshold], outs, api_name="rethreshold", show_progress="hidden")
         gallery.select(select_image, [session, threshold], outs, api_name="select_image")
         # a new model (or fusion) means new detections: re-read the current uploads with it
-        for control, name in ((models, "model_settings"), (fusion, "fusion_settings")):
-            control.change(model_changed, [models, fusion], [threshold, plot, best_table], api_name=name).then(
-                read_numbers, [files, webcam, models, fusion, threshold], outs, api_name=f"{name}_reread")
-        demo.load(explorer_plot, [models, fusion], [plot, best_table], api_name="explorer")
+        for control, name in ((models, "model_settings"), (fusion, "fusion_settings"), (use_reader, "reader_settings")):
+            control.change(model_changed, [models, fusion, use_reader], [threshold, plot, best_table], api_name=name).then(
+                read_numbers, [files, webcam, models, fusion, threshold, use_reader], outs, api_name=f"{name}_reread")
+        demo.load(explorer_plot, [models, fusion, use_reader], [plot, best_table], api_name="explorer")
     return demo
 
 

@@ -2,7 +2,8 @@
 
 Per model: p50/p95 latency per image (batch 1), images/s in batches of 8, peak RSS, mAP / AP50 /
 whole-number accuracy at the best validation threshold, and the server-side cost of one slider
-update in the app. Writes ``checkpoints/benchmark.json``, ``checkpoints/sweeps.json`` (threshold
+update in the app; each model with the second-stage digit reader (as the app and CLI run it) and,
+marked "(detector only)", without it. Writes ``checkpoints/benchmark.json``, ``checkpoints/sweeps.json`` (threshold
 curves the app's explorer shows), a ``benchmark`` entry in each sidecar (whose validation metrics
 and threshold are re-measured on the shipped weights), and prints a Markdown table.
 
@@ -32,20 +33,25 @@ def measure(name: str, threads: int, limit: int | None, out: Path) -> None:
     from digit_demo.data import load_coco
     from digit_demo.detect import Detector, set_threads, to_tensor
     from digit_demo.images import load_image
+    from digit_demo.reader import optional_reader, refine
     from digit_demo.session import Item, Session, write_downloads
 
     set_threads(threads)
     gt = load_coco(DATA / "valid.json")
     images = gt["images"][:limit] if limit else gt["images"]
-    det = Detector.load(name, batch_size=8)
+    det = Detector.load(name, batch_size=8, reader=None)
+    reader = optional_reader()
     tensors = [to_tensor(load_image(DATA / "valid" / im["file_name"])) for im in images]
     det.detect_tensors(tensors[:4])  # warm-up
-    lat = []
-    raw = {}
+    lat, lat_det = [], []
+    raw, plain = {}, {}
     for im, t in zip(images, tensors):
         start = time.perf_counter()
-        raw[im["id"]] = det.detect_tensors([t])[0]
+        plain[im["id"]] = det.detect_tensors([t])[0]
+        lat_det.append((time.perf_counter() - start) * 1000)
+        raw[im["id"]] = refine(reader, t, plain[im["id"]]) if reader else plain[im["id"]]
         lat.append((time.perf_counter() - start) * 1000)
+    det.reader = reader
     start = time.perf_counter()
     det.detect_tensors(tensors)
     batch_ips = len(tensors) / (time.perf_counter() - start)
@@ -57,11 +63,15 @@ def measure(name: str, threads: int, limit: int | None, out: Path) -> None:
         start = time.perf_counter()
         write_downloads(session.render(float(t)), float(t))
         slider.append((time.perf_counter() - start) * 1000)
-    dets = {k: {"boxes": v.boxes.tolist(), "scores": v.scores.tolist(), "digits": v.digits.tolist()} for k, v in raw.items()}
+    def as_json(found):
+        return {k: {"boxes": v.boxes.tolist(), "scores": v.scores.tolist(), "digits": v.digits.tolist()} for k, v in found.items()}
+
     out.write_text(json.dumps({
         "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)), "batch_images_per_s": batch_ips,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "slider_update_ms": float(np.median(slider)),
-        "threads": threads, "torch": torch.__version__, "detections": dets,
+        "threads": threads, "torch": torch.__version__, "reader": reader.meta["name"] if reader else None,
+        "detector_only": {"p50_ms": float(np.percentile(lat_det, 50)), "p95_ms": float(np.percentile(lat_det, 95))},
+        "detections": as_json(raw), "detections_detector_only": as_json(plain),
     }))
 
 
@@ -84,6 +94,10 @@ def main() -> int:
     from digit_demo.ensemble import FUSIONS, ensemble_key, fuse, member_weights
     from digit_demo.evaluation import best, sweep
 
+    def parse(found: dict) -> dict:
+        return {int(k): Detections(np.array(v["boxes"], np.float32).reshape(-1, 4), np.array(v["scores"], np.float32),
+                                   np.array(v["digits"], np.int64)) for k, v in found.items()}
+
     names = args.models or available()
     gt = load_coco(DATA / "valid.json")
     if args.limit:
@@ -99,10 +113,14 @@ def main() -> int:
             cmd += ["--limit", str(args.limit)]
         subprocess.run(cmd, check=True)
         r = json.loads(tmp.read_text())
-        raw[name] = {int(k): Detections(np.array(v["boxes"], np.float32).reshape(-1, 4), np.array(v["scores"], np.float32),
-                                        np.array(v["digits"], np.int64)) for k, v in r.pop("detections").items()}
+        raw[name] = parse(r.pop("detections"))
         curves[name] = sweep(gt, raw[name])
+        plain = parse(r.pop("detections_detector_only"))
         results[name] = r
+        if r["reader"]:  # the same detector without the reader, for comparison
+            alone = ensemble_key([name], "", reader=False)
+            curves[alone] = sweep(gt, plain)
+            results[alone] = {**r, **r["detector_only"], "batch_images_per_s": None, "peak_rss_mb": None}
     for k in range(2, len(names) + 1):
         for group in combinations(names, k):
             for method in FUSIONS:
@@ -142,20 +160,28 @@ def main() -> int:
         meta["metrics"]["valid"] = {"threshold": b.threshold, "mAP": b.mAP, "AP50": b.AP50, "AP75": b.AP75,
                                     "accuracy": b.accuracy, "measured_by": "benchmark.py",
                                     "epoch": meta["metrics"]["valid"].get("epoch")}
-        meta["threshold"] = b.threshold
+        meta["metrics"]["valid"]["reader"] = results[name]["reader"]
+        alone = ensemble_key([name], "", reader=False)
+        if alone in curves:
+            b = best(curves[alone])
+            meta["metrics"]["valid_detector_only"] = {"threshold": b.threshold, "mAP": b.mAP, "AP50": b.AP50,
+                                                      "AP75": b.AP75, "accuracy": b.accuracy}
+        meta["threshold"] = meta["metrics"]["valid"]["threshold"]
         meta["sweep"] = [r.__dict__ for r in curves[name]]
         side.write_text(json.dumps(meta, indent=2) + "\n")
     write_model_card()
     lines = [f"Measured {time.strftime('%Y-%m-%d')} on {len(gt['images'])} `valid` images, {args.threads} CPU threads "
              f"(this 2-core machine), torch {results[names[0]]['torch']}; latency is per image at batch 1, "
-             "ensembles add up their members; accuracy and mAP at each row's best threshold.", ""]
+             "ensembles add up their members; accuracy and mAP at each row's best threshold. Every model runs with "
+             f"the second-stage digit reader (`{results[names[0]]['reader']}`) except the rows marked (detector only).", ""]
     lines += ["| model | threshold | mAP | AP50 | accuracy | p50 ms | p95 ms | batch img/s | peak RSS MB | slider ms | training (per device: epochs, time, img/s) |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-"
+        ips = f"{r['batch_images_per_s']:.1f}" if r.get("batch_images_per_s") else "-"
         train_ips = train_speed.get(key, "-")
         lines.append(f"| {key} | {r['threshold']:.2f} | {r['mAP']:.3f} | {r['AP50']:.3f} | {r['accuracy']:.3f} | {r['p50_ms']:.0f} "
-                     f"| {r['p95_ms']:.0f} | {r['batch_images_per_s']:.1f} | {rss} | {r['slider_update_ms']:.1f} | {train_ips} |")
+                     f"| {r['p95_ms']:.0f} | {ips} | {rss} | {r['slider_update_ms']:.1f} | {train_ips} |")
     verdicts = [f"`{k}`: accuracy {'not below' if r['beats_best_member']['accuracy'] else 'BELOW'}, mAP "
                 f"{'not below' if r['beats_best_member']['mAP'] else 'below'} its best member"
                 for k, r in results.items() if "beats_best_member" in r]

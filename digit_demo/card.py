@@ -17,10 +17,11 @@ photos in `../shared/data/svhn` (non-commercial licence), 11 classes (background
 300 `valid` images (exact SVHN labels) at the checkpoint's chosen threshold (re-measured on the shipped
 weights by `benchmark.py`, which also gives the CPU latency: batch 1, 2 threads). Input sizes list the
 short sides used in (multi-scale) training; inference uses the last one, or the size after the arrow,
-chosen on `valid` by `python -m train.input_size`.
+chosen on `valid` by `python -m train.input_size`. Every detector runs with the second-stage digit reader
+(below) unless told not to; "detector only" is the accuracy without it.
 
-| name | architecture | input (short/long side) | valid mAP | AP50 | whole-number accuracy | threshold | p50 ms | epochs | training |
-|---|---|---|---|---|---|---|---|---|---|
+| name | architecture | input (short/long side) | valid mAP | AP50 | whole-number accuracy | detector only | threshold | p50 ms | epochs | training |
+|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 
@@ -50,12 +51,17 @@ def _stages(meta: dict) -> str:
     """One indented line per training stage, oldest first: epochs, device, recipe, validation result."""
     lines = []
     for i, st in enumerate(_chain(meta), 1):
-        tr, rec, v = st.get("training", {}), st.get("recipe", {}), st.get("metrics", {}).get("valid", {})
+        tr, rec, m = st.get("training", {}), st.get("recipe", {}), st.get("metrics", {})
+        v = m.get("valid_detector_only") or m.get("valid", {})  # stages are compared without the digit reader
         config = f", `{rec['config']}`" if rec.get("config") else ""
         lines.append(f"  {i}. {tr.get('epochs_run', '?')} epochs on {_device(st)}: "
                      f"batch {rec.get('batch_size', '?')}, lr {rec.get('lr', '?')} {rec.get('lr_schedule', '')}{config}; "
-                     f"valid accuracy {v.get('accuracy', float('nan')):.3f}, mAP {v.get('mAP', float('nan')):.3f}\n")
+                     f"valid accuracy {v.get('accuracy', float('nan')):.3f}, mAP {v.get('mAP', float('nan')):.3f} (detector alone)\n")
     return "".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.0f}" if value else "-"
 
 
 def _duration(seconds: float) -> str:
@@ -103,8 +109,9 @@ def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
         name = meta["name"] + (" (default)" if meta["name"] == DEFAULT_MODEL else "")
         lines.append(
             f"| {name} | `{meta['architecture']}` | {_input(cfg)} | {v.get('mAP', float('nan')):.3f} "
-            f"| {v.get('AP50', float('nan')):.3f} | {v.get('accuracy', float('nan')):.3f} | {meta.get('threshold', 0.5):.2f} "
-            f"| {meta.get('benchmark', {}).get('p50_ms', '-')} | {_epochs(meta)} | {training_summary(meta)} |\n"
+            f"| {v.get('AP50', float('nan')):.3f} | {v.get('accuracy', float('nan')):.3f} "
+            f"| {meta.get('metrics', {}).get('valid_detector_only', {}).get('accuracy', float('nan')):.3f} | {meta.get('threshold', 0.5):.2f} "
+            f"| {_ms(meta.get('benchmark', {}).get('p50_ms'))} | {_epochs(meta)} | {training_summary(meta)} |\n"
         )
         if meta.get("note"):
             notes.append(f"- **{meta['name']}**: {meta['note']}\n")
@@ -119,9 +126,29 @@ def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
             if "init_from" in rec:
                 notes.append(f"- **{meta['name']}** training stages, each fine-tuning the one before:\n{_stages(meta)}")
     out = directory / "README.md"
-    out.write_text("".join(lines) + ("\n" + "".join(notes) if notes else ""))
+    out.write_text("".join(lines) + ("\n" + "".join(notes) if notes else "") + _reader_section(directory))
     return out
 
+
+def _reader_section(directory: Path) -> str:
+    """The second-stage digit reader's entry, if one is shipped."""
+    from .reader import DEFAULT_READER
+
+    side = directory / f"{DEFAULT_READER}.json"
+    if not side.is_file():
+        return ""
+    meta = json.loads(side.read_text())
+    m, tr, cfg = meta.get("metrics", {}), meta.get("training", {}), meta["config"]
+    extra = "".join(f" + {e['count']} resolved `{e['images']}/` images" for e in meta.get("data", {}).get("extra", []))
+    return (f"\n## Second-stage digit reader (`{meta['name']}`)\n\n"
+            f"A small CNN (`{meta['architecture']}`, width {cfg['width']}) that reads each spot a detector found from a "
+            f"{cfg['crop']} x {cfg['crop']} crop of the original photo ({cfg['context']} x the box's longer side): digit "
+            "0-9 or background. A spot's score is the detector's presence there times the reader's digit probability "
+            "(`digit_demo.reader.refine`). Validation (`valid` ground-truth boxes): digit accuracy "
+            f"{m.get('valid_digit_accuracy', float('nan')):.3f}, background crops rejected "
+            f"{m.get('valid_background_accuracy', float('nan')):.3f}. Trained from scratch on `train`{extra}: "
+            f"{tr.get('epochs_run', '?')} epochs on {tr.get('device', '?')}, {_duration(tr.get('train_seconds', 0))} "
+            f"(`python -m train.reader`); recipe `{json.dumps(meta.get('recipe', {}))}`.\n")
 
 
 def sweep_curves(directory: Path = CHECKPOINT_DIR) -> dict:
@@ -149,16 +176,18 @@ def model_label(name: str, directory: Path = CHECKPOINT_DIR) -> str:
     return " · ".join(parts)
 
 
-def best_threshold(models: list[str] | tuple[str, ...] | None = None, fusion: str = DEFAULT_FUSION) -> float:
-    """The best validation threshold of a model or ensemble (0.5 for an unmeasured ensemble)."""
+def best_threshold(models: list[str] | tuple[str, ...] | None = None, fusion: str = DEFAULT_FUSION,
+                   reader: bool = True) -> float:
+    """The best validation threshold of a model or ensemble, with or without the digit reader (0.5
+    for an unmeasured one)."""
     from .evaluation import best
 
     models = list(models or [DEFAULT_MODEL])
     curves = sweep_curves()
-    key = ensemble_key(models, fusion)
+    key = ensemble_key(models, fusion, reader)
     if key in curves:
         return best(curves[key]).threshold
-    if len(models) == 1:
+    if len(models) == 1 and reader:
         try:
             return float(read_sidecar(resolve(models[0])).get("threshold", 0.5))
         except CheckpointError:  # nothing to go by: the caller reports the missing model when it loads it

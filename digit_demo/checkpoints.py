@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .models import ModelConfig, build_model
+from .models import ARCHITECTURES, ModelConfig, build_model
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 HUB_REPO_ENV = "DIGIT_DEMO_HUB_REPO"  # e.g. "user/digit-demo-checkpoints"; only used when online
@@ -130,5 +130,13 @@ def load_checkpoint(name_or_path: str | Path) -> tuple[nn.Module, dict]:
 
 
 def available(directory: Path = CHECKPOINT_DIR) -> list[str]:
-    """Names of the checkpoints in ``directory`` that have a sidecar."""
-    return sorted(p.stem for p in directory.glob("*.safetensors") if p.with_suffix(".json").is_file())
+    """Names of the detector checkpoints in ``directory`` (those whose sidecar names a registered
+    detector architecture; the digit reader is not one)."""
+    names = []
+    for p in sorted(directory.glob("*.safetensors")):
+        try:
+            if json.loads(p.with_suffix(".json").read_text()).get("architecture") in ARCHITECTURES:
+                names.append(p.stem)
+        except (OSError, ValueError):
+            continue
+    return names

@@ -10,6 +10,7 @@ from .assemble import assemble
 from .checkpoints import DEFAULT_MODEL, CheckpointError
 from .ensemble import DEFAULT_FUSION, FUSIONS
 from .images import ImageError
+from .reader import DEFAULT_READER
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -18,6 +19,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fusion-iou", type=float, default=0.55)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, help="CPU threads for inference")
+    p.add_argument("--reader", default=DEFAULT_READER, help=f"second-stage digit reader checkpoint (default {DEFAULT_READER})")
+    p.add_argument("--no-reader", dest="reader", action="store_const", const=None, help="use the detector's own digit scores")
 
 
 def _threshold(detector, given: float | None, fusion: str) -> float:
@@ -26,14 +29,15 @@ def _threshold(detector, given: float | None, fusion: str) -> float:
         return given
     from .card import best_threshold
 
-    return best_threshold([m.name for m in getattr(detector, "members", [detector])], fusion)
+    members = getattr(detector, "members", [detector])
+    return best_threshold([m.name for m in members], fusion, reader=members[0].reader is not None)
 
 
 def _load(args):
     from .detect import load_detector, set_threads
 
     set_threads(args.threads)
-    return load_detector(args.model or [DEFAULT_MODEL], args.fusion, args.fusion_iou, args.batch_size)
+    return load_detector(args.model or [DEFAULT_MODEL], args.fusion, args.fusion_iou, args.batch_size, args.reader)
 
 
 def cmd_predict(args) -> int:
@@ -168,6 +172,14 @@ def cmd_models(args) -> int:
                 "valid_mAP": round(v.get("mAP", 0), 4), "valid_accuracy": round(v.get("accuracy", 0), 4),
                 "default": meta["name"] == DEFAULT_MODEL}
         print(json.dumps(line if not args.verbose else {k: x for k, x in meta.items() if k != "sweep"}))
+    from .checkpoints import CHECKPOINT_DIR
+
+    side = CHECKPOINT_DIR / f"{DEFAULT_READER}.json"
+    if side.is_file():  # the second stage every detector uses unless --no-reader
+        meta = json.loads(side.read_text())
+        m = meta.get("metrics", {})
+        print(json.dumps({"name": meta["name"], "architecture": meta["architecture"], "role": "second-stage digit reader",
+                          "valid_digit_accuracy": round(m.get("valid_digit_accuracy", 0), 4)}))
     return 0
 
 

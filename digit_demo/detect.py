@@ -14,6 +14,7 @@ from .assemble import Detections
 from .checkpoints import DEFAULT_MODEL, load_checkpoint
 from .ensemble import DEFAULT_FUSION, ensemble_key, fuse, member_weights
 from .images import ImageInput, load_image
+from .reader import DEFAULT_READER, DigitReader, optional_reader, refine
 
 
 def set_threads(threads: int | None) -> None:
@@ -39,24 +40,30 @@ def outputs_to_detections(outputs: list[dict]) -> list[Detections]:
 
 
 class Detector:
-    """A loaded checkpoint: ``detector(images)`` returns raw detections (score >= the model's floor)."""
+    """A loaded checkpoint: ``detector(images)`` returns raw detections (score >= the model's floor),
+    re-read by the second-stage ``reader`` when one is given (:func:`digit_demo.reader.refine`)."""
 
-    def __init__(self, model: nn.Module, meta: dict, batch_size: int = 8):
+    def __init__(self, model: nn.Module, meta: dict, batch_size: int = 8, reader: DigitReader | None = None):
         self.model = model.eval()
         self.meta = meta
         self.name = meta.get("name", "model")
         self.batch_size = batch_size
+        self.reader = reader
 
     @classmethod
-    def load(cls, name_or_path: str | Path = DEFAULT_MODEL, **kwargs) -> "Detector":
+    def load(cls, name_or_path: str | Path = DEFAULT_MODEL, reader: str | Path | None = DEFAULT_READER,
+             **kwargs) -> "Detector":
+        """Load a detector checkpoint and (unless ``reader`` is None) the digit reader."""
         model, meta = load_checkpoint(name_or_path)
-        return cls(model, meta, **kwargs)
+        return cls(model, meta, reader=optional_reader(reader), **kwargs)
 
     @torch.inference_mode()
     def detect_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
         out: list[Detections] = []
         for i in range(0, len(tensors), self.batch_size):
             out += outputs_to_detections(self.model(list(tensors[i : i + self.batch_size])))
+        if self.reader is not None:
+            out = [refine(self.reader, t, d) for t, d in zip(tensors, out)]
         return out
 
     def __call__(self, images: Iterable[ImageInput]) -> list[Detections]:
@@ -76,7 +83,7 @@ class Ensemble:
         self.iou = iou
         self.weights = member_weights([m.meta for m in members])
         self.thresholds = [m.meta.get("threshold") for m in members]
-        self.name = ensemble_key([m.name for m in members], method)
+        self.name = ensemble_key([m.name for m in members], method, members[0].reader is not None)
 
     def fuse(self, per_member: Sequence[Sequence[Detections]]) -> list[Detections]:
         """Fuse members' detections, given as ``per_member[m][i]`` for image ``i``."""
@@ -89,9 +96,12 @@ class Ensemble:
         return self.detect_tensors([to_tensor(load_image(im)) for im in images])
 
 
-def load_detector(names: Sequence[str | Path], fusion: str = DEFAULT_FUSION, iou: float = 0.55, batch_size: int = 8) -> Detector | Ensemble:
-    """One name gives a :class:`Detector`; several give an :class:`Ensemble` fused by ``fusion``."""
-    detectors = [Detector.load(n, batch_size=batch_size) for n in names]
+def load_detector(names: Sequence[str | Path], fusion: str = DEFAULT_FUSION, iou: float = 0.55, batch_size: int = 8,
+                  reader: str | Path | None = DEFAULT_READER) -> Detector | Ensemble:
+    """One name gives a :class:`Detector`; several give an :class:`Ensemble` fused by ``fusion``
+    (members share one digit ``reader``)."""
+    shared = optional_reader(reader)
+    detectors = [Detector(*load_checkpoint(n), batch_size=batch_size, reader=shared) for n in names]
     return detectors[0] if len(detectors) == 1 else Ensemble(detectors, fusion, iou)
 
 

@@ -53,16 +53,16 @@ def client(server):
     return Client(server, verbose=False)
 
 
-def read_all(client, paths, models=("resnet18_fpn",), fusion="vote", threshold=0.5):
+def read_all(client, paths, models=("resnet18_fpn",), fusion="vote", threshold=0.5, use_reader=True):
     from gradio_client import handle_file
 
-    return client.predict([handle_file(str(p)) for p in paths], None, list(models), fusion, threshold,
+    return client.predict([handle_file(str(p)) for p in paths], None, list(models), fusion, threshold, use_reader,
                           api_name="/read_numbers")
 
 
 def test_every_event_has_an_api_name(client):
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/read_numbers", "/rethreshold", "/model_settings", "/explorer"} <= set(api)
+    assert {"/read_numbers", "/rethreshold", "/model_settings", "/reader_settings", "/explorer"} <= set(api)
 
 
 def test_read_rethreshold_and_download(client, default_detector):
@@ -108,10 +108,21 @@ def test_ensemble_and_bad_uploads(client, tmp_path):
 def test_threshold_default_comes_from_the_sweep(client):
     from digit_demo.card import best_threshold
 
-    slider, fig, rows = client.predict(["resnet18_fpn"], "wbf", api_name="/model_settings")
-    expected = best_threshold(["resnet18_fpn"])
-    assert slider["value"] == pytest.approx(expected) if isinstance(slider, dict) else slider == pytest.approx(expected)
-    assert rows["data"][0][0] == "resnet18_fpn"
+    for use_reader, name in ((True, "resnet18_fpn"), (False, "resnet18_fpn (detector only)")):
+        slider, fig, rows = client.predict(["resnet18_fpn"], "wbf", use_reader, api_name="/model_settings")
+        expected = best_threshold(["resnet18_fpn"], reader=use_reader)
+        assert slider["value"] == pytest.approx(expected) if isinstance(slider, dict) else slider == pytest.approx(expected)
+        assert rows["data"][0][0] == name
+
+
+def test_reader_checkbox_switches_the_second_stage(client, default_detector):
+    from digit_demo.assemble import assemble
+    from digit_demo.detect import Detector
+
+    plain = Detector.load(reader=None)
+    for use_reader, det in ((True, default_detector), (False, plain)):
+        table = read_all(client, IMAGES[:4], threshold=0.4, use_reader=use_reader)[4]
+        assert [r[2] for r in table["data"]] == [assemble(d, 0.4).text or "-1" for d in det(IMAGES[:4])]
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Debian chromium not installed (make browser)")

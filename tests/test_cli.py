@@ -71,3 +71,18 @@ def test_models_lists_the_default():
     r = cli("models")
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert any(x["name"] == "resnet18_fpn" and x["default"] for x in rows)
+    assert any(x["name"] == "digit_reader" and x["role"] == "second-stage digit reader" for x in rows)
+
+
+def test_predict_with_and_without_the_reader(tmp_path):
+    from digit_demo.assemble import assemble
+    from digit_demo.card import best_threshold
+    from digit_demo.detect import Detector
+
+    image = FIXTURES / "valid" / "10848.png"
+    for flag, reader in (("--reader", "digit_reader"), ("--no-reader", None)):
+        out = tmp_path / flag
+        args = ("predict", image, "--out", out, "-q") + ((flag, reader) if reader else (flag,))
+        assert cli(*args).returncode == 0
+        expected = assemble(Detector.load(reader=reader)([image])[0], best_threshold(reader=reader is not None))
+        assert (out / "pred.csv").read_text().splitlines()[1] == f"10848,{expected.label}"

@@ -18,6 +18,7 @@ def test_input_size_sweep_records_the_best_size_in_the_sidecar(tmp_path):
     chosen = max(rows.values(), key=lambda r: (round(r["accuracy"], 4), round(r["mAP"], 4)))
     assert meta["config"]["test_size"] == chosen["size"] == meta["input_size"]["test_size"]
     assert meta["metrics"]["valid"]["accuracy"] == chosen["accuracy"] and meta["threshold"] == chosen["threshold"]
+    assert meta["metrics"]["valid"]["reader"] == "digit_reader"  # measured as the app runs it
     assert rows[32]["accuracy"] < rows[128]["accuracy"]  # digits shrunk to a few pixels are not read
     model, _ = load_checkpoint(tmp_path / "r18.safetensors")
     assert model.transform.test_size == chosen["size"]

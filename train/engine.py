@@ -14,6 +14,7 @@ from tqdm import tqdm
 from digit_demo.assemble import Detections
 from digit_demo.detect import outputs_to_detections
 from digit_demo.evaluation import Metrics, best, sweep
+from digit_demo.reader import DigitReader, refine
 
 
 def focal_fastrcnn_loss(alpha: float, gamma: float):
@@ -111,18 +112,21 @@ def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, log
 
 
 @torch.inference_mode()
-def predict(model, loader, device) -> dict[int, Detections]:
+def predict(model, loader, device, reader: DigitReader | None = None) -> dict[int, Detections]:
+    """Detections per image id, re-read by the digit ``reader`` when one is given."""
     model.eval()
     out: dict[int, Detections] = {}
     for images, targets in loader:
         dets = outputs_to_detections(model([im.to(device) for im in images]))
+        if reader is not None:
+            dets = [refine(reader, im, d) for im, d in zip(images, dets)]
         out.update({t["image_id"]: d for t, d in zip(targets, dets)})
     return out
 
 
-def evaluate(model, loader, gt: dict, device) -> tuple[Metrics, list[Metrics]]:
+def evaluate(model, loader, gt: dict, device, reader: DigitReader | None = None) -> tuple[Metrics, list[Metrics]]:
     """Sweep thresholds on the validation set; returns the best row and all rows."""
-    rows = sweep(gt, predict(model, loader, device))
+    rows = sweep(gt, predict(model, loader, device, reader))
     return best(rows), rows
 
 

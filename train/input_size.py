@@ -1,9 +1,10 @@
 """Pick a checkpoint's inference input size on ``valid`` and record it in its sidecar.
 
 Models here train on small multi-scale inputs (e.g. short sides 80-112) and torchvision infers at
-the last training size; reading a little larger can be better. Each candidate short side (long-side
-cap scaled alike) gets a full threshold sweep; the best whole-number accuracy (then mAP) wins, like
-the threshold. The sidecar keeps every size's result; the weights are untouched.
+the last training size; reading a little larger can be better, and with the second-stage digit reader
+(used unless ``--no-reader``) a smaller, faster input may read as well. Each candidate short side
+(long-side cap scaled alike) gets a full threshold sweep; the best whole-number accuracy (then mAP)
+wins, like the threshold. The sidecar keeps every size's result; the weights are untouched.
 
     python -m train.input_size --checkpoint resnet18_fpn --sizes 96 112 120 128 136
 """
@@ -21,20 +22,21 @@ from digit_demo.checkpoints import load_checkpoint
 from digit_demo.data import DigitDataset, collate, load_coco
 from digit_demo.detect import set_threads
 from digit_demo.models import set_test_size
+from digit_demo.reader import DEFAULT_READER, DigitReader, optional_reader
 
 from . import engine
 from .cli import DEFAULT_DATA
 from .presets import eval_transforms
 
 
-def size_sweep(model, loader, gt: dict, sizes: list[int]) -> list[dict]:
+def size_sweep(model, loader, gt: dict, sizes: list[int], reader: DigitReader | None = None) -> list[dict]:
     """Best validation row per inference short side (the long-side cap scales with it)."""
     cfg = model.digit_config
     out = []
     for size in sizes:
         max_size = round(cfg.max_size * size / cfg.train_size)
         set_test_size(model, size, max_size)
-        top, rows = engine.evaluate(model, loader, gt, torch.device("cpu"))
+        top, rows = engine.evaluate(model, loader, gt, torch.device("cpu"), reader)
         out.append({"size": size, "max_size": max_size, **top.__dict__, "sweep": [r.__dict__ for r in rows]})
         print(json.dumps({k: v for k, v in out[-1].items() if k != "sweep"}), file=sys.stderr)
     return out
@@ -46,13 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", required=True, help="inference short sides to try")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--threads", type=int)
+    p.add_argument("--reader", default=DEFAULT_READER, help="second-stage digit reader to measure with")
+    p.add_argument("--no-reader", dest="reader", action="store_const", const=None, help="measure the detector alone")
     args = p.parse_args(argv)
     set_threads(args.threads)
     model, meta = load_checkpoint(args.checkpoint)
     gt = load_coco(args.data / "valid.json")
     loader = torch.utils.data.DataLoader(DigitDataset(args.data / "valid", args.data / "valid.json", eval_transforms()),
                                          batch_size=8, collate_fn=collate)
-    results = size_sweep(model, loader, gt, args.sizes)
+    reader = optional_reader(args.reader)
+    results = size_sweep(model, loader, gt, args.sizes, reader)
     top = max(results, key=lambda r: (round(r["accuracy"], 4), round(r["mAP"], 4)))
     set_test_size(model, top["size"], top["max_size"])
     side = Path(meta["path"]).with_suffix(".json")
@@ -60,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     sidecar["config"] = model.digit_config.to_dict()
     sidecar["input_size"].update(test_size=top["size"], test_max_size=top["max_size"])
     sidecar["metrics"]["valid"].update({k: top[k] for k in ("threshold", "mAP", "AP50", "AP75", "accuracy")})
+    sidecar["metrics"]["valid"]["reader"] = reader.meta["name"] if reader else None
     sidecar["threshold"] = top["threshold"]
     sidecar["sweep"] = top["sweep"]
     sidecar["input_size_sweep"] = [{k: r[k] for k in ("size", "max_size", "threshold", "mAP", "AP50", "accuracy")}

@@ -1,0 +1,121 @@
+"""The second-stage digit reader: crops, the shipped checkpoint, refinement, its trainer."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from digit_demo.assemble import Detections, assemble
+from digit_demo.checkpoints import CheckpointError, available, load_checkpoint, resolve
+from digit_demo.data import annotations_by_image, clipped_boxes, gt_numbers
+from digit_demo.detect import Detector, load_detector, to_tensor
+from digit_demo.reader import (BACKGROUND, DEFAULT_READER, DigitReader, crop_digits, load_reader, optional_reader,
+                               refine, save_reader, square_boxes)
+from train.reader import background_boxes, main
+
+from .conftest import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def reader():
+    return load_reader()
+
+
+def fixture_samples(gt):
+    anns = annotations_by_image(gt)
+    for im in gt["images"]:
+        img = Image.open(FIXTURES / "valid" / im["file_name"]).convert("RGB")
+        boxes, labels = clipped_boxes(anns[im["id"]], img.width, img.height)
+        yield im["id"], to_tensor(img), boxes, labels - 1
+
+
+def test_crops_are_squares_around_the_box_and_zero_outside_the_photo():
+    image = torch.zeros(3, 40, 60)
+    image[:, 10:30, 20:30] = 1.0  # a white 10 x 20 "digit"
+    box = torch.tensor([[20.0, 10.0, 30.0, 30.0]])
+    assert square_boxes(box, 1.0).tolist() == [[15.0, 10.0, 35.0, 30.0]]
+    crop = crop_digits(image, box, size=20, context=1.0)[0]
+    assert crop.shape == (3, 20, 20)
+    assert crop[:, 2:18, 7:13].min() > 0.99 and crop[:, :, :3].max() < 0.01  # the digit in the middle, dark sides
+    corner = crop_digits(image, torch.tensor([[-10.0, -10.0, 10.0, 10.0]]), size=20, context=1.0)[0]
+    assert corner.abs().max() == 0  # outside the photo: zeros, not clamped edge pixels
+
+
+def test_shipped_reader_reads_ground_truth_digits_and_rejects_background(reader, fixture_gt):
+    right = total = rejected = negatives = 0
+    g = torch.Generator().manual_seed(0)
+    for _, image, boxes, digits in fixture_samples(fixture_gt):
+        p = reader(crop_digits(image, boxes)).argmax(1)
+        right += int((p == digits).sum())
+        total += len(digits)
+        neg = background_boxes(boxes, image.shape[1], image.shape[2], 4, g)
+        rejected += int((reader(crop_digits(image, neg)).argmax(1) == BACKGROUND).sum())
+        negatives += len(neg)
+    assert total >= 15 and right / total >= 0.85
+    assert negatives >= 8 and rejected / negatives >= 0.75
+
+
+def test_refine_corrects_misread_digits_on_real_photos(reader, fixture_gt):
+    """The detector found the right spots but claimed wrong digits: the reader reads them right."""
+    fixed = 0
+    for _, image, boxes, digits in fixture_samples(fixture_gt):
+        wrong = (digits + 3) % 10
+        dets = Detections(boxes.numpy(), np.full(len(boxes), 0.7, np.float32), wrong.numpy())
+        out = refine(reader, image, dets)
+        assert len(out) == 2 * len(boxes)  # the top two digits of every spot, for mAP
+        top = assemble(out, threshold=0.05, strays=False, max_gap=None)
+        fixed += top.text == "".join(map(str, digits.tolist()))
+    assert fixed >= 6  # of 8 photos
+
+
+def test_refine_drops_spots_the_detector_barely_saw(reader, fixture_gt):
+    _, image, boxes, digits = next(fixture_samples(fixture_gt))
+    dets = Detections(boxes.numpy(), np.full(len(boxes), 0.02, np.float32), digits.numpy())
+    assert len(refine(reader, image, dets)) == 0
+    assert len(refine(reader, image, Detections())) == 0
+
+
+def test_detector_uses_the_shipped_reader_unless_told_not_to(fixture_gt, fixture_images):
+    with_reader, plain = Detector.load(), Detector.load(reader=None)
+    assert with_reader.reader is not None and plain.reader is None
+    paths = [fixture_images / im["file_name"] for im in fixture_gt["images"]]
+    a, b = with_reader(paths), plain(paths)
+    assert any(len(x) != len(y) or not np.allclose(x.scores[:1], y.scores[:1]) for x, y in zip(a, b))
+    truth = gt_numbers(fixture_gt)  # eight hard photos: the detector alone reads four
+
+    def read(found):
+        return sum(assemble(d, 0.4).text == truth[im["id"]] for d, im in zip(found, fixture_gt["images"]))
+    assert read(a) >= max(4, read(b))
+    ens = load_detector(["resnet18_fpn", "mobilenet_v3_fpn"], reader=None)
+    assert all(m.reader is None for m in ens.members)
+
+
+def test_reader_and_detector_checkpoints_are_not_confused(tmp_path):
+    assert DEFAULT_READER not in available() and "resnet18_fpn" in available()
+    with pytest.raises(CheckpointError, match="not a digit reader"):
+        load_reader("resnet18_fpn")
+    with pytest.raises(CheckpointError, match="cannot be built"):
+        load_checkpoint(DEFAULT_READER)
+    with pytest.raises(CheckpointError, match="not found"):
+        optional_reader(tmp_path / "missing_reader")
+    bad = tmp_path / "wide.safetensors"
+    save_reader(DigitReader(width=8), bad, {})
+    meta = json.loads(bad.with_suffix(".json").read_text())
+    meta["config"]["width"] = 16
+    bad.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_reader(bad)
+
+
+def test_short_training_run_exports_a_loadable_reader(tmp_path):
+    out = tmp_path / "reader"
+    args = ["--data", str(FIXTURES), "--train-json", "valid.json", "--train-images", "valid", "--epochs", "2",
+            "--width", "8", "--batch-size", "16", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    model = load_reader(out)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert model.width == 8 and meta["architecture"] == "digit_reader_cnn" and meta["weights_dtype"] == "float16"
+    assert meta["recipe"]["epochs"] == 2 and meta["data"]["train_images"] == 8
+    assert {"valid_digit_accuracy", "valid_background_accuracy"} <= set(meta["metrics"])
+    assert resolve(out).suffix == ".safetensors"

@@ -1,0 +1,187 @@
+"""Train the digit reader (the second stage of :mod:`digit_demo.reader`).
+
+Each epoch crops every digit of ``train.json`` (plus ``--extra-json`` images) around a jittered box,
+as a detector's boxes are never exact, and as many background crops beside and between the digits;
+the reader learns digit 0-9 or background. Validated on ``valid`` (gt boxes and background crops),
+the best epoch is exported as a checkpoint (fp16 safetensors + sidecar).
+
+    python -m train.reader --epochs 20 --out checkpoints/digit_reader
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.ops import box_iou
+from tqdm import tqdm
+
+from digit_demo.checkpoints import CHECKPOINT_DIR
+from digit_demo.data import annotations_by_image, clipped_boxes, load_coco
+from digit_demo.detect import set_threads
+from digit_demo.reader import BACKGROUND, DEFAULT_READER, DigitReader, crop_digits, save_reader
+
+from .cli import DEFAULT_DATA
+
+Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 CHW image, xyxy boxes, digits 0-9
+
+
+def load_samples(root: Path, ann_file: Path, limit: int | None = None) -> list[Sample]:
+    """Decoded images with their digit boxes (kept in memory: SVHN photos are small)."""
+    coco = load_coco(ann_file)
+    anns = annotations_by_image(coco)
+    out = []
+    for info in coco["images"][:limit]:
+        img = Image.open(root / info["file_name"]).convert("RGB")
+        boxes, labels = clipped_boxes(anns.get(info["id"], []), img.width, img.height)
+        if len(boxes):
+            out.append((torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), boxes, labels - 1))
+    return out
+
+
+def jitter(boxes: torch.Tensor, g: torch.Generator, shift: float = 0.08, scale: float = 0.12) -> torch.Tensor:
+    """Boxes moved and resized a little, as a detector's would be."""
+    wh = boxes[:, 2:] - boxes[:, :2]
+    c = (boxes[:, :2] + boxes[:, 2:]) / 2 + torch.randn(boxes.shape[0], 2, generator=g) * shift * wh
+    wh = wh * torch.exp(torch.randn(boxes.shape[0], 2, generator=g) * scale)
+    return torch.cat([c - wh / 2, c + wh / 2], 1)
+
+
+def background_boxes(boxes: torch.Tensor, height: int, width: int, n: int, g: torch.Generator,
+                     max_iou: float = 0.25) -> torch.Tensor:
+    """Up to ``n`` digit-sized boxes that overlap no digit by more than ``max_iou``: half beside
+    the digits (shifted sideways), half anywhere in the photo."""
+    wh = boxes[:, 2:] - boxes[:, :2]
+    k = 4 * n
+    pick = torch.randint(len(boxes), (k,), generator=g)
+    side = torch.where(torch.rand(k, generator=g) < 0.5, -1.0, 1.0)
+    dx = side * (0.5 + torch.rand(k, generator=g)) * wh[pick, 0]
+    beside = boxes[pick] + torch.stack([dx, torch.zeros(k), dx, torch.zeros(k)], 1)
+    h = wh[:, 1].median() * (0.6 + 0.8 * torch.rand(k, generator=g))
+    w = h * (0.35 + 0.4 * torch.rand(k, generator=g))
+    x = torch.rand(k, generator=g) * (width - w).clamp(min=1)
+    y = torch.rand(k, generator=g) * (height - h).clamp(min=1)
+    anywhere = torch.stack([x, y, x + w, y + h], 1)
+    cand = torch.cat([beside[: k // 2], anywhere[: k // 2]])
+    inside = (cand[:, 0] > -0.3 * (cand[:, 2] - cand[:, 0])) & (cand[:, 2] < width + 0.3 * (cand[:, 2] - cand[:, 0]))
+    ok = inside & (box_iou(cand, boxes).amax(1) < max_iou)
+    return cand[ok][:n]
+
+
+def make_crops(samples: list[Sample], g: torch.Generator, jittered: bool = True,
+               neg_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of crops: every digit (around a ``jittered`` box) and as many background crops."""
+    crops, labels = [], []
+    for image, boxes, digits in samples:
+        img = image.float().div(255)
+        pos = jitter(boxes, g) if jittered else boxes
+        neg = background_boxes(boxes, img.shape[1], img.shape[2], max(1, round(neg_ratio * len(boxes))), g)
+        crops.append(crop_digits(img, torch.cat([pos, neg])))
+        labels.append(torch.cat([digits, torch.full((len(neg),), BACKGROUND)]))
+    return torch.cat(crops), torch.cat(labels)
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Colour changes the per-crop standardisation does not undo: inversion, grey, channel order, noise."""
+    n = x.shape[0]
+    invert = torch.rand(n, generator=g) < 0.2
+    x = torch.where(invert[:, None, None, None], 1 - x, x)
+    grey = torch.rand(n, generator=g) < 0.15
+    x = torch.where(grey[:, None, None, None], x.mean(1, keepdim=True).expand_as(x), x)
+    perm = torch.rand(n, generator=g) < 0.2
+    x = torch.where(perm[:, None, None, None], x[:, torch.randperm(3, generator=g)], x)
+    return x + torch.randn(x.shape, generator=g) * 0.02 * torch.rand(n, 1, 1, 1, generator=g)
+
+
+@torch.inference_mode()
+def accuracy(model: DigitReader, crops: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Accuracy on digit crops and on background crops."""
+    model.eval()
+    pred = torch.cat([model(crops[i : i + 512]).argmax(1) for i in range(0, len(crops), 512)])
+    digit = labels != BACKGROUND
+    return (pred[digit] == labels[digit]).float().mean().item(), (pred[~digit] == BACKGROUND).float().mean().item()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.reader", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train/, valid/, train.json, valid.json")
+    p.add_argument("--train-json", default="train.json")
+    p.add_argument("--val-json", default="valid.json")
+    p.add_argument("--train-images", default="train", help="training image folder inside --data")
+    p.add_argument("--val-images", default="valid", help="validation image folder inside --data")
+    p.add_argument("--extra-json", type=Path, nargs="*", default=[],
+                   help="more training labels (COCO json, e.g. written by python -m train.resolve), images in --extra-images")
+    p.add_argument("--extra-images", default="unlabeled", help="image folder inside --data for --extra-json")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N train images (tests)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=CHECKPOINT_DIR / DEFAULT_READER, help="checkpoint path to export to")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    samples = load_samples(args.data / args.train_images, args.data / args.train_json, args.limit)
+    data_info = {"train": args.train_json, "train_images": len(samples), "extra": [], "valid": args.val_json,
+                 "source": "SVHN format 1 (HW2 COCO layout), ../shared/data/svhn"}
+    for extra in args.extra_json:
+        more = load_samples(args.data / args.extra_images, extra, args.limit)
+        data_info["extra"].append({"json": str(extra), "images": args.extra_images, "count": len(more)})
+        samples += more
+    val_samples = load_samples(args.data / args.val_images, args.data / args.val_json)
+    val_crops, val_labels = make_crops(val_samples, torch.Generator().manual_seed(0), jittered=False)
+    print(f"{len(samples)} training images, {len(val_crops)} validation crops", file=sys.stderr)
+    model = DigitReader(args.width)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
+    best, start, history = None, time.time(), []
+    steps = args.epochs * math.ceil(sum(len(b) for _, b, _ in samples) * 2 / args.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps + args.epochs, pct_start=0.15)
+    for epoch in range(args.epochs):
+        crops, labels = make_crops(samples, g)
+        model.train()
+        order = torch.randperm(len(crops), generator=g)
+        bar = tqdm(range(0, len(crops), args.batch_size), desc=f"epoch {epoch + 1}", unit="batch", leave=False,
+                   disable=args.quiet)
+        for i in bar:
+            idx = order[i : i + args.batch_size]
+            loss = F.cross_entropy(model(augment(crops[idx], g)), labels[idx], label_smoothing=0.05)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        digit_acc, bg_acc = accuracy(model, val_crops, val_labels)
+        history.append({"epoch": epoch + 1, "digit_accuracy": digit_acc, "background_accuracy": bg_acc,
+                        "seconds": time.time() - start})
+        print(f"epoch {epoch + 1}: valid digit accuracy {digit_acc:.4f}, background {bg_acc:.4f}", file=sys.stderr)
+        if best is None or digit_acc + bg_acc > best["digit_accuracy"] + best["background_accuracy"]:
+            best = history[-1]
+            save_reader(model, args.out, {
+                "training": {"epochs_run": epoch + 1, "train_seconds": round(time.time() - start), "device": "cpu",
+                             "crops_per_epoch": len(crops)},
+                "recipe": {k: v for k, v in vars(args).items() if k not in ("data", "threads", "out", "quiet", "extra_json")}
+                | {"extra_json": [str(p) for p in args.extra_json]},
+                "data": data_info,
+                "metrics": {"valid_digit_accuracy": digit_acc, "valid_background_accuracy": bg_acc},
+                "history": history,
+            })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
