@@ -55,6 +55,16 @@ def test_short_run_lowers_loss_and_exports_a_loadable_checkpoint(tmp_path):
     assert ("init_from" in after["recipe"]) == beaten
     assert ("| 4 + 1 |" in (tmp_path / "ck" / "README.md").read_text()) == beaten  # the card counts parent epochs
 
+    # a parent measured with the digit reader is beaten or not by its detector-alone result
+    side = tmp_path / "ck" / "tiny.json"
+    meta = json.loads(side.read_text())
+    meta["metrics"] = {"valid": {**meta["metrics"]["valid"], "accuracy": 1.0, "mAP": 1.0},
+                       "valid_detector_only": {**meta["metrics"]["valid"], "accuracy": 0.0, "mAP": 0.0}}
+    side.write_text(json.dumps(meta))
+    run(tmp_path, "--model", "fasterrcnn_resnet18_fpn", "--name", "tiny", "--epochs", "1", "--lr", "0.001",
+        "--init-from", str(tmp_path / "ck" / "tiny"), "--out-dir", str(tmp_path / "ft2"))
+    assert load_checkpoint(tmp_path / "ck" / "tiny")[1]["recipe"]["init_from"]["metrics"]["valid"]["accuracy"] == 1.0
+
 
 def test_resume_restores_optimizer_and_scheduler(tmp_path):
     log = run(tmp_path, "--model", "fasterrcnn_resnet18_fpn", "--epochs", "1", "--max-iters", "2")
