@@ -23,30 +23,42 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be found or does not match what it claims to be."""
 
 
-def save_checkpoint(model: nn.Module, path: str | Path, meta: dict, dtype: torch.dtype = torch.float16) -> Path:
-    """Write ``path`` (.safetensors, weights cast to ``dtype``) and its ``.json`` sidecar."""
+def write_weights(model: nn.Module, path: str | Path, architecture: str, fields: dict, meta: dict,
+                  dtype: torch.dtype = torch.float16) -> Path:
+    """Write ``model``'s weights as ``path`` (.safetensors, cast to ``dtype``) and its ``.json``
+    sidecar: format version, name, architecture, the model's ``fields``, the weights' dtype, ``meta``."""
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    cfg: ModelConfig = model.digit_config
     state = {
         k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
         for k, v in model.state_dict().items()
     }
-    save_file(state, str(path), metadata={"architecture": cfg.architecture})
-    sidecar = {
-        "format_version": FORMAT_VERSION,
-        "name": path.stem,
-        "architecture": cfg.architecture,
+    save_file(state, str(path), metadata={"architecture": architecture})
+    sidecar = {"format_version": FORMAT_VERSION, "name": path.stem, "architecture": architecture, **fields,
+               "weights_dtype": str(dtype).replace("torch.", ""), **meta}
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    return path
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a resolved safetensors checkpoint; :class:`CheckpointError` when it is not one."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path.name}: not a valid safetensors file ({e})") from None
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, meta: dict, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a detector as ``path`` (.safetensors, weights cast to ``dtype``) and its ``.json`` sidecar."""
+    cfg: ModelConfig = model.digit_config
+    fields = {
         "config": cfg.to_dict(),
         "input_size": {"min_size": cfg.min_size, "max_size": cfg.max_size,
                        "test_size": cfg.test_size, "test_max_size": cfg.test_max_size},
         "normalisation": {"mean": list(cfg.image_mean), "std": list(cfg.image_std)},
         "classes": CLASSES,
-        "weights_dtype": str(dtype).replace("torch.", ""),
-        **meta,
     }
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
-    return path
+    return write_weights(model, path, cfg.architecture, fields, meta, dtype)
 
 
 def _hub_download(name: str) -> Path | None:
@@ -103,10 +115,7 @@ def load_checkpoint(name_or_path: str | Path) -> tuple[nn.Module, dict]:
         model = build_model(cfg)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path.name}: sidecar describes a model that cannot be built ({e})") from None
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path.name}: not a valid safetensors file ({e})") from None
+    state = read_weights(path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

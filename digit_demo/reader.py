@@ -7,23 +7,22 @@ none (class 10, background). :func:`refine` merges its answer with the detector'
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.ops import box_iou, nms, roi_align
 
 from .assemble import Detections
-from .checkpoints import FORMAT_VERSION, CheckpointError, read_sidecar, resolve
+from .checkpoints import CheckpointError, read_sidecar, read_weights, resolve, write_weights
 
 CROP = 32
 CONTEXT = 1.2  # crop side = CONTEXT x the box's longer side
 BACKGROUND = 10
 READER_CLASSES = 11  # digits 0-9 + background
+READER_ARCHITECTURE = "digit_reader_cnn"
+DEFAULT_READER = "digit_reader"
 
 
 def square_boxes(boxes: torch.Tensor, context: float = CONTEXT) -> torch.Tensor:
@@ -110,24 +109,14 @@ def refine(reader: DigitReader, image: torch.Tensor, dets: Detections, min_score
     return out.select(np.argsort(-out.scores, kind="stable"))
 
 
-READER_ARCHITECTURE = "digit_reader_cnn"
-DEFAULT_READER = "digit_reader"
-
-
 def save_reader(model: DigitReader, path: str | Path, meta: dict) -> Path:
     """Write the reader as fp16 safetensors plus its JSON sidecar."""
-    path = Path(path).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()},
-              str(path), metadata={"architecture": READER_ARCHITECTURE})
-    sidecar = {
-        "format_version": FORMAT_VERSION, "name": path.stem, "architecture": READER_ARCHITECTURE,
+    fields = {
         "config": {"width": model.width, "crop": CROP, "context": CONTEXT},
         "classes": {str(d): str(d) for d in range(10)} | {str(BACKGROUND): "background"},
-        "normalisation": "per crop: zero mean, unit variance", "weights_dtype": "float16", **meta,
+        "normalisation": "per crop: zero mean, unit variance",
     }
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
-    return path
+    return write_weights(model, path, READER_ARCHITECTURE, fields, meta)
 
 
 def load_reader(name_or_path: str | Path = DEFAULT_READER) -> DigitReader:
@@ -137,10 +126,10 @@ def load_reader(name_or_path: str | Path = DEFAULT_READER) -> DigitReader:
     if meta["architecture"] != READER_ARCHITECTURE:
         raise CheckpointError(f"{path.name}: a {meta['architecture']!r} checkpoint, not a digit reader")
     model = DigitReader(int(meta["config"].get("width", 32)))
+    state = read_weights(path)
     try:
-        state = load_file(str(path))
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    except (SafetensorError, OSError, RuntimeError) as e:
+    except RuntimeError as e:
         raise CheckpointError(f"{path.name}: weights do not fit the digit reader ({str(e).splitlines()[0]})") from None
     model.meta = meta
     return model.eval()
