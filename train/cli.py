@@ -20,6 +20,19 @@ from . import engine
 from .presets import eval_transforms, train_transforms
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "svhn"
+DATA_SOURCE = "SVHN format 1 (HW2 COCO layout), ../shared/data/svhn"
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """Where the training, validation and extra (resolved) images and labels are."""
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train/, valid/, train.json, valid.json")
+    p.add_argument("--train-json", default="train.json")
+    p.add_argument("--val-json", default="valid.json")
+    p.add_argument("--train-images", default="train", help="training image folder inside --data")
+    p.add_argument("--val-images", default="valid", help="validation image folder inside --data")
+    p.add_argument("--extra-json", type=Path, nargs="*", default=[],
+                   help="more training labels (COCO json, e.g. written by python -m train.resolve), images in --extra-images")
+    p.add_argument("--extra-images", default="unlabeled", help="image folder inside --data for --extra-json")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,11 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="JSON file of option defaults (a shipped recipe in train/configs/)")
     p.add_argument("--model", choices=list(ARCHITECTURES), help="architecture to train")
     p.add_argument("--name", help="checkpoint name (default: the architecture without 'fasterrcnn_')")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train/, valid/, train.json, valid.json")
-    p.add_argument("--train-json", default="train.json")
-    p.add_argument("--val-json", default="valid.json")
-    p.add_argument("--train-images", default="train", help="training image folder inside --data")
-    p.add_argument("--val-images", default="valid", help="validation image folder inside --data")
+    add_data_args(p)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.005)
@@ -45,9 +54,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--focal-alpha", type=float, default=0.25)
     p.add_argument("--focal-gamma", type=float, default=2.0)
     p.add_argument("--augment", choices=["default", "none"], default="default")
-    p.add_argument("--extra-json", type=Path, nargs="*", default=[],
-                   help="more training labels (COCO json, e.g. written by python -m train.resolve), images in --extra-images")
-    p.add_argument("--extra-images", default="unlabeled", help="image folder inside --data for --extra-json")
     p.add_argument("--tiers", nargs="*", help="label tiers to train on (default: all)")
     p.add_argument("--min-margin", type=float, help="drop resolved images below this resolver_margin")
     p.add_argument("--min-size", type=int, nargs="+", help="input short side(s); several = multi-scale training")
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                  "min_margin": args.min_margin,
                  "extra": [{"json": str(p), "images": args.extra_images, "count": len(d)} for p, d in zip(args.extra_json, extra_sets)],
                  "valid": str(args.val_json), "valid_images": len(val_set),
-                 "source": "SVHN format 1 (HW2 COCO layout), ../shared/data/svhn"}
+                 "source": DATA_SOURCE}
     for epoch in range(start_epoch, args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)

@@ -15,34 +15,27 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from digit_demo.checkpoints import CHECKPOINT_DIR
-from digit_demo.data import annotations_by_image, clipped_boxes, load_coco
+from digit_demo.data import DigitDataset
 from digit_demo.detect import set_threads
 from digit_demo.reader import BACKGROUND, DEFAULT_READER, DigitReader, crop_digits, save_reader
 
-from .cli import DEFAULT_DATA
+from .cli import DATA_SOURCE, add_data_args
 
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 CHW image, xyxy boxes, digits 0-9
 
 
 def load_samples(root: Path, ann_file: Path, limit: int | None = None) -> list[Sample]:
     """Decoded images with their digit boxes (kept in memory: SVHN photos are small)."""
-    coco = load_coco(ann_file)
-    anns = annotations_by_image(coco)
-    out = []
-    for info in coco["images"][:limit]:
-        img = Image.open(root / info["file_name"]).convert("RGB")
-        boxes, labels = clipped_boxes(anns.get(info["id"], []), img.width, img.height)
-        if len(boxes):
-            out.append((torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), boxes, labels - 1))
-    return out
+    data = DigitDataset(root, ann_file, limit=limit)
+    samples = (data[i] for i in range(len(data)))
+    return [(image.as_subclass(torch.Tensor), target["boxes"].as_subclass(torch.Tensor), target["labels"] - 1)
+            for image, target in samples if len(target["boxes"])]
 
 
 def jitter(boxes: torch.Tensor, g: torch.Generator, shift: float = 0.08, scale: float = 0.12) -> torch.Tensor:
@@ -110,14 +103,7 @@ def accuracy(model: DigitReader, crops: torch.Tensor, labels: torch.Tensor) -> t
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.reader", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train/, valid/, train.json, valid.json")
-    p.add_argument("--train-json", default="train.json")
-    p.add_argument("--val-json", default="valid.json")
-    p.add_argument("--train-images", default="train", help="training image folder inside --data")
-    p.add_argument("--val-images", default="valid", help="validation image folder inside --data")
-    p.add_argument("--extra-json", type=Path, nargs="*", default=[],
-                   help="more training labels (COCO json, e.g. written by python -m train.resolve), images in --extra-images")
-    p.add_argument("--extra-images", default="unlabeled", help="image folder inside --data for --extra-json")
+    add_data_args(p)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
@@ -138,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     samples = load_samples(args.data / args.train_images, args.data / args.train_json, args.limit)
     data_info = {"train": args.train_json, "train_images": len(samples), "extra": [], "valid": args.val_json,
-                 "source": "SVHN format 1 (HW2 COCO layout), ../shared/data/svhn"}
+                 "source": DATA_SOURCE}
     for extra in args.extra_json:
         more = load_samples(args.data / args.extra_images, extra, args.limit)
         data_info["extra"].append({"json": str(extra), "images": args.extra_images, "count": len(more)})
