@@ -8,10 +8,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from digit_demo.card import best_threshold, model_label, sweep_curves
+from digit_demo.card import best_threshold, measured_key, model_label, sweep_curves
 from digit_demo.checkpoints import DEFAULT_MODEL, available
 from digit_demo.detect import Detector, Ensemble, set_threads, to_tensor
-from digit_demo.ensemble import DEFAULT_FUSION, ensemble_key
+from digit_demo.ensemble import DEFAULT_FUSION
 from digit_demo.evaluation import best, plot_sweep
 from digit_demo.images import ImageError, load_image
 from digit_demo.io import image_id_for
@@ -28,14 +28,15 @@ _lock = threading.Lock()
 READER = optional_reader()  # the shipped second-stage digit reader, if any
 
 
-def detector_for(models: tuple[str, ...], fusion: str, use_reader: bool = True):
-    """Models load once and are shared by every visitor; the digit reader is applied on request."""
+def detector_for(models: tuple[str, ...], fusion: str, use_reader: bool = True, multi_scale: bool = False):
+    """Models load once and are shared by every visitor; the digit reader and multi-scale reading
+    are applied on request."""
     with _lock:
         for m in models:
             if m not in _detectors:
                 _detectors[m] = Detector.load(m, reader=None)
     reader = READER if use_reader else None
-    members = [Detector(_detectors[m].model, _detectors[m].meta, reader=reader) for m in models]
+    members = [Detector(_detectors[m].model, _detectors[m].meta, reader=reader, multi_scale=multi_scale) for m in models]
     return members[0] if len(members) == 1 else Ensemble(members, fusion)
 
 
@@ -70,7 +71,7 @@ def _outputs(session: Session, threshold: float, selected: int = 0):
     return session, r.annotated, html, digits, gallery, table, files, note
 
 
-def read_numbers(files, webcam, models, fusion, threshold, use_reader=True):
+def read_numbers(files, webcam, models, fusion, threshold, use_reader=True, multi_scale=False):
     """Run the chosen model(s) once on the uploads and cache the raw detections."""
     models = tuple(models or [DEFAULT_MODEL])
     session = Session(models=models, fusion=fusion)
@@ -94,7 +95,7 @@ def read_numbers(files, webcam, models, fusion, threshold, use_reader=True):
             session.errors.append(str(e))
     if images:
         try:
-            detector = detector_for(models, fusion, use_reader)
+            detector = detector_for(models, fusion, use_reader, multi_scale)
         except Exception as e:  # a broken or missing checkpoint: say so, don't crash the page
             session.errors.append(f"could not load {', '.join(models)}: {e}")
             return _outputs(session, threshold)
@@ -112,14 +113,12 @@ def select_image(session: Session | None, threshold: float, evt: gr.SelectData):
     return _outputs(session or Session(), threshold, evt.index)
 
 
-def explorer_plot(models: list[str] | None, fusion: str, use_reader: bool = True):
+def explorer_plot(models: list[str] | None, fusion: str, use_reader: bool = True, multi_scale: bool = False):
     curves = sweep_curves()
     models = models or [DEFAULT_MODEL]
     reader = use_reader and READER is not None
-    keys = [k for m in models if (k := ensemble_key([m], fusion, reader)) in curves]
-    ens = ensemble_key(models, fusion, reader)
-    if len(models) > 1 and ens in curves:
-        keys.append(ens)
+    groups = [[m] for m in models] + ([models] if len(models) > 1 else [])
+    keys = [k for g in groups if (k := measured_key(g, fusion, reader, multi_scale, curves))]
     shown = {k: curves[k] for k in (keys or list(curves))}
     rows = [[k, r.threshold, round(r.mAP, 4), round(r.AP50, 4), round(r.accuracy, 4)] for k, v in shown.items()
             for r in [best(v)]]
@@ -127,14 +126,24 @@ def explorer_plot(models: list[str] | None, fusion: str, use_reader: bool = True
     return fig, rows
 
 
-def model_changed(models, fusion, use_reader=True):
-    fig, rows = explorer_plot(models, fusion, use_reader)
-    return gr.update(value=best_threshold(models, fusion, use_reader and READER is not None)), fig, rows
+def model_changed(models, fusion, use_reader=True, multi_scale=False):
+    fig, rows = explorer_plot(models, fusion, use_reader, multi_scale)
+    threshold = best_threshold(models, fusion, use_reader and READER is not None, multi_scale)
+    return gr.update(value=threshold), fig, rows
+
+
+def model_choices(use_reader: bool = True) -> list[tuple[str, str]]:
+    """Dropdown entries labelled with each model's measured numbers, with or without the reader."""
+    return [(model_label(n, reader=use_reader and READER is not None), n) for n in available()]
+
+
+def relabel_models(use_reader: bool):
+    return gr.update(choices=model_choices(use_reader))
 
 
 def build_demo() -> gr.Blocks:
     names = available()
-    choices = [(model_label(n), n) for n in names]
+    choices = model_choices(READER is not None)
     default = [DEFAULT_MODEL] if DEFAULT_MODEL in names else names[:1]
     with gr.Blocks(title="House-number reader") as demo:
         gr.Markdown("# House-number reader\nDrop street photos of house numbers: every digit is boxed and the whole "
@@ -154,6 +163,7 @@ def build_demo() -> gr.Blocks:
                                       label="Ensemble fusion")
                     use_reader = gr.Checkbox(READER is not None, visible=READER is not None,
                                              label="Re-read each digit with the second-stage reader (more accurate)")
+                    multi_scale = gr.Checkbox(False, label="Multi-scale: also read at a larger size (finds more digits, ~2x slower)")
                     threshold = gr.Slider(0.05, 0.95, value=best_threshold(default, reader=READER is not None), step=0.01,
                                           label="Confidence threshold", elem_id="threshold")
                     run = gr.Button("Read numbers", variant="primary")
@@ -175,16 +185,20 @@ def build_demo() -> gr.Blocks:
             best_table = gr.Dataframe(headers=["model", "best threshold", "mAP", "AP50", "accuracy"], interactive=False)
 
         outs = [session, annotated, number, digits, gallery, results, downloads, message]
-        run.click(read_numbers, [files, webcam, models, fusion, threshold, use_reader], outs, api_name="read_numbers")
-        files.change(read_numbers, [files, webcam, models, fusion, threshold, use_reader], outs, api_name="read_uploads")
-        webcam.change(read_numbers, [files, webcam, models, fusion, threshold, use_reader], outs, api_name="read_snapshot")
+        inputs = [files, webcam, models, fusion, threshold, use_reader, multi_scale]
+        settings = [models, fusion, use_reader, multi_scale]
+        run.click(read_numbers, inputs, outs, api_name="read_numbers")
+        files.change(read_numbers, inputs, outs, api_name="read_uploads")
+        webcam.change(read_numbers, inputs, outs, api_name="read_snapshot")
         threshold.change(rethreshold, [session, threshold], outs, api_name="rethreshold", show_progress="hidden")
         gallery.select(select_image, [session, threshold], outs, api_name="select_image")
         # a new model (or fusion) means new detections: re-read the current uploads with it
-        for control, name in ((models, "model_settings"), (fusion, "fusion_settings"), (use_reader, "reader_settings")):
-            control.change(model_changed, [models, fusion, use_reader], [threshold, plot, best_table], api_name=name).then(
-                read_numbers, [files, webcam, models, fusion, threshold, use_reader], outs, api_name=f"{name}_reread")
-        demo.load(explorer_plot, [models, fusion, use_reader], [plot, best_table], api_name="explorer")
+        for control, name in ((models, "model_settings"), (fusion, "fusion_settings"), (use_reader, "reader_settings"),
+                              (multi_scale, "multi_scale_settings")):
+            control.change(model_changed, settings, [threshold, plot, best_table], api_name=name).then(
+                read_numbers, inputs, outs, api_name=f"{name}_reread")
+        use_reader.change(relabel_models, [use_reader], [models], api_name="relabel_models", show_progress="hidden")
+        demo.load(explorer_plot, settings, [plot, best_table], api_name="explorer")
     return demo
 
 

@@ -17,7 +17,7 @@ import resource
 import subprocess
 import sys
 import time
-from itertools import combinations
+from itertools import combinations, product
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,13 @@ def measure(name: str, threads: int, limit: int | None, out: Path) -> None:
         lat_det.append((time.perf_counter() - start) * 1000)
         raw[im["id"]] = refine(reader, t, plain[im["id"]]) if reader else plain[im["id"]]
         lat.append((time.perf_counter() - start) * 1000)
+    lat_multi, multi = [], {}
+    if reader:  # also read at two input sizes (--multi-scale)
+        both = Detector(det.model, det.meta, reader=reader, multi_scale=True)
+        for im, t in zip(images, tensors):
+            start = time.perf_counter()
+            multi[im["id"]] = both.detect_tensors([t])[0]
+            lat_multi.append((time.perf_counter() - start) * 1000)
     det.reader = reader
     start = time.perf_counter()
     det.detect_tensors(tensors)
@@ -71,7 +78,9 @@ def measure(name: str, threads: int, limit: int | None, out: Path) -> None:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "slider_update_ms": float(np.median(slider)),
         "threads": threads, "torch": torch.__version__, "reader": reader.meta["name"] if reader else None,
         "detector_only": {"p50_ms": float(np.percentile(lat_det, 50)), "p95_ms": float(np.percentile(lat_det, 95))},
-        "detections": as_json(raw), "detections_detector_only": as_json(plain),
+        "multi_scale": {"p50_ms": float(np.percentile(lat_multi, 50)), "p95_ms": float(np.percentile(lat_multi, 95))}
+        if multi else None,
+        "detections": as_json(raw), "detections_detector_only": as_json(plain), "detections_multi_scale": as_json(multi),
     }))
 
 
@@ -104,7 +113,7 @@ def main() -> int:
         gt = {**gt, "images": gt["images"][: args.limit]}
         keep = {im["id"] for im in gt["images"]}
         gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
-    results, raw, curves, groups = {}, {}, {}, {}
+    results, raw, raw_multi, curves, groups = {}, {}, {}, {}, {}
     for name in names:
         tmp = ROOT / "out" / f"bench_{name}.json"
         tmp.parent.mkdir(exist_ok=True)
@@ -116,28 +125,35 @@ def main() -> int:
         raw[name] = parse(r.pop("detections"))
         curves[name] = sweep(gt, raw[name])
         plain = parse(r.pop("detections_detector_only"))
+        raw_multi[name] = parse(r.pop("detections_multi_scale"))
         results[name] = r
-        if r["reader"]:  # the same detector without the reader, for comparison
+        if r["reader"]:  # the same detector without the reader, and read at two sizes, for comparison
             alone = ensemble_key([name], "", reader=False)
             curves[alone] = sweep(gt, plain)
             results[alone] = {**r, **r["detector_only"], "batch_images_per_s": None, "peak_rss_mb": None}
+            both = ensemble_key([name], "", multi_scale=True)
+            curves[both] = sweep(gt, raw_multi[name])
+            results[both] = {**r, **r["multi_scale"], "batch_images_per_s": None, "peak_rss_mb": None}
     for k in range(2, len(names) + 1):
         for group in combinations(names, k):
-            for method in FUSIONS:
-                key = ensemble_key(group, method)
-                groups[key] = group
-                ids = sorted(raw[group[0]])
+            for method, multi_scale in product(FUSIONS, (False, True) if raw_multi[group[0]] else (False,)):
+                key = ensemble_key(group, method, multi_scale=multi_scale)
+                members = [ensemble_key([g], "", multi_scale=multi_scale) for g in group]
+                found = raw_multi if multi_scale else raw
+                groups[key] = members
+                ids = sorted(found[group[0]])
                 start = time.perf_counter()
                 # the accuracies measured here are what the sidecars will hold, so the app fuses alike
                 tops = [best(curves[g]) for g in group]
                 weights = member_weights([{"metrics": {"valid": {"accuracy": t.accuracy}}} for t in tops])
                 thresholds = [t.threshold for t in tops]
-                fused = {i: fuse([raw[g][i] for g in group], method, 0.55, weights, thresholds) for i in ids}
+                fused = {i: fuse([found[g][i] for g in group], method, 0.55, weights, thresholds) for i in ids}
                 fuse_ms = (time.perf_counter() - start) * 1000 / len(ids)
                 curves[key] = sweep(gt, fused)
-                results[key] = {"p50_ms": sum(results[g]["p50_ms"] for g in group) + fuse_ms,
-                                "p95_ms": sum(results[g]["p95_ms"] for g in group) + fuse_ms,
-                                "batch_images_per_s": 1 / sum(1 / results[g]["batch_images_per_s"] for g in group),
+                results[key] = {"p50_ms": sum(results[m]["p50_ms"] for m in members) + fuse_ms,
+                                "p95_ms": sum(results[m]["p95_ms"] for m in members) + fuse_ms,
+                                "batch_images_per_s": None if multi_scale else
+                                1 / sum(1 / results[g]["batch_images_per_s"] for g in group),
                                 "peak_rss_mb": None, "slider_update_ms": results[group[0]]["slider_update_ms"]}
     for key, rows in curves.items():
         b = best(rows)
@@ -161,11 +177,12 @@ def main() -> int:
                                     "accuracy": b.accuracy, "measured_by": "benchmark.py",
                                     "epoch": meta["metrics"]["valid"].get("epoch")}
         meta["metrics"]["valid"]["reader"] = results[name]["reader"]
-        alone = ensemble_key([name], "", reader=False)
-        if alone in curves:
-            b = best(curves[alone])
-            meta["metrics"]["valid_detector_only"] = {"threshold": b.threshold, "mAP": b.mAP, "AP50": b.AP50,
-                                                      "AP75": b.AP75, "accuracy": b.accuracy}
+        for variant, key in (("valid_detector_only", ensemble_key([name], "", reader=False)),
+                             ("valid_multi_scale", ensemble_key([name], "", multi_scale=True))):
+            if key in curves:
+                b = best(curves[key])
+                meta["metrics"][variant] = {"threshold": b.threshold, "mAP": b.mAP, "AP50": b.AP50, "AP75": b.AP75,
+                                            "accuracy": b.accuracy}
         meta["threshold"] = meta["metrics"]["valid"]["threshold"]
         meta["sweep"] = [r.__dict__ for r in curves[name]]
         side.write_text(json.dumps(meta, indent=2) + "\n")

@@ -18,10 +18,11 @@ photos in `../shared/data/svhn` (non-commercial licence), 11 classes (background
 weights by `benchmark.py`, which also gives the CPU latency: batch 1, 2 threads). Input sizes list the
 short sides used in (multi-scale) training; inference uses the last one, or the size after the arrow,
 chosen on `valid` by `python -m train.input_size`. Every detector runs with the second-stage digit reader
-(below) unless told not to; "detector only" is the accuracy without it.
+(below) unless told not to; "detector only" is the accuracy without it, "multi-scale" the accuracy (with
+the reader) when each photo is also read at a 1.15x larger input size (`--multi-scale`, about twice the time).
 
-| name | architecture | input (short/long side) | valid mAP | AP50 | whole-number accuracy | detector only | threshold | p50 ms | epochs | training |
-|---|---|---|---|---|---|---|---|---|---|---|
+| name | architecture | input (short/long side) | valid mAP | AP50 | whole-number accuracy | detector only | multi-scale | threshold | p50 ms | epochs | training |
+|---|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 
@@ -99,18 +100,22 @@ def _input(cfg: dict) -> str:
     return f"{trained} → {cfg['test_size']}/{cfg['test_max_size']}"
 
 
+def _accuracy(meta: dict, metrics: str) -> str:
+    v = meta.get("metrics", {}).get(metrics)
+    return f"{v['accuracy']:.3f}" if v else "-"
+
+
 def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
     lines = [HEADER]
     notes = []
     for meta in card_rows(directory):
         v = meta.get("metrics", {}).get("valid", {})
         cfg = meta["config"]
-        tr = meta.get("training", {})
         name = meta["name"] + (" (default)" if meta["name"] == DEFAULT_MODEL else "")
         lines.append(
             f"| {name} | `{meta['architecture']}` | {_input(cfg)} | {v.get('mAP', float('nan')):.3f} "
             f"| {v.get('AP50', float('nan')):.3f} | {v.get('accuracy', float('nan')):.3f} "
-            f"| {meta.get('metrics', {}).get('valid_detector_only', {}).get('accuracy', float('nan')):.3f} | {meta.get('threshold', 0.5):.2f} "
+            f"| {_accuracy(meta, 'valid_detector_only')} | {_accuracy(meta, 'valid_multi_scale')} | {meta.get('threshold', 0.5):.2f} "
             f"| {_ms(meta.get('benchmark', {}).get('p50_ms'))} | {_epochs(meta)} | {training_summary(meta)} |\n"
         )
         if meta.get("note"):
@@ -163,29 +168,41 @@ def sweep_curves(directory: Path = CHECKPOINT_DIR) -> dict:
     return curves
 
 
-def model_label(name: str, directory: Path = CHECKPOINT_DIR) -> str:
-    """'name · acc 0.85 · mAP 0.41 · 45 ms' from the sidecar's measured numbers."""
+def model_label(name: str, directory: Path = CHECKPOINT_DIR, reader: bool = True) -> str:
+    """'name · acc 0.85 · mAP 0.41 · 45 ms' from the sidecar's measured numbers, with the digit reader
+    or (``reader=False``, where measured) for the detector alone."""
     meta = json.loads((directory / f"{name}.json").read_text())
-    v = meta.get("metrics", {}).get("valid", {})
-    bench = meta.get("benchmark", {})
+    metrics, bench = meta.get("metrics", {}), meta.get("benchmark", {})
+    alone = not reader and "valid_detector_only" in metrics
+    v = metrics.get("valid_detector_only" if alone else "valid", {})
+    p50 = bench.get("detector_only", {}).get("p50_ms") if alone else bench.get("p50_ms")
     parts = [name]
     if v:
         parts += [f"acc {v['accuracy']:.2f}", f"mAP {v['mAP']:.2f}"]
-    if bench.get("p50_ms"):
-        parts.append(f"{bench['p50_ms']:.0f} ms")
+    if p50:
+        parts.append(f"{p50:.0f} ms")
     return " · ".join(parts)
 
 
+def measured_key(models: list[str] | tuple[str, ...], fusion: str, reader: bool, multi_scale: bool,
+                 curves: dict[str, list]) -> str | None:
+    """The sweep of a model or ensemble with these settings; a multi-scale reading that was not
+    measured falls back to its single-size sweep (None when neither was measured)."""
+    keys = [ensemble_key(models, fusion, reader, multi_scale), ensemble_key(models, fusion, reader)]
+    return next((k for k in keys if k in curves), None)
+
+
 def best_threshold(models: list[str] | tuple[str, ...] | None = None, fusion: str = DEFAULT_FUSION,
-                   reader: bool = True) -> float:
-    """The best validation threshold of a model or ensemble, with or without the digit reader (0.5
-    for an unmeasured one)."""
+                   reader: bool = True, multi_scale: bool = False) -> float:
+    """The best validation threshold of a model or ensemble, with or without the digit reader, read
+    at one or two input sizes (an unmeasured multi-scale reading takes the single-size one; 0.5 for
+    an unmeasured model)."""
     from .evaluation import best
 
     models = list(models or [DEFAULT_MODEL])
     curves = sweep_curves()
-    key = ensemble_key(models, fusion, reader)
-    if key in curves:
+    key = measured_key(models, fusion, reader, multi_scale, curves)
+    if key:
         return best(curves[key]).threshold
     if len(models) == 1 and reader:
         try:

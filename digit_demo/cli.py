@@ -21,6 +21,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for inference")
     p.add_argument("--reader", default=DEFAULT_READER, help=f"second-stage digit reader checkpoint (default {DEFAULT_READER})")
     p.add_argument("--no-reader", dest="reader", action="store_const", const=None, help="use the detector's own digit scores")
+    p.add_argument("--multi-scale", action="store_true",
+                   help="also read each image at a larger input size and merge (more digits found, ~2x slower)")
 
 
 def _threshold(detector, given: float | None, fusion: str) -> float:
@@ -30,14 +32,16 @@ def _threshold(detector, given: float | None, fusion: str) -> float:
     from .card import best_threshold
 
     members = getattr(detector, "members", [detector])
-    return best_threshold([m.name for m in members], fusion, reader=members[0].reader is not None)
+    return best_threshold([m.name for m in members], fusion, reader=members[0].reader is not None,
+                          multi_scale=members[0].multi_scale)
 
 
 def _load(args):
     from .detect import load_detector, set_threads
 
     set_threads(args.threads)
-    return load_detector(args.model or [DEFAULT_MODEL], args.fusion, args.fusion_iou, args.batch_size, args.reader)
+    return load_detector(args.model or [DEFAULT_MODEL], args.fusion, args.fusion_iou, args.batch_size, args.reader,
+                         args.multi_scale)
 
 
 def cmd_predict(args) -> int:

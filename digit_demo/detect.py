@@ -12,8 +12,9 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from .assemble import Detections
 from .checkpoints import DEFAULT_MODEL, load_checkpoint
-from .ensemble import DEFAULT_FUSION, ensemble_key, fuse, member_weights
+from .ensemble import DEFAULT_FUSION, ensemble_key, fuse, member_weights, nms_fusion
 from .images import ImageInput, load_image
+from .models import multi_scale_views
 from .reader import DEFAULT_READER, DigitReader, optional_reader, refine
 
 
@@ -41,14 +42,22 @@ def outputs_to_detections(outputs: list[dict]) -> list[Detections]:
 
 class Detector:
     """A loaded checkpoint: ``detector(images)`` returns raw detections (score >= the model's floor),
-    re-read by the second-stage ``reader`` when one is given (:func:`digit_demo.reader.refine`)."""
+    re-read by the second-stage ``reader`` when one is given (:func:`digit_demo.reader.refine`).
 
-    def __init__(self, model: nn.Module, meta: dict, batch_size: int = 8, reader: DigitReader | None = None):
+    With ``multi_scale`` each image is also read at a larger input size
+    (:func:`digit_demo.models.multi_scale_views`) and the two readings are merged by class-aware NMS:
+    digits one size misses the other may find, for about twice the time.
+    """
+
+    def __init__(self, model: nn.Module, meta: dict, batch_size: int = 8, reader: DigitReader | None = None,
+                 multi_scale: bool = False):
         self.model = model.eval()
         self.meta = meta
         self.name = meta.get("name", "model")
         self.batch_size = batch_size
         self.reader = reader
+        self.multi_scale = multi_scale
+        self.views = multi_scale_views(self.model) if multi_scale else [self.model]
 
     @classmethod
     def load(cls, name_or_path: str | Path = DEFAULT_MODEL, reader: str | Path | None = DEFAULT_READER,
@@ -57,14 +66,18 @@ class Detector:
         model, meta = load_checkpoint(name_or_path)
         return cls(model, meta, reader=optional_reader(reader), **kwargs)
 
-    @torch.inference_mode()
-    def detect_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
+    def _read(self, view: nn.Module, tensors: Sequence[torch.Tensor]) -> list[Detections]:
         out: list[Detections] = []
         for i in range(0, len(tensors), self.batch_size):
-            out += outputs_to_detections(self.model(list(tensors[i : i + self.batch_size])))
+            out += outputs_to_detections(view(list(tensors[i : i + self.batch_size])))
         if self.reader is not None:
             out = [refine(self.reader, t, d) for t, d in zip(tensors, out)]
         return out
+
+    @torch.inference_mode()
+    def detect_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
+        readings = [self._read(view, tensors) for view in self.views]
+        return readings[0] if len(readings) == 1 else [nms_fusion(list(d)) for d in zip(*readings)]
 
     def __call__(self, images: Iterable[ImageInput]) -> list[Detections]:
         return self.detect_tensors([to_tensor(load_image(im)) for im in images])
@@ -83,7 +96,8 @@ class Ensemble:
         self.iou = iou
         self.weights = member_weights([m.meta for m in members])
         self.thresholds = [m.meta.get("threshold") for m in members]
-        self.name = ensemble_key([m.name for m in members], method, members[0].reader is not None)
+        self.name = ensemble_key([m.name for m in members], method, members[0].reader is not None,
+                                 members[0].multi_scale)
 
     def fuse(self, per_member: Sequence[Sequence[Detections]]) -> list[Detections]:
         """Fuse members' detections, given as ``per_member[m][i]`` for image ``i``."""
@@ -97,11 +111,12 @@ class Ensemble:
 
 
 def load_detector(names: Sequence[str | Path], fusion: str = DEFAULT_FUSION, iou: float = 0.55, batch_size: int = 8,
-                  reader: str | Path | None = DEFAULT_READER) -> Detector | Ensemble:
+                  reader: str | Path | None = DEFAULT_READER, multi_scale: bool = False) -> Detector | Ensemble:
     """One name gives a :class:`Detector`; several give an :class:`Ensemble` fused by ``fusion``
-    (members share one digit ``reader``)."""
+    (members share one digit ``reader``; ``multi_scale`` applies to each)."""
     shared = optional_reader(reader)
-    detectors = [Detector(*load_checkpoint(n), batch_size=batch_size, reader=shared) for n in names]
+    detectors = [Detector(*load_checkpoint(n), batch_size=batch_size, reader=shared, multi_scale=multi_scale)
+                 for n in names]
     return detectors[0] if len(detectors) == 1 else Ensemble(detectors, fusion, iou)
 
 

@@ -127,11 +127,12 @@ def vote_fusion(dets: list[Detections], iou: float = 0.55, weights: list[float] 
     return _by_score(boxes, scores, digits)
 
 
-def ensemble_key(models: list[str] | tuple[str, ...], fusion: str, reader: bool = True) -> str:
+def ensemble_key(models: list[str] | tuple[str, ...], fusion: str, reader: bool = True, multi_scale: bool = False) -> str:
     """The name of a model or an ensemble, as benchmarks, sweeps and the app use it; without the
-    digit reader it is marked ``(detector only)``."""
+    digit reader it is marked ``(detector only)``, read at two input sizes ``(multi-scale)``."""
     key = models[0] if len(models) == 1 else f"ensemble[{fusion}]({'+'.join(models)})"
-    return key if reader else f"{key} (detector only)"
+    marks = ["detector only"] * (not reader) + ["multi-scale"] * multi_scale
+    return f"{key} ({', '.join(marks)})" if marks else key
 
 
 def member_weights(metas: list[dict], power: float = 2.0) -> list[float]:

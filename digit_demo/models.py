@@ -7,6 +7,7 @@ vectorised CPU RoIAlign of :mod:`digit_demo.roi_align`.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -180,6 +181,30 @@ def set_test_size(model: FasterRCNN, size: int | None, max_size: int | None = No
     """Set the input short side (and long-side cap) used at inference, in the model and its config."""
     model.transform.test_size, model.transform.test_max_size = size, max_size
     model.digit_config.test_size, model.digit_config.test_max_size = size, max_size
+
+
+def at_input_size(model: FasterRCNN, size: int, max_size: int | None = None) -> FasterRCNN:
+    """A view of ``model`` that infers at another short side (and long-side cap), sharing its weights;
+    ``model`` itself is untouched, so views are safe to use while others use the model."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)  # its own submodule table: replacing the transform stays local
+    view.transform = copy.copy(model.transform)
+    view.transform.test_size, view.transform.test_max_size = size, max_size
+    return view
+
+
+# Multi-scale reading: the model at its own input size and at this factor larger. On `valid` with the
+# digit reader, resnet18_fpn read 0.777 at 120 px alone and 0.787-0.797 paired with 128-144 px.
+MULTI_SCALE_FACTOR = 1.15
+
+
+def multi_scale_views(model: FasterRCNN, factor: float = MULTI_SCALE_FACTOR) -> list[FasterRCNN]:
+    """``model`` at its inference size and at ``factor`` times it (rounded to 8 px), long side alike."""
+    cfg: ModelConfig = model.digit_config
+    size = cfg.test_size or cfg.train_size
+    max_size = cfg.test_max_size or cfg.max_size
+    larger = 8 * round(size * factor / 8)
+    return [model, at_input_size(model, larger, round(max_size * larger / size))]
 
 
 def build_model(cfg: ModelConfig | str) -> FasterRCNN:

@@ -141,9 +141,9 @@ def optional_reader(name: str | Path | None = DEFAULT_READER) -> DigitReader | N
     if name is None:
         return None
     try:
-        resolve(name)
+        path = resolve(name)
     except CheckpointError:
         if str(name) == DEFAULT_READER:
             return None
         raise
-    return load_reader(name)
+    return load_reader(path)

@@ -53,11 +53,11 @@ def client(server):
     return Client(server, verbose=False)
 
 
-def read_all(client, paths, models=("resnet18_fpn",), fusion="vote", threshold=0.5, use_reader=True):
+def read_all(client, paths, models=("resnet18_fpn",), fusion="vote", threshold=0.5, use_reader=True, multi_scale=False):
     from gradio_client import handle_file
 
     return client.predict([handle_file(str(p)) for p in paths], None, list(models), fusion, threshold, use_reader,
-                          api_name="/read_numbers")
+                          multi_scale, api_name="/read_numbers")
 
 
 def test_every_event_has_an_api_name(client):
@@ -109,7 +109,7 @@ def test_threshold_default_comes_from_the_sweep(client):
     from digit_demo.card import best_threshold
 
     for use_reader, name in ((True, "resnet18_fpn"), (False, "resnet18_fpn (detector only)")):
-        slider, fig, rows = client.predict(["resnet18_fpn"], "wbf", use_reader, api_name="/model_settings")
+        slider, fig, rows = client.predict(["resnet18_fpn"], "wbf", use_reader, False, api_name="/model_settings")
         expected = best_threshold(["resnet18_fpn"], reader=use_reader)
         assert slider["value"] == pytest.approx(expected) if isinstance(slider, dict) else slider == pytest.approx(expected)
         assert rows["data"][0][0] == name
@@ -123,6 +123,28 @@ def test_reader_checkbox_switches_the_second_stage(client, default_detector):
     for use_reader, det in ((True, default_detector), (False, plain)):
         table = read_all(client, IMAGES[:4], threshold=0.4, use_reader=use_reader)[4]
         assert [r[2] for r in table["data"]] == [assemble(d, 0.4).text or "-1" for d in det(IMAGES[:4])]
+
+
+def test_multi_scale_checkbox_reads_at_two_sizes(client, default_detector):
+    from digit_demo.assemble import assemble
+    from digit_demo.detect import Detector
+
+    both = Detector(default_detector.model, default_detector.meta, reader=default_detector.reader, multi_scale=True)
+    table = read_all(client, IMAGES, threshold=0.4, multi_scale=True)[4]
+    assert [r[2] for r in table["data"]] == [assemble(d, 0.4).text or "-1" for d in both(IMAGES)]
+    slider, _, rows = client.predict(["resnet18_fpn"], "vote", True, True, api_name="/model_settings")
+    assert rows["data"][0][0] in ("resnet18_fpn (multi-scale)", "resnet18_fpn")  # measured, else the single size
+
+
+def test_model_labels_follow_the_reader_checkbox(client):
+    from digit_demo.checkpoints import CHECKPOINT_DIR
+
+    meta = json.loads((CHECKPOINT_DIR / "resnet18_fpn.json").read_text())["metrics"]
+    for use_reader, key in ((True, "valid"), (False, "valid_detector_only")):
+        update = client.predict(use_reader, api_name="/relabel_models")
+        labels = dict((v, k) for k, v in update["choices"])
+        assert f"acc {meta[key]['accuracy']:.2f}" in labels["resnet18_fpn"]
+    assert meta["valid"]["accuracy"] != meta["valid_detector_only"]["accuracy"]
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Debian chromium not installed (make browser)")

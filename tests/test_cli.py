@@ -86,3 +86,18 @@ def test_predict_with_and_without_the_reader(tmp_path):
         assert cli(*args).returncode == 0
         expected = assemble(Detector.load(reader=reader)([image])[0], best_threshold(reader=reader is not None))
         assert (out / "pred.csv").read_text().splitlines()[1] == f"10848,{expected.label}"
+
+
+def test_predict_multi_scale(tmp_path, default_detector):
+    from digit_demo.assemble import assemble
+    from digit_demo.card import best_threshold
+    from digit_demo.detect import Detector
+
+    r = cli("predict", FIXTURES / "valid", "--out", tmp_path, "--multi-scale", "-q")
+    assert r.returncode == 0, r.stderr
+    both = Detector(default_detector.model, default_detector.meta, reader=default_detector.reader, multi_scale=True)
+    threshold = best_threshold(multi_scale=True)
+    images = sorted((FIXTURES / "valid").glob("*.png"))
+    expected = {int(p.stem): assemble(d, threshold).label for p, d in zip(images, both(images))}
+    with open(tmp_path / "pred.csv") as f:
+        assert {int(r["image_id"]): int(r["pred_label"]) for r in csv.DictReader(f)} == expected

@@ -1,0 +1,52 @@
+"""Running detectors: input-size views and multi-scale reading with the shipped default checkpoint."""
+import numpy as np
+import torch
+
+from digit_demo.checkpoints import load_checkpoint
+from digit_demo.detect import Detector, to_tensor
+from digit_demo.ensemble import ensemble_key
+from digit_demo.images import load_image
+from digit_demo.models import at_input_size, multi_scale_views, set_test_size
+
+from .conftest import FIXTURES
+
+IMAGES = sorted((FIXTURES / "valid").glob("*.png"))
+
+
+@torch.inference_mode()
+def test_a_size_view_shares_weights_and_leaves_the_model_alone():
+    model, _ = load_checkpoint("resnet18_fpn")
+    model.eval()
+    size = model.digit_config.test_size
+    view = at_input_size(model, 2 * size, 1000)
+    assert model.transform.test_size == size and view.transform.test_size == 2 * size
+    assert all(a is b for a, b in zip(model.parameters(), view.parameters()))
+    images = [to_tensor(load_image(p)) for p in IMAGES[:3]]
+    out_view = view(images)
+    reference, _ = load_checkpoint("resnet18_fpn")
+    set_test_size(reference, 2 * size, 1000)
+    for a, b, img in zip(out_view, reference.eval()(images), images):
+        assert torch.allclose(a["boxes"], b["boxes"], atol=1e-3) and torch.equal(a["labels"], b["labels"])
+        if len(a["boxes"]):  # boxes come back in the photo's own pixels
+            assert a["boxes"][:, 2].max() <= img.shape[2] + 1 and a["boxes"][:, 3].max() <= img.shape[1] + 1
+    model_out = model(images)
+    assert any(len(a["boxes"]) != len(b["boxes"]) or not torch.allclose(a["boxes"], b["boxes"])
+               for a, b in zip(model_out, out_view))
+
+
+def test_multi_scale_merges_the_readings_at_two_sizes(default_detector):
+    views = multi_scale_views(default_detector.model)
+    size = default_detector.model.digit_config.test_size
+    assert [v.transform.test_size for v in views] == [size, 8 * round(size * 1.15 / 8)]
+    both = Detector(default_detector.model, default_detector.meta, reader=default_detector.reader, multi_scale=True)
+    merged = both(IMAGES)
+    readings = [Detector(v, default_detector.meta, reader=default_detector.reader)(IMAGES) for v in views]
+    for m, small, large in zip(merged, *readings):
+        pool = np.concatenate([small.boxes, large.boxes])
+        for box, score in zip(m.boxes, m.scores):  # every merged box is one of the two readings' own boxes
+            assert np.abs(pool - box).max(1).min() < 1e-4
+        top = max(small.scores.max(initial=0), large.scores.max(initial=0))
+        assert m.scores.max(initial=0) == top  # class-aware NMS keeps the best
+    assert any(len(m) > len(s) for m, s in zip(merged, readings[0]))  # the larger size adds detections
+    assert both.name == "resnet18_fpn" and ensemble_key([both.name], "", multi_scale=True) == "resnet18_fpn (multi-scale)"
+    assert ensemble_key(["a", "b"], "nms", reader=False, multi_scale=True) == "ensemble[nms](a+b) (detector only, multi-scale)"
