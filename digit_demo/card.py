@@ -151,9 +151,21 @@ def _reader_section(directory: Path) -> str:
             "0-9 or background. A spot's score is the detector's presence there times the reader's digit probability "
             "(`digit_demo.reader.refine`). Validation (`valid` ground-truth boxes): digit accuracy "
             f"{m.get('valid_digit_accuracy', float('nan')):.3f}, background crops rejected "
-            f"{m.get('valid_background_accuracy', float('nan')):.3f}. Trained from scratch on `train`{extra}: "
+            f"{m.get('valid_background_accuracy', float('nan')):.3f}.{_box_head(meta)} Trained from scratch on `train`{extra}: "
             f"{tr.get('epochs_run', '?')} epochs on {tr.get('device', '?')}, {_duration(tr.get('train_seconds', 0))} "
             f"(`python -m train.reader`); recipe `{json.dumps(meta.get('recipe', {}))}`.\n")
+
+
+def _box_head(meta: dict) -> str:
+    from .reader import BOX_BLEND
+
+    m = meta.get("metrics", {})
+    if not meta["config"].get("box_head") or "valid_refined_box_iou" not in m:
+        return ""
+    return (f" Its box head also says where the digit sits in the crop, and each spot's box moves {BOX_BLEND:.0%} of the "
+            "way there: on "
+            f"`valid` digit boxes jittered as a detector's are, mean IoU with the true box {m['valid_jittered_box_iou']:.3f} "
+            f"→ {m['valid_refined_box_iou']:.3f}.")
 
 
 def sweep_curves(directory: Path = CHECKPOINT_DIR) -> dict:

@@ -23,6 +23,7 @@ BACKGROUND = 10
 READER_CLASSES = 11  # digits 0-9 + background
 READER_ARCHITECTURE = "digit_reader_cnn"
 DEFAULT_READER = "digit_reader"
+BOX_BLEND = 0.5  # refined box = (1 - b) x the detector's + b x the reader's (readers with a box head)
 
 
 def square_boxes(boxes: torch.Tensor, context: float = CONTEXT) -> torch.Tensor:
@@ -49,9 +50,10 @@ def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 class DigitReader(nn.Module):
     """A VGG-style CNN on 32 x 32 crops; each crop is standardised to zero mean and unit variance,
-    so dark-on-light and light-on-dark plates differ only in sign."""
+    so dark-on-light and light-on-dark plates differ only in sign. With ``box_head`` it also says
+    where the digit sits in the crop (x1, y1, x2, y2 as fractions of the crop's side)."""
 
-    def __init__(self, width: int = 32, classes: int = READER_CLASSES):
+    def __init__(self, width: int = 32, classes: int = READER_CLASSES, box_head: bool = False):
         super().__init__()
         self.width = width
         self.net = nn.Sequential(
@@ -59,11 +61,30 @@ class DigitReader(nn.Module):
             _block(4 * width, 8 * width, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
             nn.Linear(8 * width, classes),
         )
+        self.box = nn.Linear(8 * width, 4) if box_head else None
 
-    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+    def read(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Class logits and (with a box head, else None) the digit's box in crop fractions."""
         mean = crops.mean((1, 2, 3), keepdim=True)
         std = crops.std((1, 2, 3), keepdim=True)
-        return self.net((crops - mean) / (std + 0.02))
+        features = self.net[:-2]((crops - mean) / (std + 0.02))
+        return self.net[-2:](features), (self.box(features) if self.box is not None else None)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        return self.read(crops)[0]
+
+
+def crop_fractions(boxes: torch.Tensor, around: torch.Tensor, context: float = CONTEXT) -> torch.Tensor:
+    """xyxy ``boxes`` as fractions of the square crop taken around the boxes ``around``."""
+    sq = square_boxes(around, context)
+    side = (sq[:, 2:] - sq[:, :2]).repeat(1, 2)
+    return (boxes - sq[:, :2].repeat(1, 2)) / side
+
+
+def from_crop_fractions(fractions: torch.Tensor, around: torch.Tensor, context: float = CONTEXT) -> torch.Tensor:
+    """The inverse of :func:`crop_fractions`: crop fractions back to xyxy image pixels."""
+    sq = square_boxes(around, context)
+    return sq[:, :2].repeat(1, 2) + fractions * (sq[:, 2:] - sq[:, :2]).repeat(1, 2)
 
 
 def cluster(dets: Detections, iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +99,7 @@ def cluster(dets: Detections, iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]
 
 @torch.inference_mode()
 def refine(reader: DigitReader, image: torch.Tensor, dets: Detections, min_score: float = 0.05,
-           top_k: int = 2) -> Detections:
+           top_k: int = 2, box_blend: float = BOX_BLEND) -> Detections:
     """Let ``reader`` say which digit sits at each spot the detector found.
 
     The detector's boxes are grouped by spot whatever digit they claim; the spot's best box stays,
@@ -99,7 +120,10 @@ def refine(reader: DigitReader, image: torch.Tensor, dets: Detections, min_score
     if not keep.any():
         return Detections()
     boxes, presence = dets.boxes[leaders][keep], presence[keep]
-    p = reader(crop_digits(image, torch.from_numpy(boxes))).softmax(1).numpy()[:, :BACKGROUND]
+    logits, where = reader.read(crop_digits(image, torch.from_numpy(boxes)))
+    p = logits.softmax(1).numpy()[:, :BACKGROUND]
+    if where is not None and box_blend:  # move the box towards where the reader sees the digit
+        boxes = (1 - box_blend) * boxes + box_blend * from_crop_fractions(where, torch.from_numpy(boxes)).numpy()
     final = presence[:, None] * p / p.sum(1, keepdims=True)
     k = min(top_k, BACKGROUND)
     top = np.argsort(-final, 1)[:, :k]
@@ -112,7 +136,7 @@ def refine(reader: DigitReader, image: torch.Tensor, dets: Detections, min_score
 def save_reader(model: DigitReader, path: str | Path, meta: dict) -> Path:
     """Write the reader as fp16 safetensors plus its JSON sidecar."""
     fields = {
-        "config": {"width": model.width, "crop": CROP, "context": CONTEXT},
+        "config": {"width": model.width, "crop": CROP, "context": CONTEXT, "box_head": model.box is not None},
         "classes": {str(d): str(d) for d in range(10)} | {str(BACKGROUND): "background"},
         "normalisation": "per crop: zero mean, unit variance",
     }
@@ -125,7 +149,7 @@ def load_reader(name_or_path: str | Path = DEFAULT_READER) -> DigitReader:
     meta = read_sidecar(path)
     if meta["architecture"] != READER_ARCHITECTURE:
         raise CheckpointError(f"{path.name}: a {meta['architecture']!r} checkpoint, not a digit reader")
-    model = DigitReader(int(meta["config"].get("width", 32)))
+    model = DigitReader(int(meta["config"].get("width", 32)), box_head=bool(meta["config"].get("box_head")))
     state = read_weights(path)
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})

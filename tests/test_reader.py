@@ -10,8 +10,8 @@ from digit_demo.assemble import Detections, assemble
 from digit_demo.checkpoints import CheckpointError, available, load_checkpoint, resolve
 from digit_demo.data import annotations_by_image, clipped_boxes, gt_numbers
 from digit_demo.detect import Detector, load_detector, to_tensor
-from digit_demo.reader import (BACKGROUND, DEFAULT_READER, DigitReader, crop_digits, load_reader, optional_reader,
-                               refine, save_reader, square_boxes)
+from digit_demo.reader import (BACKGROUND, DEFAULT_READER, DigitReader, crop_digits, crop_fractions,
+                               from_crop_fractions, load_reader, optional_reader, refine, save_reader, square_boxes)
 from train.reader import background_boxes, main
 
 from .conftest import FIXTURES
@@ -40,6 +40,15 @@ def test_crops_are_squares_around_the_box_and_zero_outside_the_photo():
     assert crop[:, 2:18, 7:13].min() > 0.99 and crop[:, :, :3].max() < 0.01  # the digit in the middle, dark sides
     corner = crop_digits(image, torch.tensor([[-10.0, -10.0, 10.0, 10.0]]), size=20, context=1.0)[0]
     assert corner.abs().max() == 0  # outside the photo: zeros, not clamped edge pixels
+
+
+def test_crop_fractions_round_trip():
+    around = torch.tensor([[10.0, 20.0, 20.0, 40.0], [0.0, 0.0, 30.0, 15.0]])
+    own = crop_fractions(around, around)  # a box in its own crop: centred, its longer side 1 / context
+    assert torch.allclose((own[:, :2] + own[:, 2:]) / 2, torch.full((2, 2), 0.5))
+    assert torch.allclose((own[:, 2:] - own[:, :2]).amax(1), torch.full((2,), 1 / 1.2))
+    other = torch.tensor([[12.0, 18.0, 21.0, 41.0], [3.0, -2.0, 25.0, 16.0]])
+    assert torch.allclose(from_crop_fractions(crop_fractions(other, around), around), other, atol=1e-5)
 
 
 def test_shipped_reader_reads_ground_truth_digits_and_rejects_background(reader, fixture_gt):
@@ -117,5 +126,33 @@ def test_short_training_run_exports_a_loadable_reader(tmp_path):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert model.width == 8 and meta["architecture"] == "digit_reader_cnn" and meta["weights_dtype"] == "float16"
     assert meta["recipe"]["epochs"] == 2 and meta["data"]["train_images"] == 8
-    assert {"valid_digit_accuracy", "valid_background_accuracy"} <= set(meta["metrics"])
+    assert {"valid_digit_accuracy", "valid_background_accuracy", "valid_refined_box_iou"} <= set(meta["metrics"])
     assert resolve(out).suffix == ".safetensors"
+    assert model.box is not None and meta["config"]["box_head"]
+    crops = torch.rand(3, 3, 32, 32)
+    logits, where = model.read(crops)
+    assert logits.shape == (3, 11) and where.shape == (3, 4) and torch.equal(model(crops), logits)
+    assert main(args[:-1] + [str(tmp_path / "plain"), "--box-weight", "0"]) == 0
+    assert load_reader(tmp_path / "plain").box is None and load_reader(tmp_path / "plain").read(crops)[1] is None
+
+
+def test_shipped_reader_moves_jittered_boxes_towards_the_digits(reader, fixture_gt):
+    """Boxes shifted and resized as a detector's are: the box head brings them closer to the truth."""
+    from torchvision.ops import box_iou
+
+    from train.reader import jitter
+
+    g = torch.Generator().manual_seed(0)
+    before, after = [], []
+    for _, image, boxes, digits in fixture_samples(fixture_gt):
+        for _ in range(4):
+            moved = jitter(boxes, g)
+            dets = Detections(moved.numpy(), np.full(len(boxes), 0.9, np.float32), digits.numpy())
+            out = refine(reader, image, dets, top_k=1)
+            truth = torch.from_numpy(np.asarray(boxes))
+            before.append(box_iou(moved, truth).amax(1))
+            after.append(box_iou(torch.from_numpy(out.boxes), truth).amax(1))
+    assert reader.box is not None
+    before, after = torch.cat(before), torch.cat(after)
+    assert len(after) == len(before) >= 60
+    assert after.mean() > before.mean() + 0.03

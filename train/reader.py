@@ -23,7 +23,7 @@ from tqdm import tqdm
 from digit_demo.checkpoints import CHECKPOINT_DIR
 from digit_demo.data import DigitDataset
 from digit_demo.detect import set_threads
-from digit_demo.reader import BACKGROUND, DEFAULT_READER, DigitReader, crop_digits, save_reader
+from digit_demo.reader import BOX_BLEND, BACKGROUND, DEFAULT_READER, DigitReader, crop_digits, crop_fractions, save_reader
 
 from .cli import DATA_SOURCE, add_data_args
 
@@ -38,7 +38,7 @@ def load_samples(root: Path, ann_file: Path, limit: int | None = None) -> list[S
             for image, target in samples if len(target["boxes"])]
 
 
-def jitter(boxes: torch.Tensor, g: torch.Generator, shift: float = 0.08, scale: float = 0.12) -> torch.Tensor:
+def jitter(boxes: torch.Tensor, g: torch.Generator, shift: float = 0.1, scale: float = 0.16) -> torch.Tensor:
     """Boxes moved and resized a little, as a detector's would be."""
     wh = boxes[:, 2:] - boxes[:, :2]
     c = (boxes[:, :2] + boxes[:, 2:]) / 2 + torch.randn(boxes.shape[0], 2, generator=g) * shift * wh
@@ -68,16 +68,20 @@ def background_boxes(boxes: torch.Tensor, height: int, width: int, n: int, g: to
 
 
 def make_crops(samples: list[Sample], g: torch.Generator, jittered: bool = True,
-               neg_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One epoch of crops: every digit (around a ``jittered`` box) and as many background crops."""
-    crops, labels = [], []
+               neg_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One epoch of crops: every digit (around a ``jittered`` box) and as many background crops;
+    their labels, and where each digit's true box and the box it was cropped around sit in its crop
+    (crop fractions, zeros for background)."""
+    crops, labels, where, given = [], [], [], []
     for image, boxes, digits in samples:
         img = image.float().div(255)
         pos = jitter(boxes, g) if jittered else boxes
         neg = background_boxes(boxes, img.shape[1], img.shape[2], max(1, round(neg_ratio * len(boxes))), g)
         crops.append(crop_digits(img, torch.cat([pos, neg])))
         labels.append(torch.cat([digits, torch.full((len(neg),), BACKGROUND)]))
-    return torch.cat(crops), torch.cat(labels)
+        where.append(torch.cat([crop_fractions(boxes, pos), torch.zeros(len(neg), 4)]))
+        given.append(torch.cat([crop_fractions(pos, pos), torch.zeros(len(neg), 4)]))
+    return torch.cat(crops), torch.cat(labels), torch.cat(where), torch.cat(given)
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -101,6 +105,19 @@ def accuracy(model: DigitReader, crops: torch.Tensor, labels: torch.Tensor) -> t
     return (pred[digit] == labels[digit]).float().mean().item(), (pred[~digit] == BACKGROUND).float().mean().item()
 
 
+@torch.inference_mode()
+def box_ious(model: DigitReader, crops: torch.Tensor, labels: torch.Tensor, where: torch.Tensor, given: torch.Tensor,
+             blend: float = BOX_BLEND) -> tuple[float, float]:
+    """Mean IoU with the true digit box of the (jittered) boxes the digit crops were taken around,
+    and of those boxes moved by the box head as :func:`digit_demo.reader.refine` does."""
+    model.eval()
+    digit = labels != BACKGROUND
+    crops, truth, given = crops[digit], where[digit], given[digit]
+    read = torch.cat([model.read(crops[i : i + 512])[1] for i in range(0, len(crops), 512)])
+    moved = (1 - blend) * given + blend * read
+    return box_iou(given, truth).diag().mean().item(), box_iou(moved, truth).diag().mean().item()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.reader", description=__doc__.split("\n\n")[0])
     add_data_args(p)
@@ -109,6 +126,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--width", type=int, default=32)
+    p.add_argument("--box-weight", type=float, default=5.0,
+                   help="weight of the box head's loss (where the digit sits in its crop); 0: no box head")
     p.add_argument("--limit", type=int, default=None, help="use only the first N train images (tests)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -130,22 +149,27 @@ def main(argv: list[str] | None = None) -> int:
         data_info["extra"].append({"json": str(extra), "images": args.extra_images, "count": len(more)})
         samples += more
     val_samples = load_samples(args.data / args.val_images, args.data / args.val_json)
-    val_crops, val_labels = make_crops(val_samples, torch.Generator().manual_seed(0), jittered=False)
+    val_crops, val_labels, _, _ = make_crops(val_samples, torch.Generator().manual_seed(0), jittered=False)
+    val_boxes = make_crops(val_samples, torch.Generator().manual_seed(1))  # jittered, for the box head
     print(f"{len(samples)} training images, {len(val_crops)} validation crops", file=sys.stderr)
-    model = DigitReader(args.width)
+    model = DigitReader(args.width, box_head=args.box_weight > 0)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
     best, start, history = None, time.time(), []
     steps = args.epochs * math.ceil(sum(len(b) for _, b, _ in samples) * 2 / args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps + args.epochs, pct_start=0.15)
     for epoch in range(args.epochs):
-        crops, labels = make_crops(samples, g)
+        crops, labels, where, _ = make_crops(samples, g)
         model.train()
         order = torch.randperm(len(crops), generator=g)
         bar = tqdm(range(0, len(crops), args.batch_size), desc=f"epoch {epoch + 1}", unit="batch", leave=False,
                    disable=args.quiet)
         for i in bar:
             idx = order[i : i + args.batch_size]
-            loss = F.cross_entropy(model(augment(crops[idx], g)), labels[idx], label_smoothing=0.05)
+            logits, read = model.read(augment(crops[idx], g))
+            loss = F.cross_entropy(logits, labels[idx], label_smoothing=0.05)
+            digit = labels[idx] != BACKGROUND
+            if read is not None and digit.any():
+                loss = loss + args.box_weight * F.smooth_l1_loss(read[digit], where[idx][digit], beta=0.02)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -154,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         digit_acc, bg_acc = accuracy(model, val_crops, val_labels)
         history.append({"epoch": epoch + 1, "digit_accuracy": digit_acc, "background_accuracy": bg_acc,
                         "seconds": time.time() - start})
-        print(f"epoch {epoch + 1}: valid digit accuracy {digit_acc:.4f}, background {bg_acc:.4f}", file=sys.stderr)
+        if model.box is not None:
+            history[-1]["jittered_box_iou"], history[-1]["refined_box_iou"] = box_ious(model, *val_boxes)
+        print(f"epoch {epoch + 1}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items()
+                                                       if k not in ("epoch", "seconds")), file=sys.stderr)
         if best is None or digit_acc + bg_acc > best["digit_accuracy"] + best["background_accuracy"]:
             best = history[-1]
             save_reader(model, args.out, {
@@ -163,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 "recipe": {k: v for k, v in vars(args).items() if k not in ("data", "threads", "out", "quiet", "extra_json")}
                 | {"extra_json": [str(p) for p in args.extra_json]},
                 "data": data_info,
-                "metrics": {"valid_digit_accuracy": digit_acc, "valid_background_accuracy": bg_acc},
+                "metrics": {f"valid_{k}": v for k, v in best.items() if k not in ("epoch", "seconds")},
                 "history": history,
             })
     return 0
