@@ -2,8 +2,9 @@
 
 Each epoch crops every digit of ``train.json`` (plus ``--extra-json`` images) around a jittered box,
 as a detector's boxes are never exact, and as many background crops beside and between the digits;
-the reader learns digit 0-9 or background. Validated on ``valid`` (gt boxes and background crops),
-the best epoch is exported as a checkpoint (fp16 safetensors + sidecar).
+the reader learns digit 0-9 or background and (its box head, smooth L1 weighted by ``--box-weight``)
+where the true digit box sits in the crop. Validated on ``valid`` (gt boxes and background crops;
+jittered gt boxes for the box head), the best epoch is exported as a checkpoint (fp16 safetensors + sidecar).
 
     python -m train.reader --epochs 20 --out checkpoints/digit_reader
 """
