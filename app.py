@@ -158,7 +158,7 @@ def build_demo() -> gr.Blocks:
                     with gr.Accordion("Paste or webcam snapshot", open=False):
                         webcam = gr.Image(label="Snapshot", sources=["webcam", "clipboard"], type="numpy")
                     models = gr.Dropdown(choices, value=default, multiselect=True, label="Model(s): pick several for an ensemble")
-                    fusion = gr.Radio([("digit vote", "vote"), ("weighted box fusion", "wbf"), ("class-aware NMS", "nms")],
+                    fusion = gr.Radio([("weighted box fusion", "wbf"), ("digit vote", "vote"), ("class-aware NMS", "nms")],
                                       value=DEFAULT_FUSION,
                                       label="Ensemble fusion")
                     use_reader = gr.Checkbox(READER is not None, visible=READER is not None,
