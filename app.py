@@ -28,6 +28,11 @@ _lock = threading.Lock()
 READER = optional_reader()  # the shipped second-stage digit reader, if any
 
 
+def reading_with_reader(use_reader: bool) -> bool:
+    """Whether the reader checkbox's setting puts the digit reader to work (it must be shipped)."""
+    return bool(use_reader) and READER is not None
+
+
 def detector_for(models: tuple[str, ...], fusion: str, use_reader: bool = True, multi_scale: bool = False):
     """Models load once and are shared by every visitor; the digit reader and multi-scale reading
     are applied on request."""
@@ -116,7 +121,7 @@ def select_image(session: Session | None, threshold: float, evt: gr.SelectData):
 def explorer_plot(models: list[str] | None, fusion: str, use_reader: bool = True, multi_scale: bool = False):
     curves = sweep_curves()
     models = models or [DEFAULT_MODEL]
-    reader = use_reader and READER is not None
+    reader = reading_with_reader(use_reader)
     groups = [[m] for m in models] + ([models] if len(models) > 1 else [])
     keys = [k for g in groups if (k := measured_key(g, fusion, reader, multi_scale, curves))]
     shown = {k: curves[k] for k in (keys or list(curves))}
@@ -128,13 +133,13 @@ def explorer_plot(models: list[str] | None, fusion: str, use_reader: bool = True
 
 def model_changed(models, fusion, use_reader=True, multi_scale=False):
     fig, rows = explorer_plot(models, fusion, use_reader, multi_scale)
-    threshold = best_threshold(models, fusion, use_reader and READER is not None, multi_scale)
+    threshold = best_threshold(models, fusion, reading_with_reader(use_reader), multi_scale)
     return gr.update(value=threshold), fig, rows
 
 
 def model_choices(use_reader: bool = True) -> list[tuple[str, str]]:
     """Dropdown entries labelled with each model's measured numbers, with or without the reader."""
-    return [(model_label(n, reader=use_reader and READER is not None), n) for n in available()]
+    return [(model_label(n, reader=reading_with_reader(use_reader)), n) for n in available()]
 
 
 def relabel_models(use_reader: bool):

@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
+# each model's variants besides its own reading (with the digit reader, at one size): the child's keys
+# for their latency and detections, the sidecar's ``valid_<name>``, and their ensemble_key marks
+VARIANTS = {"detector_only": {"reader": False}, "multi_scale": {"multi_scale": True}}
 DATA = ROOT.parent / "shared" / "data" / "svhn"
 
 
@@ -124,16 +127,14 @@ def main() -> int:
         r = json.loads(tmp.read_text())
         raw[name] = parse(r.pop("detections"))
         curves[name] = sweep(gt, raw[name])
-        plain = parse(r.pop("detections_detector_only"))
-        raw_multi[name] = parse(r.pop("detections_multi_scale"))
+        found = {variant: parse(r.pop(f"detections_{variant}")) for variant in VARIANTS}
+        raw_multi[name] = found["multi_scale"]
         results[name] = r
         if r["reader"]:  # the same detector without the reader, and read at two sizes, for comparison
-            alone = ensemble_key([name], "", reader=False)
-            curves[alone] = sweep(gt, plain)
-            results[alone] = {**r, **r["detector_only"], "batch_images_per_s": None, "peak_rss_mb": None}
-            both = ensemble_key([name], "", multi_scale=True)
-            curves[both] = sweep(gt, raw_multi[name])
-            results[both] = {**r, **r["multi_scale"], "batch_images_per_s": None, "peak_rss_mb": None}
+            for variant, marks in VARIANTS.items():
+                key = ensemble_key([name], "", **marks)
+                curves[key] = sweep(gt, found[variant])
+                results[key] = {**r, **r[variant], "batch_images_per_s": None, "peak_rss_mb": None}
     for k in range(2, len(names) + 1):
         for group in combinations(names, k):
             for method, multi_scale in product(FUSIONS, (False, True) if raw_multi[group[0]] else (False,)):
@@ -172,17 +173,12 @@ def main() -> int:
         train_speed[name] = training_summary(meta)
         meta["benchmark"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in results[name].items()}
         # re-measured on the shipped (fp16) weights with the current number assembly
-        b = best(curves[name])
-        meta["metrics"]["valid"] = {"threshold": b.threshold, "mAP": b.mAP, "AP50": b.AP50, "AP75": b.AP75,
-                                    "accuracy": b.accuracy, "measured_by": "benchmark.py",
-                                    "epoch": meta["metrics"]["valid"].get("epoch")}
-        meta["metrics"]["valid"]["reader"] = results[name]["reader"]
-        for variant, key in (("valid_detector_only", ensemble_key([name], "", reader=False)),
-                             ("valid_multi_scale", ensemble_key([name], "", multi_scale=True))):
+        meta["metrics"]["valid"] = {**best(curves[name]).__dict__, "measured_by": "benchmark.py",
+                                    "epoch": meta["metrics"]["valid"].get("epoch"), "reader": results[name]["reader"]}
+        for variant, marks in VARIANTS.items():
+            key = ensemble_key([name], "", **marks)
             if key in curves:
-                b = best(curves[key])
-                meta["metrics"][variant] = {"threshold": b.threshold, "mAP": b.mAP, "AP50": b.AP50, "AP75": b.AP75,
-                                            "accuracy": b.accuracy}
+                meta["metrics"][f"valid_{variant}"] = dict(best(curves[key]).__dict__)
         meta["threshold"] = meta["metrics"]["valid"]["threshold"]
         meta["sweep"] = [r.__dict__ for r in curves[name]]
         side.write_text(json.dumps(meta, indent=2) + "\n")

@@ -72,6 +72,10 @@ class ModelConfig:
         """The last (largest-listed) training short side: torchvision's own inference size."""
         return self.min_size[-1] if isinstance(self.min_size, tuple) else self.min_size
 
+    def max_size_for(self, size: int) -> int:
+        """The long-side cap for inference at short side ``size``: the training cap, scaled alike."""
+        return round(self.max_size * size / self.train_size)
+
     def detector_kwargs(self) -> dict:
         return dict(
             num_classes=NUM_CLASSES, min_size=self.min_size, max_size=self.max_size,
@@ -201,10 +205,8 @@ MULTI_SCALE_FACTOR = 1.15
 def multi_scale_views(model: FasterRCNN, factor: float = MULTI_SCALE_FACTOR) -> list[FasterRCNN]:
     """``model`` at its inference size and at ``factor`` times it (rounded to 8 px), long side alike."""
     cfg: ModelConfig = model.digit_config
-    size = cfg.test_size or cfg.train_size
-    max_size = cfg.test_max_size or cfg.max_size
-    larger = 8 * round(size * factor / 8)
-    return [model, at_input_size(model, larger, round(max_size * larger / size))]
+    larger = 8 * round((cfg.test_size or cfg.train_size) * factor / 8)
+    return [model, at_input_size(model, larger, cfg.max_size_for(larger))]
 
 
 def build_model(cfg: ModelConfig | str) -> FasterRCNN:

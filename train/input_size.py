@@ -34,7 +34,7 @@ def size_sweep(model, loader, gt: dict, sizes: list[int], reader: DigitReader | 
     cfg = model.digit_config
     out = []
     for size in sizes:
-        max_size = round(cfg.max_size * size / cfg.train_size)
+        max_size = cfg.max_size_for(size)
         set_test_size(model, size, max_size)
         top, rows = engine.evaluate(model, loader, gt, torch.device("cpu"), reader)
         out.append({"size": size, "max_size": max_size, **top.__dict__, "sweep": [r.__dict__ for r in rows]})
