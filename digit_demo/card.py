@@ -135,14 +135,19 @@ def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
     return out
 
 
-def _reader_section(directory: Path) -> str:
-    """The second-stage digit reader's entry, if one is shipped."""
+def reader_sidecar(directory: Path = CHECKPOINT_DIR) -> dict | None:
+    """The shipped second-stage digit reader's sidecar, or None where none is shipped."""
     from .reader import DEFAULT_READER
 
     side = directory / f"{DEFAULT_READER}.json"
-    if not side.is_file():
+    return json.loads(side.read_text()) if side.is_file() else None
+
+
+def _reader_section(directory: Path) -> str:
+    """The second-stage digit reader's entry, if one is shipped."""
+    meta = reader_sidecar(directory)
+    if meta is None:
         return ""
-    meta = json.loads(side.read_text())
     m, tr, cfg = meta.get("metrics", {}), meta.get("training", {}), meta["config"]
     extra = "".join(f" + {e['count']} resolved `{e['images']}/` images" for e in meta.get("data", {}).get("extra", []))
     return (f"\n## Second-stage digit reader (`{meta['name']}`)\n\n"

@@ -166,7 +166,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .card import card_rows, write_model_card
+    from .card import card_rows, reader_sidecar, write_model_card
 
     if args.write_card:
         print(f"wrote {write_model_card()}", file=sys.stderr)
@@ -176,11 +176,8 @@ def cmd_models(args) -> int:
                 "valid_mAP": round(v.get("mAP", 0), 4), "valid_accuracy": round(v.get("accuracy", 0), 4),
                 "default": meta["name"] == DEFAULT_MODEL}
         print(json.dumps(line if not args.verbose else {k: x for k, x in meta.items() if k != "sweep"}))
-    from .checkpoints import CHECKPOINT_DIR
-
-    side = CHECKPOINT_DIR / f"{DEFAULT_READER}.json"
-    if side.is_file():  # the second stage every detector uses unless --no-reader
-        meta = json.loads(side.read_text())
+    meta = reader_sidecar()
+    if meta is not None:  # the second stage every detector uses unless --no-reader
         m = meta.get("metrics", {})
         print(json.dumps({"name": meta["name"], "architecture": meta["architecture"], "role": "second-stage digit reader",
                           "valid_digit_accuracy": round(m.get("valid_digit_accuracy", 0), 4)}))

@@ -66,6 +66,15 @@ def test_short_run_lowers_loss_and_exports_a_loadable_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "ck" / "tiny")[1]["recipe"]["init_from"]["metrics"]["valid"]["accuracy"] == 1.0
 
 
+def test_select_map_exports_the_epoch_with_the_best_map(tmp_path):
+    torch.manual_seed(0)
+    log = run(tmp_path, "--model", "fasterrcnn_resnet18_fpn", "--name", "tiny", "--epochs", "3", "--select", "mAP")
+    meta = load_checkpoint(tmp_path / "ck" / "tiny")[1]
+    best = max(log, key=lambda r: (float(r["val_mAP"]), float(r["val_accuracy"])))  # the first of ties, like the trainer
+    assert meta["recipe"]["select"] == "mAP" and meta["metrics"]["valid"]["epoch"] == int(best["epoch"])
+    assert round(meta["metrics"]["valid"]["mAP"], 4) == float(best["val_mAP"])
+
+
 def test_resume_restores_optimizer_and_scheduler(tmp_path):
     log = run(tmp_path, "--model", "fasterrcnn_resnet18_fpn", "--epochs", "1", "--max-iters", "2")
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)

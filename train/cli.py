@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--focal-loss", action="store_true", help="focal loss in the box classifier")
     p.add_argument("--focal-alpha", type=float, default=0.25)
     p.add_argument("--focal-gamma", type=float, default=2.0)
+    p.add_argument("--select", choices=["accuracy", "mAP"], default="accuracy",
+                   help="which validation metric picks the exported epoch (the other breaks ties)")
     p.add_argument("--augment", choices=["default", "none"], default="default")
     p.add_argument("--tiers", nargs="*", help="label tiers to train on (default: all)")
     p.add_argument("--min-margin", type=float, help="drop resolved images below this resolver_margin")
@@ -99,7 +101,7 @@ def _distributed() -> tuple[int, int]:
 
 def recipe(args) -> dict:
     keys = ["epochs", "time_budget", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "lr_step", "lr_gamma",
-            "warmup_iters", "focal_loss", "focal_alpha", "focal_gamma", "augment", "seed"]
+            "warmup_iters", "focal_loss", "focal_alpha", "focal_gamma", "augment", "select", "seed"]
     return {**{k: getattr(args, k) for k in keys}, **({"config": str(args.config)} if args.config else {})}
 
 
@@ -194,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.append_log(log_path, row)
         engine.plot_curves(log_path, args.out_dir / "curves.png")
         print(json.dumps(row), file=sys.stderr)
-        score = (round(top.accuracy, 4), round(top.mAP, 4))  # as logged
-        if best_row is None or score > (round(best_row["accuracy"], 4), round(best_row["mAP"], 4)):
+        if best_row is None or _score(top.__dict__, args.select) > _score(best_row, args.select):
             best_row = {"epoch": epoch, "threshold": top.threshold, "mAP": top.mAP, "AP50": top.AP50, "AP75": top.AP75,
                         "accuracy": top.accuracy}
             rec = recipe(args)
@@ -220,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _score(row: dict, select: str) -> tuple[float, float]:
+    """What ranks epochs (rounded as logged): whole-number accuracy first, or mAP first."""
+    acc, m = round(row["accuracy"], 4), round(row["mAP"], 4)
+    return (acc, m) if select == "accuracy" else (m, acc)
 
 
 def _take(loader, n: int):
