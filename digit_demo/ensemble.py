@@ -11,8 +11,8 @@ from .assemble import Detections
 FUSIONS = ("vote", "wbf", "nms")
 # With the digit reader re-reading every member's spots, weighted box fusion read at least as many `valid`
 # numbers as the digit vote in every pair and trio of the shipped members at one input size, and had the best mAP
-# of the three fusions in each (benchmark.py, 2026-11-27: mobilenet+resnet18 0.787 against 0.780, mAP 0.411
-# against 0.404 and NMS 0.397). NMS read more numbers for resnet18+resnet34 (0.797 against 0.770).
+# of the three fusions in each (benchmark.py, 2026-11-27: mobilenet+resnet18 0.803 against 0.787, mAP 0.406
+# against 0.401 and NMS 0.395). NMS read more numbers for resnet18+resnet34 (0.810 against 0.800).
 DEFAULT_FUSION = "wbf"
 
 
