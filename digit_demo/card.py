@@ -140,7 +140,7 @@ def reader_sidecar(directory: Path = CHECKPOINT_DIR) -> dict | None:
     from .reader import DEFAULT_READER
 
     side = directory / f"{DEFAULT_READER}.json"
-    return json.loads(side.read_text()) if side.is_file() else None
+    return read_sidecar(side) if side.is_file() else None
 
 
 def _reader_section(directory: Path) -> str:
