@@ -27,7 +27,7 @@ the reader) when each photo is also read at a 1.15x larger input size (`--multi-
 
 
 def card_rows(directory: Path = CHECKPOINT_DIR) -> list[dict]:
-    return [json.loads((directory / f"{n}.json").read_text()) for n in available(directory)]
+    return [read_sidecar(directory / f"{n}.safetensors") for n in available(directory)]
 
 
 def _chain(meta: dict) -> list[dict]:
@@ -153,12 +153,33 @@ def _reader_section(directory: Path) -> str:
     return (f"\n## Second-stage digit reader (`{meta['name']}`)\n\n"
             f"A small CNN (`{meta['architecture']}`, width {cfg['width']}) that reads each spot a detector found from a "
             f"{cfg['crop']} x {cfg['crop']} crop of the original photo ({cfg['context']} x the box's longer side): digit "
-            "0-9 or background. A spot's score is the detector's presence there times the reader's digit probability "
-            "(`digit_demo.reader.refine`). Validation (`valid` ground-truth boxes): digit accuracy "
+            f"0-9 or background. {_scoring(meta)} Validation (`valid` ground-truth boxes): digit accuracy "
             f"{m.get('valid_digit_accuracy', float('nan')):.3f}, background crops rejected "
-            f"{m.get('valid_background_accuracy', float('nan')):.3f}.{_box_head(meta)} Trained from scratch on `train`{extra}: "
+            f"{m.get('valid_background_accuracy', float('nan')):.3f}.{_box_head(meta)} Trained from scratch on `train`{extra}{_mined(meta)}: "
             f"{tr.get('epochs_run', '?')} epochs on {tr.get('device', '?')}, {_duration(tr.get('train_seconds', 0))} "
             f"(`python -m train.reader`); recipe `{json.dumps(meta.get('recipe', {}))}`.\n")
+
+
+def _scoring(meta: dict) -> str:
+    """How :func:`digit_demo.reader.refine` scores a spot with this reader, and the ``verify`` sweep that chose it."""
+    v = float(meta["config"].get("verify", 0.0))
+    text = ("A spot's score is the detector's presence there times the reader's digit probability" if not v else
+            f"A spot's score is presence^{1 - v:g} x (the reader's probability that a digit is there)^{v:g} x its "
+            "probability of each digit") + " (`digit_demo.reader.refine`)."
+    sweep = meta.get("verify_sweep")
+    if sweep:
+        tried = ", ".join(f"{r['verify']:g}: {r['accuracy']:.3f}" for r in sorted(sweep["rows"], key=lambda r: r["verify"]))
+        text += (f" `verify` = {v:g} (how far the reader's own presence replaces the detector's) was chosen on `valid` "
+                 f"with `{sweep['detector']}`; whole-number accuracy per value: {tried}.")
+    return text
+
+
+def _mined(meta: dict) -> str:
+    hn = meta.get("data", {}).get("hard_negatives")
+    if not hn:
+        return ""
+    return (f", plus the {hn['train_spots']} spots `{hn['detector']}` finds on those images "
+            f"({hn['train_false_boxes']} of them false boxes, taught as background)")
 
 
 def _box_head(meta: dict) -> str:
@@ -188,7 +209,7 @@ def sweep_curves(directory: Path = CHECKPOINT_DIR) -> dict:
 def model_label(name: str, directory: Path = CHECKPOINT_DIR, reader: bool = True) -> str:
     """'name · acc 0.85 · mAP 0.41 · 45 ms' from the sidecar's measured numbers, with the digit reader
     or (``reader=False``, where measured) for the detector alone."""
-    meta = json.loads((directory / f"{name}.json").read_text())
+    meta = read_sidecar(directory / f"{name}.safetensors")
     metrics, bench = meta.get("metrics", {}), meta.get("benchmark", {})
     alone = not reader and "valid_detector_only" in metrics
     v = metrics.get("valid_detector_only" if alone else "valid", {})

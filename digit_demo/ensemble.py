@@ -11,8 +11,9 @@ from .assemble import Detections
 FUSIONS = ("vote", "wbf", "nms")
 # With the digit reader re-reading every member's spots, weighted box fusion read at least as many `valid`
 # numbers as the digit vote in every pair and trio of the shipped members at one input size, and had the best mAP
-# of the three fusions in each (benchmark.py, 2026-11-27: mobilenet+resnet18 0.803 against 0.787, mAP 0.406
-# against 0.401 and NMS 0.395). NMS read more numbers for resnet18+resnet34 (0.810 against 0.800).
+# of the three fusions in each (benchmark.py, 2026-11-27, the reader trained with resnet18_fpn's spots:
+# mobilenet+resnet18 0.813 against 0.793, mAP 0.423 against 0.414 and NMS 0.403). NMS read as many or more
+# numbers in some groups (resnet18+resnet34: 0.820 both; all three: 0.820 against 0.803) at a lower mAP.
 DEFAULT_FUSION = "wbf"
 
 

@@ -53,9 +53,10 @@ class DigitReader(nn.Module):
     so dark-on-light and light-on-dark plates differ only in sign. With ``box_head`` it also says
     where the digit sits in the crop (x1, y1, x2, y2 as fractions of the crop's side)."""
 
-    def __init__(self, width: int = 32, classes: int = READER_CLASSES, box_head: bool = False):
+    def __init__(self, width: int = 32, classes: int = READER_CLASSES, box_head: bool = False, verify: float = 0.0):
         super().__init__()
         self.width = width
+        self.verify = verify  # how far :func:`refine` trusts the reader's background class over the detector
         self.net = nn.Sequential(
             _block(3, width, 1), _block(width, 2 * width, 2), _block(2 * width, 4 * width, 2),
             _block(4 * width, 8 * width, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
@@ -97,34 +98,42 @@ def cluster(dets: Detections, iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]
     return leaders, groups
 
 
-@torch.inference_mode()
-def refine(reader: DigitReader, image: torch.Tensor, dets: Detections, min_score: float = 0.05,
-           top_k: int = 2, box_blend: float = BOX_BLEND) -> Detections:
-    """Let ``reader`` say which digit sits at each spot the detector found.
-
-    The detector's boxes are grouped by spot whatever digit they claim; the spot's best box stays,
-    and its presence is ``min(1, sum over digits of the detector's best score)``. The reader reads
-    a crop around that box: digit ``d`` scores presence x p(d | a digit). Spots with presence under
-    ``min_score`` are dropped; each keeps its ``top_k`` digits (the runner-up helps mAP). On
-    ``valid`` with resnet18_fpn, the reader's digit alone beat blends with the detector's own digit
-    scores (geometric means weighting the reader 0.5-0.9), and scaling by the reader's own
-    background probability read fewer numbers.
-    """
+def spots(dets: Detections, min_score: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """The places the detector found a digit, whatever digit it claims: each group's best box
+    (:func:`cluster`) and its presence, ``min(1, sum over digits of the detector's best score)``;
+    spots with presence under ``min_score`` are left out."""
     if not len(dets):
-        return dets
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
     leaders, groups = cluster(dets)
     scores = np.zeros((len(leaders), 10), np.float32)
     np.maximum.at(scores, (groups, dets.digits), dets.scores)
     presence = np.minimum(scores.sum(1), 1.0)
     keep = presence >= min_score
-    if not keep.any():
+    return dets.boxes[leaders][keep], presence[keep]
+
+
+@torch.inference_mode()
+def refine(reader: DigitReader, image: torch.Tensor, dets: Detections, min_score: float = 0.05,
+           top_k: int = 2, box_blend: float = BOX_BLEND, verify: float | None = None) -> Detections:
+    """Let ``reader`` say which digit sits at each :func:`spot <spots>` the detector found.
+
+    The reader reads a crop around the spot's box: digit ``d`` scores
+    ``presence ** (1 - verify) * (1 - p(background)) ** verify * p(d | a digit)``, so ``verify``
+    (default: the reader's own, 0 for readers trained without the detector's false boxes) is how far
+    the reader's own "is there a digit" overrides the detector's. Each spot keeps its ``top_k``
+    digits (the runner-up helps mAP). On ``valid`` with resnet18_fpn, the reader's digit alone beat
+    blends with the detector's own digit scores (geometric means weighting the reader 0.5-0.9).
+    """
+    boxes, presence = spots(dets, min_score)
+    if not len(boxes):
         return Detections()
-    boxes, presence = dets.boxes[leaders][keep], presence[keep]
+    verify = reader.verify if verify is None else verify
     logits, where = reader.read(crop_digits(image, torch.from_numpy(boxes)))
-    p = logits.softmax(1).numpy()[:, :BACKGROUND]
+    p = logits.softmax(1).numpy()
+    digit = p[:, :BACKGROUND].sum(1, keepdims=True)
     if where is not None and box_blend:  # move the box towards where the reader sees the digit
         boxes = (1 - box_blend) * boxes + box_blend * from_crop_fractions(where, torch.from_numpy(boxes)).numpy()
-    final = presence[:, None] * p / p.sum(1, keepdims=True)
+    final = presence[:, None] ** (1 - verify) * digit ** verify * p[:, :BACKGROUND] / digit
     k = min(top_k, BACKGROUND)
     top = np.argsort(-final, 1)[:, :k]
     rows = np.repeat(np.arange(len(boxes)), k)
@@ -136,7 +145,8 @@ def refine(reader: DigitReader, image: torch.Tensor, dets: Detections, min_score
 def save_reader(model: DigitReader, path: str | Path, meta: dict) -> Path:
     """Write the reader as fp16 safetensors plus its JSON sidecar."""
     fields = {
-        "config": {"width": model.width, "crop": CROP, "context": CONTEXT, "box_head": model.box is not None},
+        "config": {"width": model.width, "crop": CROP, "context": CONTEXT, "box_head": model.box is not None,
+                   "verify": model.verify},
         "classes": {str(d): str(d) for d in range(10)} | {str(BACKGROUND): "background"},
         "normalisation": "per crop: zero mean, unit variance",
     }
@@ -149,7 +159,9 @@ def load_reader(name_or_path: str | Path = DEFAULT_READER) -> DigitReader:
     meta = read_sidecar(path)
     if meta["architecture"] != READER_ARCHITECTURE:
         raise CheckpointError(f"{path.name}: a {meta['architecture']!r} checkpoint, not a digit reader")
-    model = DigitReader(int(meta["config"].get("width", 32)), box_head=bool(meta["config"].get("box_head")))
+    config = meta["config"]
+    model = DigitReader(int(config.get("width", 32)), box_head=bool(config.get("box_head")),
+                        verify=float(config.get("verify", 0.0)))
     state = read_weights(path)
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})

@@ -12,7 +12,7 @@ from digit_demo.data import annotations_by_image, clipped_boxes, gt_numbers
 from digit_demo.detect import Detector, load_detector, to_tensor
 from digit_demo.reader import (BACKGROUND, DEFAULT_READER, DigitReader, crop_digits, crop_fractions,
                                from_crop_fractions, load_reader, optional_reader, refine, save_reader, square_boxes)
-from train.reader import background_boxes, main
+from train.reader import background_boxes, main, mine
 
 from .conftest import FIXTURES
 
@@ -85,6 +85,35 @@ def test_refine_drops_spots_the_detector_barely_saw(reader, fixture_gt):
     assert len(refine(reader, image, Detections())) == 0
 
 
+def test_verify_weighs_the_readers_own_presence_against_the_detectors(reader, fixture_gt):
+    _, image, boxes, digits = next(fixture_samples(fixture_gt))
+    sure, unsure = (Detections(boxes.numpy(), np.full(len(boxes), s, np.float32), digits.numpy()) for s in (0.8, 0.2))
+    plain = [refine(reader, image, d, top_k=1, verify=0.0) for d in (sure, unsure)]
+    assert np.allclose(plain[0].scores, 4 * plain[1].scores)  # the detector's presence scales the scores
+    own = [refine(reader, image, d, top_k=1, verify=1.0) for d in (sure, unsure)]
+    assert np.allclose(own[0].scores, own[1].scores)  # only the reader's: presence no longer matters
+    p = reader(crop_digits(image, boxes)).detach().softmax(1)
+    assert np.allclose(np.sort(own[0].scores), np.sort(p[:, :BACKGROUND].amax(1).numpy()), atol=1e-5)
+    assert reader.verify == json.loads(resolve(DEFAULT_READER).with_suffix(".json").read_text())["config"].get("verify", 0.0)
+
+
+def test_mined_spots_are_labelled_by_the_true_boxes(fixture_gt):
+    from torchvision.ops import box_iou
+
+    samples = [(image.mul(255).to(torch.uint8), boxes, digits) for _, image, boxes, digits in fixture_samples(fixture_gt)]
+    mined = mine("resnet18_fpn", samples, quiet=True)
+    assert len(mined) == len(samples) and sum(len(m[1]) for m in mined) >= len(samples)
+    for (_, boxes, digits), (spots, labels, truth) in zip(samples, mined):
+        if not len(spots):
+            continue
+        iou = box_iou(spots, boxes)
+        digit = labels != BACKGROUND
+        assert (iou[~digit].amax(1) < 0.3).all()
+        best = iou[digit].argmax(1)
+        assert (iou[digit].amax(1) >= 0.5).all() and torch.equal(labels[digit], digits[best])
+        assert torch.equal(truth[digit], boxes[best])
+
+
 def test_detector_uses_the_shipped_reader_unless_told_not_to(fixture_gt, fixture_images):
     with_reader, plain = Detector.load(), Detector.load(reader=None)
     assert with_reader.reader is not None and plain.reader is None
@@ -134,6 +163,20 @@ def test_short_training_run_exports_a_loadable_reader(tmp_path):
     assert logits.shape == (3, 11) and where.shape == (3, 4) and torch.equal(model(crops), logits)
     assert main(args[:-1] + [str(tmp_path / "plain"), "--box-weight", "0"]) == 0
     assert load_reader(tmp_path / "plain").box is None and load_reader(tmp_path / "plain").read(crops)[1] is None
+
+
+def test_training_with_a_detectors_false_boxes_picks_a_verify_weight(tmp_path):
+    out = tmp_path / "reader"
+    assert main(["--data", str(FIXTURES), "--train-json", "valid.json", "--train-images", "valid", "--epochs", "1",
+                 "--width", "8", "--batch-size", "16", "--quiet", "--out", str(out),
+                 "--hard-negatives", "resnet18_fpn", "--verify", "0", "1"]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    mined = meta["data"]["hard_negatives"]
+    assert mined["detector"] == "resnet18_fpn" and mined["train_spots"] >= 8 and mined["train_false_boxes"] <= mined["train_spots"]
+    rows = meta["verify_sweep"]["rows"]
+    assert sorted(r["verify"] for r in rows) == [0.0, 1.0] and rows[0]["accuracy"] >= rows[1]["accuracy"]
+    assert load_reader(out).verify == meta["config"]["verify"] == rows[0]["verify"]
+    assert {"valid_spot_digit_accuracy", "valid_spot_background_accuracy"} <= set(meta["metrics"])
 
 
 def test_shipped_reader_moves_jittered_boxes_towards_the_digits(reader, fixture_gt):

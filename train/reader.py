@@ -5,8 +5,10 @@ as a detector's boxes are never exact, and as many background crops beside and b
 the reader learns digit 0-9 or background and (its box head, smooth L1 weighted by ``--box-weight``)
 where the true digit box sits in the crop. Validated on ``valid`` (gt boxes and background crops;
 jittered gt boxes for the box head), the best epoch is exported as a checkpoint (fp16 safetensors + sidecar).
+With ``--hard-negatives DETECTOR`` it also learns from that detector's spots on the training images (its
+false boxes as background), and then picks :func:`digit_demo.reader.refine`'s ``verify`` weight on ``valid``.
 
-    python -m train.reader --epochs 20 --out checkpoints/digit_reader
+    python -m train.reader --epochs 20 --extra-json runs/pseudo/unlabeled_r4_m8.json --hard-negatives resnet18_fpn
 """
 from __future__ import annotations
 
@@ -22,9 +24,13 @@ from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from digit_demo.checkpoints import CHECKPOINT_DIR
-from digit_demo.data import DigitDataset
-from digit_demo.detect import set_threads
-from digit_demo.reader import BOX_BLEND, BACKGROUND, DEFAULT_READER, DigitReader, crop_digits, crop_fractions, save_reader
+from digit_demo.data import DigitDataset, load_coco
+from digit_demo.detect import Detector, set_threads, to_tensor
+from digit_demo.evaluation import best as best_row
+from digit_demo.evaluation import sweep
+from digit_demo.images import load_image
+from digit_demo.reader import (BOX_BLEND, BACKGROUND, DEFAULT_READER, DigitReader, crop_digits, crop_fractions,
+                               load_reader, refine, save_reader, spots)
 
 from .cli import DATA_SOURCE, add_data_args
 
@@ -68,20 +74,49 @@ def background_boxes(boxes: torch.Tensor, height: int, width: int, n: int, g: to
     return cand[ok][:n]
 
 
-def make_crops(samples: list[Sample], g: torch.Generator, jittered: bool = True,
-               neg_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One epoch of crops: every digit (around a ``jittered`` box) and as many background crops;
-    their labels, and where each digit's true box and the box it was cropped around sit in its crop
-    (crop fractions, zeros for background)."""
+Spots = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a detector's spot boxes, their labels, true boxes
+
+
+@torch.inference_mode()
+def mine(detector: str, samples: list[Sample], fg_iou: float = 0.5, bg_iou: float = 0.3,
+         quiet: bool = False) -> list[Spots]:
+    """The spots ``detector`` finds on each image (:func:`digit_demo.reader.spots`, as the reader
+    will see them), labelled by the true boxes: the digit of a box they overlap by ``fg_iou`` or
+    more (with that true box), background where they overlap none by ``bg_iou`` (the detector's
+    false boxes: hard negatives), left out in between."""
+    det = Detector.load(detector, reader=None)
+    out = []
+    for image, boxes, digits in tqdm(samples, desc=f"mining {detector}", unit="img", disable=quiet):
+        found, _ = spots(det.detect_tensors([image.float().div(255)])[0])
+        found = torch.from_numpy(found)
+        if not len(found):
+            out.append((torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4)))
+            continue
+        iou, match = box_iou(found, boxes).max(1)
+        labels = torch.where(iou >= fg_iou, digits[match], BACKGROUND)
+        keep = (iou >= fg_iou) | (iou < bg_iou)
+        out.append((found[keep], labels[keep], boxes[match][keep]))
+    return out
+
+
+def make_crops(samples: list[Sample], g: torch.Generator, jittered: bool = True, neg_ratio: float = 1.0,
+               mined: list[Spots] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One epoch of crops: every digit (around a ``jittered`` box), as many background crops and
+    the ``mined`` detector spots; their labels, and where each digit's true box and the box it was
+    cropped around sit in its crop (crop fractions, zeros for background)."""
     crops, labels, where, given = [], [], [], []
-    for image, boxes, digits in samples:
+    for k, (image, boxes, digits) in enumerate(samples):
         img = image.float().div(255)
         pos = jitter(boxes, g) if jittered else boxes
         neg = background_boxes(boxes, img.shape[1], img.shape[2], max(1, round(neg_ratio * len(boxes))), g)
-        crops.append(crop_digits(img, torch.cat([pos, neg])))
-        labels.append(torch.cat([digits, torch.full((len(neg),), BACKGROUND)]))
-        where.append(torch.cat([crop_fractions(boxes, pos), torch.zeros(len(neg), 4)]))
-        given.append(torch.cat([crop_fractions(pos, pos), torch.zeros(len(neg), 4)]))
+        spot, spot_labels, spot_truth = mined[k] if mined else (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64),
+                                                                  torch.zeros(0, 4))
+        is_digit = (spot_labels != BACKGROUND)[:, None]
+        spot_where = torch.where(is_digit, crop_fractions(spot_truth, spot), 0.0)
+        crops.append(crop_digits(img, torch.cat([pos, neg, spot])))
+        labels.append(torch.cat([digits, torch.full((len(neg),), BACKGROUND), spot_labels]))
+        where.append(torch.cat([crop_fractions(boxes, pos), torch.zeros(len(neg), 4), spot_where]))
+        given.append(torch.cat([crop_fractions(pos, pos), torch.zeros(len(neg), 4), torch.where(is_digit, crop_fractions(spot, spot), 0.0)]))
     return torch.cat(crops), torch.cat(labels), torch.cat(where), torch.cat(given)
 
 
@@ -107,6 +142,23 @@ def accuracy(model: DigitReader, crops: torch.Tensor, labels: torch.Tensor) -> t
 
 
 @torch.inference_mode()
+def tune_verify(model: DigitReader, detector: str, data: Path, val_json: str, val_images: str,
+                values: list[float]) -> list[dict]:
+    """Whole-number accuracy and mAP on ``valid`` at the best threshold for each ``verify`` value of
+    :func:`digit_demo.reader.refine`, with ``detector``'s boxes; best first."""
+    model.eval()
+    gt = load_coco(data / val_json)
+    det = Detector.load(detector, reader=None)
+    tensors = {im["id"]: to_tensor(load_image(data / val_images / im["file_name"])) for im in gt["images"]}
+    raw = {i: det.detect_tensors([t])[0] for i, t in tensors.items()}
+    rows = []
+    for v in values:
+        b = best_row(sweep(gt, {i: refine(model, tensors[i], d, verify=v) for i, d in raw.items()}))
+        rows.append({"verify": v, "threshold": b.threshold, "accuracy": b.accuracy, "mAP": b.mAP})
+    return sorted(rows, key=lambda r: (-round(r["accuracy"], 6), -round(r["mAP"], 6), r["verify"]))
+
+
+@torch.inference_mode()
 def box_ious(model: DigitReader, crops: torch.Tensor, labels: torch.Tensor, where: torch.Tensor, given: torch.Tensor,
              blend: float = BOX_BLEND) -> tuple[float, float]:
     """Mean IoU with the true digit box of the (jittered) boxes the digit crops were taken around,
@@ -129,6 +181,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--box-weight", type=float, default=5.0,
                    help="weight of the box head's loss (where the digit sits in its crop); 0: no box head")
+    p.add_argument("--hard-negatives", metavar="DETECTOR",
+                   help="also train on this detector's spots on the training images (its false boxes as background) "
+                        "and pick refine's verify weight for it on valid")
+    p.add_argument("--verify", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="verify weights to try with --hard-negatives (the best on valid is stored)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N train images (tests)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -152,14 +209,24 @@ def main(argv: list[str] | None = None) -> int:
     val_samples = load_samples(args.data / args.val_images, args.data / args.val_json)
     val_crops, val_labels, _, _ = make_crops(val_samples, torch.Generator().manual_seed(0), jittered=False)
     val_boxes = make_crops(val_samples, torch.Generator().manual_seed(1))  # jittered, for the box head
+    mined = val_spots = None
+    if args.hard_negatives:
+        mined = mine(args.hard_negatives, samples, quiet=args.quiet)
+        val_mined = mine(args.hard_negatives, val_samples, quiet=args.quiet)
+        val_spots = (torch.cat([crop_digits(im.float().div(255), m[0]) for (im, _, _), m in zip(val_samples, val_mined)]),
+                     torch.cat([m[1] for m in val_mined]))
+        data_info["hard_negatives"] = {"detector": args.hard_negatives,
+                                       "train_spots": sum(len(m[1]) for m in mined),
+                                       "train_false_boxes": sum(int((m[1] == BACKGROUND).sum()) for m in mined)}
     print(f"{len(samples)} training images, {len(val_crops)} validation crops", file=sys.stderr)
     model = DigitReader(args.width, box_head=args.box_weight > 0)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
     best, start, history = None, time.time(), []
-    steps = args.epochs * math.ceil(sum(len(b) for _, b, _ in samples) * 2 / args.batch_size)
+    per_epoch = sum(len(b) for _, b, _ in samples) * 2 + sum(len(m[1]) for m in mined or [])
+    steps = args.epochs * math.ceil(per_epoch / args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps + args.epochs, pct_start=0.15)
     for epoch in range(args.epochs):
-        crops, labels, where, _ = make_crops(samples, g)
+        crops, labels, where, _ = make_crops(samples, g, mined=mined)
         model.train()
         order = torch.randperm(len(crops), generator=g)
         bar = tqdm(range(0, len(crops), args.batch_size), desc=f"epoch {epoch + 1}", unit="batch", leave=False,
@@ -179,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         digit_acc, bg_acc = accuracy(model, val_crops, val_labels)
         history.append({"epoch": epoch + 1, "digit_accuracy": digit_acc, "background_accuracy": bg_acc,
                         "seconds": time.time() - start})
+        if val_spots is not None:
+            history[-1]["spot_digit_accuracy"], history[-1]["spot_background_accuracy"] = accuracy(model, *val_spots)
         if model.box is not None:
             history[-1]["jittered_box_iou"], history[-1]["refined_box_iou"] = box_ious(model, *val_boxes)
         print(f"epoch {epoch + 1}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items()
                                                        if k not in ("epoch", "seconds")), file=sys.stderr)
-        if best is None or digit_acc + bg_acc > best["digit_accuracy"] + best["background_accuracy"]:
+        if best is None or _score(history[-1]) > _score(best):
             best = history[-1]
-            save_reader(model, args.out, {
+            best_meta = {
                 "training": {"epochs_run": epoch + 1, "train_seconds": round(time.time() - start), "device": "cpu",
                              "crops_per_epoch": len(crops)},
                 "recipe": {k: v for k, v in vars(args).items() if k not in ("data", "threads", "out", "quiet", "extra_json")}
@@ -193,8 +262,21 @@ def main(argv: list[str] | None = None) -> int:
                 "data": data_info,
                 "metrics": {f"valid_{k}": v for k, v in best.items() if k not in ("epoch", "seconds")},
                 "history": history,
-            })
+            }
+            save_reader(model, args.out, best_meta)
+    if args.hard_negatives:  # how far refine should trust the reader's background class, with this detector
+        model = load_reader(args.out)
+        rows = tune_verify(model, args.hard_negatives, args.data, args.val_json, args.val_images, args.verify)
+        print("verify sweep on valid: " + "; ".join(f"{r['verify']}: {r['accuracy']:.3f} / mAP {r['mAP']:.3f}"
+                                                     for r in rows), file=sys.stderr)
+        model.verify = rows[0]["verify"]
+        save_reader(model, args.out, best_meta | {"verify_sweep": {"detector": args.hard_negatives, "rows": rows}})
     return 0
+
+
+def _score(row: dict) -> float:
+    """What picks the exported epoch: the sum of the validation accuracies (digits, background, spots)."""
+    return sum(v for k, v in row.items() if k.endswith("accuracy"))
 
 
 if __name__ == "__main__":
