@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from digit_demo.assemble import Detections, assemble
-from digit_demo.checkpoints import CheckpointError, available, load_checkpoint, resolve
+from digit_demo.checkpoints import CheckpointError, available, load_checkpoint, read_sidecar, resolve
 from digit_demo.data import annotations_by_image, clipped_boxes, gt_numbers
 from digit_demo.detect import Detector, load_detector, to_tensor
 from digit_demo.reader import (BACKGROUND, DEFAULT_READER, DigitReader, crop_digits, crop_fractions,
@@ -94,14 +94,14 @@ def test_verify_weighs_the_readers_own_presence_against_the_detectors(reader, fi
     assert np.allclose(own[0].scores, own[1].scores)  # only the reader's: presence no longer matters
     p = reader(crop_digits(image, boxes)).detach().softmax(1)
     assert np.allclose(np.sort(own[0].scores), np.sort(p[:, :BACKGROUND].amax(1).numpy()), atol=1e-5)
-    assert reader.verify == json.loads(resolve(DEFAULT_READER).with_suffix(".json").read_text())["config"].get("verify", 0.0)
+    assert reader.verify == read_sidecar(resolve(DEFAULT_READER))["config"].get("verify", 0.0)
 
 
 def test_mined_spots_are_labelled_by_the_true_boxes(fixture_gt):
     from torchvision.ops import box_iou
 
     samples = [(image.mul(255).to(torch.uint8), boxes, digits) for _, image, boxes, digits in fixture_samples(fixture_gt)]
-    mined = mine("resnet18_fpn", samples, quiet=True)
+    mined = mine(Detector.load("resnet18_fpn", reader=None), samples, quiet=True)
     assert len(mined) == len(samples) and sum(len(m[1]) for m in mined) >= len(samples)
     for (_, boxes, digits), (spots, labels, truth) in zip(samples, mined):
         if not len(spots):

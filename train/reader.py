@@ -78,20 +78,15 @@ Spots = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a detector's spot box
 
 
 @torch.inference_mode()
-def mine(detector: str, samples: list[Sample], fg_iou: float = 0.5, bg_iou: float = 0.3,
+def mine(det: Detector, samples: list[Sample], fg_iou: float = 0.5, bg_iou: float = 0.3,
          quiet: bool = False) -> list[Spots]:
-    """The spots ``detector`` finds on each image (:func:`digit_demo.reader.spots`, as the reader
+    """The spots ``det`` (a detector without reader) finds on each image (:func:`digit_demo.reader.spots`, as the reader
     will see them), labelled by the true boxes: the digit of a box they overlap by ``fg_iou`` or
     more (with that true box), background where they overlap none by ``bg_iou`` (the detector's
     false boxes: hard negatives), left out in between."""
-    det = Detector.load(detector, reader=None)
     out = []
-    for image, boxes, digits in tqdm(samples, desc=f"mining {detector}", unit="img", disable=quiet):
-        found, _ = spots(det.detect_tensors([image.float().div(255)])[0])
-        found = torch.from_numpy(found)
-        if not len(found):
-            out.append((torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4)))
-            continue
+    for image, boxes, digits in tqdm(samples, desc=f"mining {det.name}", unit="img", disable=quiet):
+        found = torch.from_numpy(spots(det.detect_tensors([image.float().div(255)])[0])[0])
         iou, match = box_iou(found, boxes).max(1)
         labels = torch.where(iou >= fg_iou, digits[match], BACKGROUND)
         keep = (iou >= fg_iou) | (iou < bg_iou)
@@ -113,10 +108,11 @@ def make_crops(samples: list[Sample], g: torch.Generator, jittered: bool = True,
                                                                   torch.zeros(0, 4))
         is_digit = (spot_labels != BACKGROUND)[:, None]
         spot_where = torch.where(is_digit, crop_fractions(spot_truth, spot), 0.0)
+        spot_given = torch.where(is_digit, crop_fractions(spot, spot), 0.0)
         crops.append(crop_digits(img, torch.cat([pos, neg, spot])))
         labels.append(torch.cat([digits, torch.full((len(neg),), BACKGROUND), spot_labels]))
         where.append(torch.cat([crop_fractions(boxes, pos), torch.zeros(len(neg), 4), spot_where]))
-        given.append(torch.cat([crop_fractions(pos, pos), torch.zeros(len(neg), 4), torch.where(is_digit, crop_fractions(spot, spot), 0.0)]))
+        given.append(torch.cat([crop_fractions(pos, pos), torch.zeros(len(neg), 4), spot_given]))
     return torch.cat(crops), torch.cat(labels), torch.cat(where), torch.cat(given)
 
 
@@ -142,13 +138,12 @@ def accuracy(model: DigitReader, crops: torch.Tensor, labels: torch.Tensor) -> t
 
 
 @torch.inference_mode()
-def tune_verify(model: DigitReader, detector: str, data: Path, val_json: str, val_images: str,
+def tune_verify(model: DigitReader, det: Detector, data: Path, val_json: str, val_images: str,
                 values: list[float]) -> list[dict]:
     """Whole-number accuracy and mAP on ``valid`` at the best threshold for each ``verify`` value of
-    :func:`digit_demo.reader.refine`, with ``detector``'s boxes; best first."""
+    :func:`digit_demo.reader.refine`, with the boxes of ``det`` (a detector without reader); best first."""
     model.eval()
     gt = load_coco(data / val_json)
-    det = Detector.load(detector, reader=None)
     tensors = {im["id"]: to_tensor(load_image(data / val_images / im["file_name"])) for im in gt["images"]}
     raw = {i: det.detect_tensors([t])[0] for i, t in tensors.items()}
     rows = []
@@ -211,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     val_boxes = make_crops(val_samples, torch.Generator().manual_seed(1))  # jittered, for the box head
     mined = val_spots = None
     if args.hard_negatives:
-        mined = mine(args.hard_negatives, samples, quiet=args.quiet)
-        val_mined = mine(args.hard_negatives, val_samples, quiet=args.quiet)
+        detector = Detector.load(args.hard_negatives, reader=None)
+        mined = mine(detector, samples, quiet=args.quiet)
+        val_mined = mine(detector, val_samples, quiet=args.quiet)
         val_spots = (torch.cat([crop_digits(im.float().div(255), m[0]) for (im, _, _), m in zip(val_samples, val_mined)]),
                      torch.cat([m[1] for m in val_mined]))
         data_info["hard_negatives"] = {"detector": args.hard_negatives,
@@ -266,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             save_reader(model, args.out, best_meta)
     if args.hard_negatives:  # how far refine should trust the reader's background class, with this detector
         model = load_reader(args.out)
-        rows = tune_verify(model, args.hard_negatives, args.data, args.val_json, args.val_images, args.verify)
+        rows = tune_verify(model, detector, args.data, args.val_json, args.val_images, args.verify)
         print("verify sweep on valid: " + "; ".join(f"{r['verify']}: {r['accuracy']:.3f} / mAP {r['mAP']:.3f}"
                                                      for r in rows), file=sys.stderr)
         model.verify = rows[0]["verify"]
