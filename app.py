@@ -16,6 +16,7 @@ from digit_demo.evaluation import best, plot_sweep
 from digit_demo.images import ImageError, load_image
 from digit_demo.io import image_id_for
 from digit_demo.reader import optional_reader
+from digit_demo.sequence import optional_number_reader
 from digit_demo.session import Item, Session, write_downloads
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "examples").glob("*.png"))
@@ -26,6 +27,7 @@ set_threads(THREADS)
 _detectors: dict[str, Detector] = {}
 _lock = threading.Lock()
 READER = optional_reader()  # the shipped second-stage digit reader, if any
+NUMBER_READER = optional_number_reader()  # and the whole-number reader, which works with it
 
 
 def reading_with_reader(use_reader: bool) -> bool:
@@ -34,14 +36,15 @@ def reading_with_reader(use_reader: bool) -> bool:
 
 
 def detector_for(models: tuple[str, ...], fusion: str, use_reader: bool = True, multi_scale: bool = False):
-    """Models load once and are shared by every visitor; the digit reader and multi-scale reading
-    are applied on request."""
+    """Models load once and are shared by every visitor; the second-stage readers (each digit, then
+    the whole number) and multi-scale reading are applied on request."""
     with _lock:
         for m in models:
             if m not in _detectors:
-                _detectors[m] = Detector.load(m, reader=None)
-    reader = READER if use_reader else None
-    members = [Detector(_detectors[m].model, _detectors[m].meta, reader=reader, multi_scale=multi_scale) for m in models]
+                _detectors[m] = Detector.load(m, reader=None, number_reader=None)
+    reader, lines = (READER, NUMBER_READER) if use_reader else (None, None)
+    members = [Detector(_detectors[m].model, _detectors[m].meta, reader=reader, multi_scale=multi_scale,
+                        number_reader=lines) for m in models]
     return members[0] if len(members) == 1 else Ensemble(members, fusion)
 
 
@@ -167,7 +170,7 @@ def build_demo() -> gr.Blocks:
                                       value=DEFAULT_FUSION,
                                       label="Ensemble fusion")
                     use_reader = gr.Checkbox(READER is not None, visible=READER is not None,
-                                             label="Re-read each digit with the second-stage reader (more accurate)")
+                                             label="Re-read each digit, then the whole number, with the second-stage readers (more accurate)")
                     multi_scale = gr.Checkbox(False, label="Multi-scale: also read at a larger size (finds more digits, ~2x slower)")
                     threshold = gr.Slider(0.05, 0.95, value=best_threshold(default, reader=READER is not None), step=0.01,
                                           label="Confidence threshold", elem_id="threshold")

@@ -2,8 +2,9 @@
 
 Per model: p50/p95 latency per image (batch 1), images/s in batches of 8, peak RSS, mAP / AP50 /
 whole-number accuracy at the best validation threshold, and the server-side cost of one slider
-update in the app; each model with the second-stage digit reader (as the app and CLI run it) and,
-marked "(detector only)", without it. Writes ``checkpoints/benchmark.json``, ``checkpoints/sweeps.json`` (threshold
+update in the app; each model with the second-stage digit and whole-number readers (as the app and
+CLI run it), marked "(no number reader)" with the digit reader alone, and marked "(detector only)"
+without either. Writes ``checkpoints/benchmark.json``, ``checkpoints/sweeps.json`` (threshold
 curves the app's explorer shows), a ``benchmark`` entry in each sidecar (whose validation metrics
 and threshold are re-measured on the shipped weights), and prints a Markdown table.
 
@@ -25,7 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 # each model's variants besides its own reading (with the digit reader, at one size): the child's keys
 # for their latency and detections, the sidecar's ``valid_<name>``, and their ensemble_key marks
-VARIANTS = {"detector_only": {"reader": False}, "multi_scale": {"multi_scale": True}}
+VARIANTS = {"detector_only": {"reader": False}, "multi_scale": {"multi_scale": True},
+            "no_number_reader": {"number_reader": False}}
 DATA = ROOT.parent / "shared" / "data" / "svhn"
 
 
@@ -37,31 +39,37 @@ def measure(name: str, threads: int, limit: int | None, out: Path) -> None:
     from digit_demo.detect import Detector, set_threads, to_tensor
     from digit_demo.images import load_image
     from digit_demo.reader import optional_reader, refine
+    from digit_demo.sequence import optional_number_reader, read_line
     from digit_demo.session import Item, Session, write_downloads
 
     set_threads(threads)
     gt = load_coco(DATA / "valid.json")
     images = gt["images"][:limit] if limit else gt["images"]
-    det = Detector.load(name, batch_size=8, reader=None)
+    det = Detector.load(name, batch_size=8, reader=None, number_reader=None)
     reader = optional_reader()
+    lines = optional_number_reader() if reader else None
     tensors = [to_tensor(load_image(DATA / "valid" / im["file_name"])) for im in images]
     det.detect_tensors(tensors[:4])  # warm-up
-    lat, lat_det = [], []
-    raw, plain = {}, {}
+    lat, lat_det, lat_line = [], [], []
+    raw, plain, no_lines = {}, {}, {}
     for im, t in zip(images, tensors):
         start = time.perf_counter()
         plain[im["id"]] = det.detect_tensors([t])[0]
         lat_det.append((time.perf_counter() - start) * 1000)
-        raw[im["id"]] = refine(reader, t, plain[im["id"]]) if reader else plain[im["id"]]
+        raw[im["id"]] = no_lines[im["id"]] = refine(reader, t, plain[im["id"]]) if reader else plain[im["id"]]
+        read = time.perf_counter()
+        if lines:
+            raw[im["id"]] = read_line(lines, t, no_lines[im["id"]])
+        lat_line.append((time.perf_counter() - read) * 1000)
         lat.append((time.perf_counter() - start) * 1000)
     lat_multi, multi = [], {}
     if reader:  # also read at two input sizes (--multi-scale)
-        both = Detector(det.model, det.meta, reader=reader, multi_scale=True)
+        both = Detector(det.model, det.meta, reader=reader, multi_scale=True, number_reader=lines)
         for im, t in zip(images, tensors):
             start = time.perf_counter()
             multi[im["id"]] = both.detect_tensors([t])[0]
             lat_multi.append((time.perf_counter() - start) * 1000)
-    det.reader = reader
+    det.reader, det.number_reader = reader, lines
     start = time.perf_counter()
     det.detect_tensors(tensors)
     batch_ips = len(tensors) / (time.perf_counter() - start)
@@ -74,16 +82,21 @@ def measure(name: str, threads: int, limit: int | None, out: Path) -> None:
         write_downloads(session.render(float(t)), float(t))
         slider.append((time.perf_counter() - start) * 1000)
     def as_json(found):
-        return {k: {"boxes": v.boxes.tolist(), "scores": v.scores.tolist(), "digits": v.digits.tolist()} for k, v in found.items()}
+        return {k: {"boxes": v.boxes.tolist(), "scores": v.scores.tolist(), "digits": v.digits.tolist(),
+                    "line": None if v.line is None else v.line.tolist()} for k, v in found.items()}
 
     out.write_text(json.dumps({
         "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)), "batch_images_per_s": batch_ips,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "slider_update_ms": float(np.median(slider)),
         "threads": threads, "torch": torch.__version__, "reader": reader.meta["name"] if reader else None,
+        "number_reader": lines.meta["name"] if lines else None, "line_p50_ms": float(np.percentile(lat_line, 50)),
         "detector_only": {"p50_ms": float(np.percentile(lat_det, 50)), "p95_ms": float(np.percentile(lat_det, 95))},
+        "no_number_reader": {"p50_ms": float(np.percentile(np.subtract(lat, lat_line), 50)),
+                             "p95_ms": float(np.percentile(np.subtract(lat, lat_line), 95))} if lines else None,
         "multi_scale": {"p50_ms": float(np.percentile(lat_multi, 50)), "p95_ms": float(np.percentile(lat_multi, 95))}
         if multi else None,
         "detections": as_json(raw), "detections_detector_only": as_json(plain), "detections_multi_scale": as_json(multi),
+        "detections_no_number_reader": as_json(no_lines if lines else {}),
     }))
 
 
@@ -104,14 +117,20 @@ def main() -> int:
     from digit_demo.checkpoints import CHECKPOINT_DIR, available
     from digit_demo.data import load_coco
     from digit_demo.ensemble import FUSIONS, ensemble_key, fuse, member_weights
+    from digit_demo.detect import to_tensor, with_lines
     from digit_demo.evaluation import best, sweep
+    from digit_demo.images import load_image
+    from digit_demo.sequence import optional_number_reader
 
     def parse(found: dict) -> dict:
         return {int(k): Detections(np.array(v["boxes"], np.float32).reshape(-1, 4), np.array(v["scores"], np.float32),
-                                   np.array(v["digits"], np.int64)) for k, v in found.items()}
+                                   np.array(v["digits"], np.int64),
+                                   None if v["line"] is None else np.array(v["line"], np.float32)) for k, v in found.items()}
 
     names = args.models or available()
     gt = load_coco(DATA / "valid.json")
+    lines = optional_number_reader()  # ensembles read their fused digits' line, as the app and CLI do
+    tensors = {im["id"]: to_tensor(load_image(DATA / "valid" / im["file_name"])) for im in gt["images"]} if lines else {}
     if args.limit:
         gt = {**gt, "images": gt["images"][: args.limit]}
         keep = {im["id"] for im in gt["images"]}
@@ -130,8 +149,10 @@ def main() -> int:
         found = {variant: parse(r.pop(f"detections_{variant}")) for variant in VARIANTS}
         raw_multi[name] = found["multi_scale"]
         results[name] = r
-        if r["reader"]:  # the same detector without the reader, and read at two sizes, for comparison
+        if r["reader"]:  # the same detector without the readers, and read at two sizes, for comparison
             for variant, marks in VARIANTS.items():
+                if not found[variant]:
+                    continue
                 key = ensemble_key([name], "", **marks)
                 curves[key] = sweep(gt, found[variant])
                 results[key] = {**r, **r[variant], "batch_images_per_s": None, "peak_rss_mb": None}
@@ -149,10 +170,12 @@ def main() -> int:
                 weights = member_weights([{"metrics": {"valid": {"accuracy": t.accuracy}}} for t in tops])
                 thresholds = [t.threshold for t in tops]
                 fused = {i: fuse([found[g][i] for g in group], method, 0.55, weights, thresholds) for i in ids}
+                fused = {i: with_lines(lines, [tensors[i]], [d])[0] for i, d in fused.items()}  # read the fused line once
                 fuse_ms = (time.perf_counter() - start) * 1000 / len(ids)
                 curves[key] = sweep(gt, fused)
-                results[key] = {"p50_ms": sum(results[m]["p50_ms"] for m in members) + fuse_ms,
-                                "p95_ms": sum(results[m]["p95_ms"] for m in members) + fuse_ms,
+                own = sum(results[m]["line_p50_ms"] for m in members)  # members' own line readings, replaced by the above
+                results[key] = {"p50_ms": sum(results[m]["p50_ms"] for m in members) - own + fuse_ms,
+                                "p95_ms": sum(results[m]["p95_ms"] for m in members) - own + fuse_ms,
                                 "batch_images_per_s": None if multi_scale else
                                 1 / sum(1 / results[g]["batch_images_per_s"] for g in group),
                                 "peak_rss_mb": None, "slider_update_ms": results[group[0]]["slider_update_ms"]}
@@ -186,7 +209,9 @@ def main() -> int:
     lines = [f"Measured {time.strftime('%Y-%m-%d')} on {len(gt['images'])} `valid` images, {args.threads} CPU threads "
              f"(this 2-core machine), torch {results[names[0]]['torch']}; latency is per image at batch 1, "
              "ensembles add up their members; accuracy and mAP at each row's best threshold. Every model runs with "
-             f"the second-stage digit reader (`{results[names[0]]['reader']}`) except the rows marked (detector only).", ""]
+             f"the second-stage digit reader (`{results[names[0]]['reader']}`) and whole-number reader "
+             f"(`{results[names[0]]['number_reader']}`) except the rows marked (detector only), and without the "
+             "latter in the rows marked (no number reader).", ""]
     lines += ["| model | threshold | mAP | AP50 | accuracy | p50 ms | p95 ms | batch img/s | peak RSS MB | slider ms | training (per device: epochs, time, img/s) |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():

@@ -131,16 +131,44 @@ def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
             if "init_from" in rec:
                 notes.append(f"- **{meta['name']}** training stages, each fine-tuning the one before:\n{_stages(meta)}")
     out = directory / "README.md"
-    out.write_text("".join(lines) + ("\n" + "".join(notes) if notes else "") + _reader_section(directory))
+    out.write_text("".join(lines) + ("\n" + "".join(notes) if notes else "") + _reader_section(directory)
+                   + _number_reader_section(directory))
     return out
 
 
-def reader_sidecar(directory: Path = CHECKPOINT_DIR) -> dict | None:
-    """The shipped second-stage digit reader's sidecar, or None where none is shipped."""
+def reader_sidecar(directory: Path = CHECKPOINT_DIR, name: str | None = None) -> dict | None:
+    """The sidecar of a shipped second stage (default: the digit reader), or None where it is not shipped."""
     from .reader import DEFAULT_READER
 
-    side = directory / f"{DEFAULT_READER}.json"
+    side = directory / f"{name or DEFAULT_READER}.json"
     return read_sidecar(side) if side.is_file() else None
+
+
+def _number_reader_section(directory: Path) -> str:
+    """The whole-number reader's entry, if one is shipped."""
+    from .assemble import LINE_MARGIN
+    from .sequence import DEFAULT_SEQUENCE, REGION_THRESHOLD
+
+    meta = reader_sidecar(directory, DEFAULT_SEQUENCE)
+    if meta is None:
+        return ""
+    tr, cfg, data = meta.get("training", {}), meta["config"], meta.get("data", {})
+    extra = "".join(f" + {e['count']} resolved `{e['images']}/` images" for e in data.get("extra", []))
+    own = data.get("self_labelled")
+    if own:
+        extra += (f" + {own['count']} `{own['images']}/` photos labelled with the numbers `{own['detector']}` reads "
+                  f"with confidence ≥ {own['min_confidence']:g} (self-training)")
+    return (f"\n## Whole-number reader (`{meta['name']}`)\n\n"
+            f"A CRNN (`{meta['architecture']}`: CNN width {cfg['width']}, bidirectional GRU {cfg['hidden']}, CTC) that "
+            f"reads the whole number from a {cfg['height']} x {cfg['crop_width']} crop around the digits found at "
+            f"threshold {REGION_THRESHOLD:g}. The numbers read at the other thresholds are the alternatives; one it "
+            f"finds more likely than the chosen threshold's by {LINE_MARGIN:g} nats replaces it "
+            "(`digit_demo.assemble.assemble`), so it settles how many digits a number has while every digit read is a "
+            f"detected box. Alone, on crops around the true `valid` boxes, it reads "
+            f"{meta['metrics']['valid_number_accuracy_true_boxes']:.3f} of the numbers. Trained from scratch on "
+            f"`train`{extra}: {tr.get('epochs_run', '?')} epochs on {tr.get('device', '?')}, "
+            f"{_duration(tr.get('train_seconds', 0))} (`python -m train.sequence`); recipe "
+            f"`{json.dumps(meta.get('recipe', {}))}`.\n")
 
 
 def _reader_section(directory: Path) -> str:
@@ -207,7 +235,7 @@ def sweep_curves(directory: Path = CHECKPOINT_DIR) -> dict:
 
 
 def model_label(name: str, directory: Path = CHECKPOINT_DIR, reader: bool = True) -> str:
-    """'name · acc 0.85 · mAP 0.41 · 45 ms' from the sidecar's measured numbers, with the digit reader
+    """'name · acc 0.85 · mAP 0.41 · 45 ms' from the sidecar's measured numbers, with the second-stage readers
     or (``reader=False``, where measured) for the detector alone."""
     meta = read_sidecar(directory / f"{name}.safetensors")
     metrics, bench = meta.get("metrics", {}), meta.get("benchmark", {})

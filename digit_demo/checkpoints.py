@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -86,6 +87,36 @@ def resolve(name_or_path: str | Path) -> Path:
         return downloaded
     hint = f" (set {HUB_REPO_ENV} and go online to download from the Hugging Face Hub)" if not os.environ.get(HUB_REPO_ENV) else ""
     raise CheckpointError(f"checkpoint {str(name_or_path)!r} not found; available: {', '.join(available()) or 'none'}{hint}")
+
+
+def load_module(name_or_path: str | Path, architecture: str, build: Callable[[dict], nn.Module], what: str) -> nn.Module:
+    """Load a non-detector checkpoint of ``architecture`` (fp32, eval mode, its sidecar as ``.meta``),
+    built from its sidecar by ``build``; :class:`CheckpointError` when it is not ``what``."""
+    path = resolve(name_or_path)
+    meta = read_sidecar(path)
+    if meta["architecture"] != architecture:
+        raise CheckpointError(f"{path.name}: a {meta['architecture']!r} checkpoint, not a {what}")
+    model = build(meta)
+    state = read_weights(path)
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError as e:
+        raise CheckpointError(f"{path.name}: weights do not fit the {what} ({str(e).splitlines()[0]})") from None
+    model.meta = meta
+    return model.eval()
+
+
+def resolve_optional(name: str | Path | None, default: str) -> Path | None:
+    """A second-stage checkpoint to load: none for ``None`` or where ``default`` is asked for but not
+    shipped; any other name must resolve."""
+    if name is None:
+        return None
+    try:
+        return resolve(name)
+    except CheckpointError:
+        if str(name) == default:
+            return None
+        raise
 
 
 def read_sidecar(path: str | Path) -> dict:

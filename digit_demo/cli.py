@@ -11,6 +11,7 @@ from .checkpoints import DEFAULT_MODEL, CheckpointError
 from .ensemble import DEFAULT_FUSION, FUSIONS
 from .images import ImageError
 from .reader import DEFAULT_READER
+from .sequence import DEFAULT_SEQUENCE
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +22,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for inference")
     p.add_argument("--reader", default=DEFAULT_READER, help=f"second-stage digit reader checkpoint (default {DEFAULT_READER})")
     p.add_argument("--no-reader", dest="reader", action="store_const", const=None, help="use the detector's own digit scores")
+    p.add_argument("--number-reader", default=DEFAULT_SEQUENCE,
+                   help=f"whole-number reader checkpoint that settles how many digits a number has (default {DEFAULT_SEQUENCE})")
+    p.add_argument("--no-number-reader", dest="number_reader", action="store_const", const=None,
+                   help="read the number from the digits above the threshold alone")
     p.add_argument("--multi-scale", action="store_true",
                    help="also read each image at a larger input size and merge (more digits found, ~2x slower)")
 
@@ -41,7 +46,7 @@ def _load(args):
 
     set_threads(args.threads)
     return load_detector(args.model or [DEFAULT_MODEL], args.fusion, args.fusion_iou, args.batch_size, args.reader,
-                         args.multi_scale)
+                         args.multi_scale, args.number_reader)
 
 
 def cmd_predict(args) -> int:
@@ -181,6 +186,10 @@ def cmd_models(args) -> int:
         m = meta.get("metrics", {})
         print(json.dumps({"name": meta["name"], "architecture": meta["architecture"], "role": "second-stage digit reader",
                           "valid_digit_accuracy": round(m.get("valid_digit_accuracy", 0), 4)}))
+    meta = reader_sidecar(name=DEFAULT_SEQUENCE)
+    if meta is not None:  # reads the whole line unless --no-number-reader
+        print(json.dumps({"name": meta["name"], "architecture": meta["architecture"], "role": "whole-number reader",
+                          "valid_number_accuracy_true_boxes": round(meta["metrics"]["valid_number_accuracy_true_boxes"], 4)}))
     return 0
 
 

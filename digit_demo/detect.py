@@ -16,6 +16,7 @@ from .ensemble import DEFAULT_FUSION, ensemble_key, fuse, member_weights, nms_fu
 from .images import ImageInput, load_image
 from .models import multi_scale_views
 from .reader import DEFAULT_READER, DigitReader, optional_reader, refine
+from .sequence import DEFAULT_SEQUENCE, NumberReader, optional_number_reader, read_line
 
 
 def set_threads(threads: int | None) -> None:
@@ -46,25 +47,28 @@ class Detector:
 
     With ``multi_scale`` each image is also read at a larger input size
     (:func:`digit_demo.models.multi_scale_views`) and the two readings are merged by class-aware NMS:
-    digits one size misses the other may find, for about twice the time.
+    digits one size misses the other may find, for about twice the time. With a ``number_reader``
+    the detections also carry its reading of the whole line (:func:`digit_demo.sequence.read_line`).
     """
 
     def __init__(self, model: nn.Module, meta: dict, batch_size: int = 8, reader: DigitReader | None = None,
-                 multi_scale: bool = False):
+                 multi_scale: bool = False, number_reader: NumberReader | None = None):
         self.model = model.eval()
         self.meta = meta
         self.name = meta.get("name", "model")
         self.batch_size = batch_size
         self.reader = reader
         self.multi_scale = multi_scale
+        self.number_reader = number_reader
         self.views = multi_scale_views(self.model) if multi_scale else [self.model]
 
     @classmethod
     def load(cls, name_or_path: str | Path = DEFAULT_MODEL, reader: str | Path | None = DEFAULT_READER,
-             **kwargs) -> "Detector":
-        """Load a detector checkpoint and (unless ``reader`` is None) the digit reader."""
+             number_reader: str | Path | None = DEFAULT_SEQUENCE, **kwargs) -> "Detector":
+        """Load a detector checkpoint and (unless None) the digit reader and the number reader."""
         model, meta = load_checkpoint(name_or_path)
-        return cls(model, meta, reader=optional_reader(reader), **kwargs)
+        return cls(model, meta, reader=optional_reader(reader), number_reader=optional_number_reader(number_reader),
+                   **kwargs)
 
     def _read(self, view: nn.Module, tensors: Sequence[torch.Tensor]) -> list[Detections]:
         out: list[Detections] = []
@@ -75,9 +79,13 @@ class Detector:
         return out
 
     @torch.inference_mode()
-    def detect_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
+    def spot_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
+        """The digits found, without the number reader's reading."""
         readings = [self._read(view, tensors) for view in self.views]
         return readings[0] if len(readings) == 1 else [nms_fusion(list(d)) for d in zip(*readings)]
+
+    def detect_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
+        return with_lines(self.number_reader, tensors, self.spot_tensors(tensors))
 
     def __call__(self, images: Iterable[ImageInput]) -> list[Detections]:
         return self.detect_tensors([to_tensor(load_image(im)) for im in images])
@@ -98,25 +106,36 @@ class Ensemble:
         self.thresholds = [m.meta.get("threshold") for m in members]
         self.name = ensemble_key([m.name for m in members], method, members[0].reader is not None,
                                  members[0].multi_scale)
+        self.number_reader = members[0].number_reader  # reads the fused digits' line once
 
     def fuse(self, per_member: Sequence[Sequence[Detections]]) -> list[Detections]:
         """Fuse members' detections, given as ``per_member[m][i]`` for image ``i``."""
         return [fuse(list(dets), self.method, self.iou, self.weights, self.thresholds) for dets in zip(*per_member)]
 
     def detect_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
-        return self.fuse([m.detect_tensors(tensors) for m in self.members])
+        return with_lines(self.number_reader, tensors, self.fuse([m.spot_tensors(tensors) for m in self.members]))
 
     def __call__(self, images: Iterable[ImageInput]) -> list[Detections]:
         return self.detect_tensors([to_tensor(load_image(im)) for im in images])
 
 
+def with_lines(number_reader: NumberReader | None, tensors: Sequence[torch.Tensor],
+               found: list[Detections]) -> list[Detections]:
+    """Each image's detections with ``number_reader``'s reading of their line (unchanged without one)."""
+    if number_reader is None:
+        return found
+    return [read_line(number_reader, t, d) for t, d in zip(tensors, found)]
+
+
 def load_detector(names: Sequence[str | Path], fusion: str = DEFAULT_FUSION, iou: float = 0.55, batch_size: int = 8,
-                  reader: str | Path | None = DEFAULT_READER, multi_scale: bool = False) -> Detector | Ensemble:
+                  reader: str | Path | None = DEFAULT_READER, multi_scale: bool = False,
+                  number_reader: str | Path | None = DEFAULT_SEQUENCE) -> Detector | Ensemble:
     """One name gives a :class:`Detector`; several give an :class:`Ensemble` fused by ``fusion``
-    (members share one digit ``reader``; ``multi_scale`` applies to each)."""
+    (members share one digit ``reader`` and ``number_reader``; ``multi_scale`` applies to each)."""
     shared = optional_reader(reader)
-    detectors = [Detector(*load_checkpoint(n), batch_size=batch_size, reader=shared, multi_scale=multi_scale)
-                 for n in names]
+    lines = optional_number_reader(number_reader)
+    detectors = [Detector(*load_checkpoint(n), batch_size=batch_size, reader=shared, multi_scale=multi_scale,
+                          number_reader=lines) for n in names]
     return detectors[0] if len(detectors) == 1 else Ensemble(detectors, fusion, iou)
 
 

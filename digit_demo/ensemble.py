@@ -14,6 +14,8 @@ FUSIONS = ("vote", "wbf", "nms")
 # of the three fusions in each (benchmark.py, 2026-11-27, the reader trained with resnet18_fpn's spots:
 # mobilenet+resnet18 0.813 against 0.793, mAP 0.423 against 0.414 and NMS 0.403). NMS read as many or more
 # numbers in some groups (resnet18+resnet34: 0.820 both; all three: 0.820 against 0.803) at a lower mAP.
+# With the whole-number reader added (a later run that day), NMS read the most numbers in every group and
+# WBF still at least as many as the vote at one size, but its mAP lead is gone; the default was not revisited.
 DEFAULT_FUSION = "wbf"
 
 
@@ -132,11 +134,14 @@ def vote_fusion(dets: list[Detections], iou: float = 0.55, weights: list[float] 
     return _by_score(boxes, scores, digits)
 
 
-def ensemble_key(models: list[str] | tuple[str, ...], fusion: str, reader: bool = True, multi_scale: bool = False) -> str:
+def ensemble_key(models: list[str] | tuple[str, ...], fusion: str, reader: bool = True, multi_scale: bool = False,
+                 number_reader: bool = True) -> str:
     """The name of a model or an ensemble, as benchmarks, sweeps and the app use it; without the
-    digit reader it is marked ``(detector only)``, read at two input sizes ``(multi-scale)``."""
+    second-stage readers it is marked ``(detector only)``, with the digit reader alone ``(no number
+    reader)``, read at two input sizes ``(multi-scale)``."""
     key = models[0] if len(models) == 1 else f"ensemble[{fusion}]({'+'.join(models)})"
-    marks = ["detector only"] * (not reader) + ["multi-scale"] * multi_scale
+    marks = (["detector only"] * (not reader) + ["no number reader"] * (reader and not number_reader)
+             + ["multi-scale"] * multi_scale)
     return f"{key} ({', '.join(marks)})" if marks else key
 
 

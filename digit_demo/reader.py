@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.ops import box_iou, nms, roi_align
 
 from .assemble import Detections
-from .checkpoints import CheckpointError, read_sidecar, read_weights, resolve, write_weights
+from .checkpoints import load_module, resolve_optional, write_weights
 
 CROP = 32
 CONTEXT = 1.2  # crop side = CONTEXT x the box's longer side
@@ -155,31 +155,16 @@ def save_reader(model: DigitReader, path: str | Path, meta: dict) -> Path:
 
 def load_reader(name_or_path: str | Path = DEFAULT_READER) -> DigitReader:
     """Load a reader checkpoint (fp32, eval mode); :class:`CheckpointError` when it is not one."""
-    path = resolve(name_or_path)
-    meta = read_sidecar(path)
-    if meta["architecture"] != READER_ARCHITECTURE:
-        raise CheckpointError(f"{path.name}: a {meta['architecture']!r} checkpoint, not a digit reader")
-    config = meta["config"]
-    model = DigitReader(int(config.get("width", 32)), box_head=bool(config.get("box_head")),
-                        verify=float(config.get("verify", 0.0)))
-    state = read_weights(path)
-    try:
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    except RuntimeError as e:
-        raise CheckpointError(f"{path.name}: weights do not fit the digit reader ({str(e).splitlines()[0]})") from None
-    model.meta = meta
-    return model.eval()
+    def build(meta: dict) -> DigitReader:
+        config = meta["config"]
+        return DigitReader(int(config.get("width", 32)), box_head=bool(config.get("box_head")),
+                           verify=float(config.get("verify", 0.0)))
+
+    return load_module(name_or_path, READER_ARCHITECTURE, build, "digit reader")
 
 
 def optional_reader(name: str | Path | None = DEFAULT_READER) -> DigitReader | None:
     """The reader to use: none for ``None`` or where the default one is not shipped; any other
     name must load."""
-    if name is None:
-        return None
-    try:
-        path = resolve(name)
-    except CheckpointError:
-        if str(name) == DEFAULT_READER:
-            return None
-        raise
-    return load_reader(path)
+    path = resolve_optional(name, DEFAULT_READER)
+    return load_reader(path) if path else None

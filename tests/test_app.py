@@ -115,11 +115,11 @@ def test_threshold_default_comes_from_the_sweep(client):
         assert rows["data"][0][0] == name
 
 
-def test_reader_checkbox_switches_the_second_stage(client, default_detector):
+def test_reader_checkbox_switches_the_second_stages(client, default_detector):
     from digit_demo.assemble import assemble
     from digit_demo.detect import Detector
 
-    plain = Detector.load(reader=None)
+    plain = Detector.load(reader=None, number_reader=None)  # the checkbox turns off both readers
     for use_reader, det in ((True, default_detector), (False, plain)):
         table = read_all(client, IMAGES[:4], threshold=0.4, use_reader=use_reader)[4]
         assert [r[2] for r in table["data"]] == [assemble(d, 0.4).text or "-1" for d in det(IMAGES[:4])]
@@ -131,7 +131,8 @@ def test_multi_scale_checkbox_reads_at_two_sizes(client, default_detector):
     from digit_demo.checkpoints import read_sidecar, resolve
     from digit_demo.detect import Detector
 
-    both = Detector(default_detector.model, default_detector.meta, reader=default_detector.reader, multi_scale=True)
+    both = Detector(default_detector.model, default_detector.meta, reader=default_detector.reader, multi_scale=True,
+                    number_reader=default_detector.number_reader)
     table = read_all(client, IMAGES, threshold=0.4, multi_scale=True)[4]
     assert [r[2] for r in table["data"]] == [assemble(d, 0.4).text or "-1" for d in both(IMAGES)]
     slider, _, rows = client.predict(["resnet18_fpn"], "wbf", True, True, api_name="/model_settings")

@@ -95,7 +95,8 @@ def test_predict_multi_scale(tmp_path, default_detector):
 
     r = cli("predict", FIXTURES / "valid", "--out", tmp_path, "--multi-scale", "-q")
     assert r.returncode == 0, r.stderr
-    both = Detector(default_detector.model, default_detector.meta, reader=default_detector.reader, multi_scale=True)
+    both = Detector(default_detector.model, default_detector.meta, reader=default_detector.reader, multi_scale=True,
+                    number_reader=default_detector.number_reader)
     threshold = best_threshold(multi_scale=True)
     images = sorted((FIXTURES / "valid").glob("*.png"))
     expected = {int(p.stem): assemble(d, threshold).label for p, d in zip(images, both(images))}

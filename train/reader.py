@@ -181,19 +181,24 @@ def parser() -> argparse.ArgumentParser:
                         "and pick refine's verify weight for it on valid")
     p.add_argument("--verify", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                    help="verify weights to try with --hard-negatives (the best on valid is stored)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N train images (tests)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=CHECKPOINT_DIR / DEFAULT_READER, help="checkpoint path to export to")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_args(p, DEFAULT_READER)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def add_run_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    """The options every second-stage trainer shares: data size, threads, seed, export path, quiet."""
+    p.add_argument("--limit", type=int, default=None, help="use only the first N train images (tests)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=CHECKPOINT_DIR / default_out, help="checkpoint path to export to")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def begin_run(args: argparse.Namespace) -> tuple[torch.Generator, list[Sample], dict]:
+    """Set threads and seeds; the run's random generator, its training images (``train`` plus every
+    ``--extra-json``) and what they are, for the sidecar."""
     set_threads(args.threads)
     torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
     samples = load_samples(args.data / args.train_images, args.data / args.train_json, args.limit)
     data_info = {"train": args.train_json, "train_images": len(samples), "extra": [], "valid": args.val_json,
                  "source": DATA_SOURCE}
@@ -201,12 +206,18 @@ def main(argv: list[str] | None = None) -> int:
         more = load_samples(args.data / args.extra_images, extra, args.limit)
         data_info["extra"].append({"json": str(extra), "images": args.extra_images, "count": len(more)})
         samples += more
+    return torch.Generator().manual_seed(args.seed), samples, data_info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    g, samples, data_info = begin_run(args)
     val_samples = load_samples(args.data / args.val_images, args.data / args.val_json)
     val_crops, val_labels, _, _ = make_crops(val_samples, torch.Generator().manual_seed(0), jittered=False)
     val_boxes = make_crops(val_samples, torch.Generator().manual_seed(1))  # jittered, for the box head
     mined = val_spots = None
     if args.hard_negatives:
-        detector = Detector.load(args.hard_negatives, reader=None)
+        detector = Detector.load(args.hard_negatives, reader=None, number_reader=None)
         mined = mine(detector, samples, quiet=args.quiet)
         val_mined = mine(detector, val_samples, quiet=args.quiet)
         val_spots = (torch.cat([crop_digits(im.float().div(255), m[0]) for (im, _, _), m in zip(val_samples, val_mined)]),

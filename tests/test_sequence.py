@@ -1,0 +1,121 @@
+"""The whole-number reader: its crops, CTC scoring, how assembly uses it, the shipped checkpoint, its trainer."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from digit_demo.assemble import BLANK, Detections, assemble, line_log_prob
+from digit_demo.checkpoints import CheckpointError
+from digit_demo.data import annotations_by_image, clipped_boxes, gt_numbers
+from digit_demo.detect import Detector, to_tensor
+from digit_demo.images import load_image
+from digit_demo.sequence import (HEIGHT, WIDTH, crop_boxes, crop_numbers, decode, load_sequence, number_region,
+                                 optional_number_reader, read_line)
+from train.sequence import main
+
+from .conftest import FIXTURES
+
+
+def line_for(text: str, steps: int = 8, sure: float = 0.98) -> np.ndarray:
+    """Log-probabilities of a reading that is ``sure`` of ``text``, one character per other step."""
+    p = np.full((steps, BLANK + 1), (1 - sure) / BLANK, np.float32)
+    p[:, BLANK] = sure
+    for k, c in enumerate(text):
+        p[2 * k + 1] = (1 - sure) / BLANK
+        p[2 * k + 1, int(c)] = sure
+    return np.log(p)
+
+
+def test_crops_keep_the_readers_aspect_and_hold_the_region():
+    regions = torch.tensor([[10.0, 20.0, 30.0, 40.0], [0.0, 0.0, 200.0, 10.0]])
+    boxes = crop_boxes(regions)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert torch.allclose(w / h, torch.full((2,), WIDTH / HEIGHT))
+    assert (boxes[:, :2] <= regions[:, :2]).all() and (boxes[:, 2:] >= regions[:, 2:]).all()
+    assert torch.allclose((boxes[:, :2] + boxes[:, 2:]) / 2, (regions[:, :2] + regions[:, 2:]) / 2)
+    assert crop_numbers(torch.rand(3, 50, 60), regions).shape == (2, 3, HEIGHT, WIDTH)
+    digits = torch.tensor([[10.0, 10.0, 20.0, 30.0], [22.0, 12.0, 32.0, 32.0]])
+    assert number_region(digits, 0.5, 0.25).tolist() == [0.0, 5.0, 42.0, 37.0]  # padded by the median height (20)
+
+
+def test_ctc_scores_are_probabilities_of_whole_readings():
+    line = torch.randn(2, BLANK + 1).log_softmax(1).numpy()
+    texts = [""] + [str(d) for d in range(10)] + ["".join(p) for p in itertools.product("0123456789", repeat=2)]
+    assert np.exp(line_log_prob(line, texts)).sum() == pytest.approx(1.0, abs=1e-4)  # every reading of two steps
+    sure = line_for("41")
+    scores = dict(zip(["41", "4", "1", "", "14", "411"], line_log_prob(sure, ["41", "4", "1", "", "14", "411"])))
+    assert max(scores, key=scores.get) == "41" and scores["41"] > np.log(0.8)
+    assert decode(torch.from_numpy(sure)[None]) == ["41"]
+    assert decode(torch.from_numpy(line_for("1100"))[None]) == ["1100"]  # repeats need a blank between them
+
+
+def test_the_line_reading_settles_how_many_digits_the_number_has():
+    dets = Detections(np.array([[10, 10, 20, 30], [21, 10, 31, 30]], np.float32), np.array([0.9, 0.3], np.float32),
+                      np.array([4, 1]))
+    assert assemble(dets, 0.5).text == "4"  # no line: the threshold decides
+    with_line = Detections(dets.boxes, dets.scores, dets.digits, line_for("41"))
+    read = assemble(with_line, 0.5)
+    assert read.text == "41" and len(read.digits) == 2  # the faint "1" is back, with its box
+    assert assemble(with_line, 0.5, line_margin=None).text == "4"
+    assert assemble(Detections(dets.boxes, dets.scores, dets.digits, line_for("4")), 0.2).text == "4"  # and it drops one
+    unsure = Detections(dets.boxes, dets.scores, dets.digits, line_for("41", sure=0.5))
+    assert assemble(unsure, 0.5).text == "4"  # a weak preference does not overrule the threshold
+    assert with_line.above(0.5).line is with_line.line  # filtering keeps the image's line
+
+
+@pytest.fixture(scope="module")
+def number_reader():
+    return load_sequence()
+
+
+def test_shipped_number_reader_reads_real_fixture_numbers(number_reader, fixture_gt):
+    anns, numbers = annotations_by_image(fixture_gt), gt_numbers(fixture_gt)
+    right = 0
+    for im in fixture_gt["images"]:
+        img = load_image(FIXTURES / "valid" / im["file_name"])
+        boxes, _ = clipped_boxes(anns[im["id"]], img.width, img.height)
+        with torch.inference_mode():
+            right += decode(number_reader(crop_numbers(to_tensor(img), number_region(boxes)[None])))[0] == numbers[im["id"]]
+    assert right >= len(numbers) // 2  # hard photos (the default detector reads 4 of them too)
+    meta = number_reader.meta
+    assert meta["architecture"] == "number_reader_crnn" and meta["weights_dtype"] == "float16"
+    assert meta["metrics"]["valid_number_accuracy_true_boxes"] > 0.6
+
+
+def test_detector_reads_the_line_with_the_shipped_number_reader(fixture_gt, fixture_images):
+    names = {im["id"]: im["file_name"] for im in fixture_gt["images"]}
+    paths = [fixture_images / n for n in names.values()]
+    with_line = Detector.load()(paths)
+    without = Detector.load(number_reader=None)(paths)
+    assert all(d.line is not None and d.line.shape == (WIDTH // 4, BLANK + 1) for d in with_line)
+    assert all(d.line is None for d in without)
+    for a, b in zip(with_line, without):  # the same digits, only the reading of the line is added
+        assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
+    numbers = gt_numbers(fixture_gt)  # hard photos: the default reads 4 of the 8 without the line reader
+    right = sum(assemble(d, 0.3).text == numbers[i] for i, d in zip(names, with_line))
+    assert right >= max(4, sum(assemble(d, 0.3).text == numbers[i] for i, d in zip(names, without)))
+    assert read_line(optional_number_reader(), torch.rand(3, 40, 60), Detections()).line is None  # nothing to read
+
+
+def test_wrong_checkpoints_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="not a number reader"):
+        load_sequence("resnet18_fpn")
+    assert optional_number_reader(None) is None
+    with pytest.raises(CheckpointError):
+        optional_number_reader(tmp_path / "missing")
+
+
+def test_short_training_run_exports_a_loadable_number_reader(tmp_path):
+    out = tmp_path / "number_reader"
+    args = ["--data", str(FIXTURES), "--train-json", "valid.json", "--train-images", "valid", "--epochs", "2",
+            "--width", "8", "--hidden", "16", "--batch-size", "4", "--quiet", "--out", str(out),
+            "--self-train", "resnet18_fpn", "--extra-images", "valid", "--limit", "4", "--min-confidence", "0.5"]
+    assert main(args) == 0
+    model = load_sequence(out)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert model.width == 8 and model.hidden == 16 and meta["recipe"]["epochs"] == 2
+    assert meta["data"]["train_images"] == 4 and 1 <= meta["data"]["self_labelled"]["count"] <= 4
+    assert len(meta["history"]) == 2 and 0 <= meta["metrics"]["valid_number_accuracy_true_boxes"] <= 1
+    assert model(torch.rand(2, 3, HEIGHT, WIDTH)).shape == (2, WIDTH // 4, BLANK + 1)
