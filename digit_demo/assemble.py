@@ -121,14 +121,19 @@ def reading_order(dets: Detections) -> Detections:
     return dets.select(np.argsort(key, kind="stable"))
 
 
+def ctc_nll(log_probs: torch.Tensor, texts: list[str], **kwargs) -> torch.Tensor:
+    """CTC negative log-likelihood of ``texts`` (digit strings) under T x N x 11 ``log_probs``, one
+    column per text, every time step used; ``kwargs`` go to :func:`torch.nn.functional.ctc_loss`."""
+    targets = torch.tensor([int(c) for t in texts for c in t], dtype=torch.long)
+    return F.ctc_loss(log_probs, targets, torch.full((len(texts),), log_probs.shape[0], dtype=torch.long),
+                      torch.tensor([len(t) for t in texts], dtype=torch.long), blank=BLANK, **kwargs)
+
+
 def line_log_prob(line: np.ndarray, texts: list[str]) -> np.ndarray:
     """log p(text) for each of ``texts`` under a number reader's T x 11 ``line`` log-probabilities
     (CTC: summed over every alignment; the empty text is the all-blank path)."""
     lp = torch.from_numpy(line).float()[:, None].expand(-1, len(texts), -1)
-    targets = torch.tensor([int(c) for t in texts for c in t], dtype=torch.long)
-    nll = F.ctc_loss(lp, targets, torch.full((len(texts),), lp.shape[0], dtype=torch.long),
-                     torch.tensor([len(t) for t in texts], dtype=torch.long), blank=BLANK, reduction="none")
-    return (-nll).detach().numpy()
+    return (-ctc_nll(lp, texts, reduction="none")).detach().numpy()
 
 
 # With the number reader, another reading replaces the one at the chosen threshold when the reader

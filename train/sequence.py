@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from digit_demo.assemble import Detections, assemble, reading_order
+from digit_demo.assemble import Detections, assemble, ctc_nll, reading_order
 from digit_demo.card import best_threshold
 from digit_demo.data import load_coco
 from digit_demo.detect import Detector, to_tensor
 from digit_demo.images import load_image
-from digit_demo.sequence import (BLANK, DEFAULT_SEQUENCE, HEIGHT, WIDTH, NumberReader, crop_at, crop_boxes,
+from digit_demo.sequence import (DEFAULT_SEQUENCE, HEIGHT, WIDTH, NumberReader, crop_at, crop_boxes,
                                  crop_numbers, decode, number_region, save_sequence)
 
 from .cli import add_data_args
@@ -98,13 +98,6 @@ def accuracy(model: NumberReader, crops: torch.Tensor, texts: list[str]) -> floa
     return sum(a == b for a, b in zip(read, texts)) / max(len(texts), 1)
 
 
-def ctc_loss(log_probs: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    targets = torch.tensor([int(c) for t in texts for c in t], dtype=torch.long)
-    n, steps = log_probs.shape[:2]
-    return F.ctc_loss(log_probs.transpose(0, 1), targets, torch.full((n,), steps, dtype=torch.long),
-                      torch.tensor([len(t) for t in texts], dtype=torch.long), blank=BLANK, zero_infinity=True)
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.sequence", description=__doc__.split("\n\n")[0])
     add_data_args(p)
@@ -147,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                    disable=args.quiet)
         for i in bar:
             idx = order[i : i + args.batch_size]
-            loss = ctc_loss(model(augment(crops[idx], g)), [texts[k] for k in idx])
+            loss = ctc_nll(model(augment(crops[idx], g)).transpose(0, 1), [texts[k] for k in idx], zero_infinity=True)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
