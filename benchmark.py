@@ -3,8 +3,8 @@
 Per model: p50/p95 latency per image (batch 1), images/s in batches of 8, peak RSS, mAP / AP50 /
 whole-number accuracy at the best validation threshold, and the server-side cost of one slider
 update in the app; each model with the second-stage digit and whole-number readers (as the app and
-CLI run it), marked "(no number reader)" with the digit reader alone, and marked "(detector only)"
-without either. Writes ``checkpoints/benchmark.json``, ``checkpoints/sweeps.json`` (threshold
+CLI run it), marked "(no proposer)" without the number reader's proposer, "(no number reader)" with
+the digit reader alone, and "(detector only)" without either. Writes ``checkpoints/benchmark.json``, ``checkpoints/sweeps.json`` (threshold
 curves the app's explorer shows), a ``benchmark`` entry in each sidecar (whose validation metrics
 and threshold are re-measured on the shipped weights), and prints a Markdown table.
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent
 # each model's variants besides its own reading (with the digit reader, at one size): the child's keys
 # for their latency and detections, the sidecar's ``valid_<name>``, and their ensemble_key marks
 VARIANTS = {"detector_only": {"reader": False}, "multi_scale": {"multi_scale": True},
-            "no_number_reader": {"number_reader": False}}
+            "no_number_reader": {"number_reader": False}, "no_proposer": {"proposer": False}}
 DATA = ROOT.parent / "shared" / "data" / "svhn"
 
 
@@ -48,10 +48,11 @@ def measure(name: str, threads: int, limit: int | None, out: Path) -> None:
     det = Detector.load(name, batch_size=8, reader=None, number_reader=None)
     reader = optional_reader()
     lines = optional_number_reader() if reader else None
+    solo = optional_number_reader(proposer=None) if lines and lines.proposer else None  # the reader alone
     tensors = [to_tensor(load_image(DATA / "valid" / im["file_name"])) for im in images]
     det.detect_tensors(tensors[:4])  # warm-up
-    lat, lat_det, lat_line = [], [], []
-    raw, plain, no_lines = {}, {}, {}
+    lat, lat_det, lat_line, lat_solo = [], [], [], []
+    raw, plain, no_lines, no_proposer = {}, {}, {}, {}
     for im, t in zip(images, tensors):
         start = time.perf_counter()
         plain[im["id"]] = det.detect_tensors([t])[0]
@@ -62,6 +63,10 @@ def measure(name: str, threads: int, limit: int | None, out: Path) -> None:
             raw[im["id"]] = read_line(lines, t, no_lines[im["id"]])
         lat_line.append((time.perf_counter() - read) * 1000)
         lat.append((time.perf_counter() - start) * 1000)
+        if solo:
+            read = time.perf_counter()
+            no_proposer[im["id"]] = read_line(solo, t, no_lines[im["id"]])
+            lat_solo.append((time.perf_counter() - read) * 1000)
     lat_multi, multi = [], {}
     if reader:  # also read at two input sizes (--multi-scale)
         both = Detector(det.model, det.meta, reader=reader, multi_scale=True, number_reader=lines)
@@ -83,20 +88,25 @@ def measure(name: str, threads: int, limit: int | None, out: Path) -> None:
         slider.append((time.perf_counter() - start) * 1000)
     def as_json(found):
         return {k: {"boxes": v.boxes.tolist(), "scores": v.scores.tolist(), "digits": v.digits.tolist(),
-                    "line": None if v.line is None else v.line.tolist()} for k, v in found.items()}
+                    "line": None if v.line is None else v.line.tolist(),
+                    "proposal": None if v.proposal is None else as_json({0: v.proposal})[0]} for k, v in found.items()}
 
     out.write_text(json.dumps({
         "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)), "batch_images_per_s": batch_ips,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "slider_update_ms": float(np.median(slider)),
         "threads": threads, "torch": torch.__version__, "reader": reader.meta["name"] if reader else None,
-        "number_reader": lines.meta["name"] if lines else None, "line_p50_ms": float(np.percentile(lat_line, 50)),
+        "number_reader": lines.meta["name"] if lines else None,
+        "proposer": lines.proposer.meta["name"] if lines and lines.proposer else None, "line_p50_ms": float(np.percentile(lat_line, 50)),
         "detector_only": {"p50_ms": float(np.percentile(lat_det, 50)), "p95_ms": float(np.percentile(lat_det, 95))},
         "no_number_reader": {"p50_ms": float(np.percentile(np.subtract(lat, lat_line), 50)),
                              "p95_ms": float(np.percentile(np.subtract(lat, lat_line), 95))} if lines else None,
+        "no_proposer": {"p50_ms": float(np.percentile(np.subtract(lat, lat_line) + lat_solo, 50)),
+                        "p95_ms": float(np.percentile(np.subtract(lat, lat_line) + lat_solo, 95))} if solo else None,
         "multi_scale": {"p50_ms": float(np.percentile(lat_multi, 50)), "p95_ms": float(np.percentile(lat_multi, 95))}
         if multi else None,
         "detections": as_json(raw), "detections_detector_only": as_json(plain), "detections_multi_scale": as_json(multi),
         "detections_no_number_reader": as_json(no_lines if lines else {}),
+        "detections_no_proposer": as_json(no_proposer),
     }))
 
 
@@ -125,7 +135,9 @@ def main() -> int:
     def parse(found: dict) -> dict:
         return {int(k): Detections(np.array(v["boxes"], np.float32).reshape(-1, 4), np.array(v["scores"], np.float32),
                                    np.array(v["digits"], np.int64),
-                                   None if v["line"] is None else np.array(v["line"], np.float32)) for k, v in found.items()}
+                                   None if v.get("line") is None else np.array(v["line"], np.float32),
+                                   None if v.get("proposal") is None else parse({0: v["proposal"]})[0])
+                for k, v in found.items()}
 
     names = args.models or available()
     gt = load_coco(DATA / "valid.json")
@@ -210,8 +222,9 @@ def main() -> int:
              f"(this 2-core machine), torch {results[names[0]]['torch']}; latency is per image at batch 1, "
              "ensembles add up their members; accuracy and mAP at each row's best threshold. Every model runs with "
              f"the second-stage digit reader (`{results[names[0]]['reader']}`) and whole-number reader "
-             f"(`{results[names[0]]['number_reader']}`) except the rows marked (detector only), and without the "
-             "latter in the rows marked (no number reader).", ""]
+             f"(`{results[names[0]]['number_reader']}`, with its proposer `{results[names[0]]['proposer']}`) except "
+             "the rows marked (detector only), without the number reader in the rows marked (no number reader), "
+             "and without its proposer in the rows marked (no proposer).", ""]
     lines += ["| model | threshold | mAP | AP50 | accuracy | p50 ms | p95 ms | batch img/s | peak RSS MB | slider ms | training (per device: epochs, time, img/s) |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():

@@ -13,14 +13,16 @@ BLANK = 10  # the number reader's CTC blank (its classes 0-9 are the digits)
 
 @dataclass
 class Detections:
-    """Detections of one image: ``boxes`` xyxy in original pixels, ``scores``, ``digits`` 0-9, and
-    the number reader's reading of the line they sit on (``line``: T x 11 log-probabilities, blank
-    last; None without one, :func:`digit_demo.sequence.read_line`)."""
+    """Detections of one image: ``boxes`` xyxy in original pixels, ``scores``, ``digits`` 0-9, the
+    number reader's reading of the line they sit on (``line``: T x 11 log-probabilities, blank last)
+    and the number its proposer reads there (``proposal``: digits placed on the line, scored by
+    their peak probability); both None without them (:func:`digit_demo.sequence.read_line`)."""
 
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     digits: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     line: np.ndarray | None = None
+    proposal: "Detections | None" = None
     # the numbers read at each of LINE_THRESHOLDS and the line's log-probability of each (see assemble)
     _readings: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -28,7 +30,7 @@ class Detections:
         return len(self.scores)
 
     def select(self, keep) -> "Detections":
-        return Detections(self.boxes[keep], self.scores[keep], self.digits[keep], self.line)
+        return Detections(self.boxes[keep], self.scores[keep], self.digits[keep], self.line, self.proposal)
 
     def above(self, threshold: float) -> "Detections":
         return self.select(self.scores >= threshold)
@@ -153,9 +155,10 @@ def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = DEDUP
     for the number to be).
 
     Where the detections carry the number reader's ``line``, the numbers read at the other
-    thresholds of ``LINE_THRESHOLDS`` are its alternatives: one the line reading finds more likely
-    by ``line_margin`` nats replaces it (``None``: never), so the reader settles how many digits the
-    number has, while every digit read is still a detected box.
+    thresholds of ``LINE_THRESHOLDS``, and the proposer's reading (:func:`proposed`), are its
+    alternatives: one the line reading finds more likely by ``line_margin`` nats replaces it
+    (``None``: never). So the number reader judges how many digits the number has, and which, and a
+    second model with its own backbone proposes what the detector missed.
     """
     number = _assemble(dets, threshold, dedupe_iou, strays, max_gap)
     if dets.line is None or line_margin is None:
@@ -178,9 +181,30 @@ def _line_readings(dets: Detections, dedupe_iou: float, strays: bool, max_gap: f
             number = _assemble(dets, t, dedupe_iou, strays, max_gap)
             if number.text:
                 others.setdefault(number.text, number)
+        if dets.proposal is not None and len(dets.proposal):
+            number = proposed(dets, dedupe_iou)
+            others.setdefault(number.text, number)
         scores = dict(zip(others, line_log_prob(dets.line, list(others)).tolist())) if others else {}
         dets._readings[key] = (others, scores)
     return dets._readings[key]
+
+
+def proposed(dets: Detections, dedupe_iou: float = DEDUPE_IOU) -> HouseNumber:
+    """The number ``dets.proposal`` reads, each digit on the detected box it falls on (the box of
+    the detection nearest its centre, within half a digit width, at the lowest of LINE_THRESHOLDS;
+    scored by the detection where it read the same digit) or, where none does, its placed box."""
+    prop = dets.proposal
+    boxes, scores = prop.boxes.copy(), prop.scores.copy()
+    found = dedupe(dets.above(min(LINE_THRESHOLDS)), dedupe_iou)
+    if len(found):
+        dx = np.abs((prop.boxes[:, None, 0] + prop.boxes[:, None, 2]) - (found.boxes[None, :, 0] + found.boxes[None, :, 2])) / 2
+        near = dx.argmin(1)
+        hit = dx[np.arange(len(prop)), near] <= (prop.boxes[:, 2] - prop.boxes[:, 0]) / 2
+        boxes[hit] = found.boxes[near[hit]]
+        same = hit & (found.digits[near] == prop.digits)
+        scores[same] = found.scores[near[same]]
+    digits = Detections(boxes, scores, prop.digits.copy())
+    return HouseNumber("".join(str(int(d)) for d in prop.digits), digits, float(np.prod(scores)))
 
 
 def _assemble(dets: Detections, threshold: float, dedupe_iou: float, strays: bool, max_gap: float | None) -> HouseNumber:

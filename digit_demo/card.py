@@ -144,31 +144,43 @@ def reader_sidecar(directory: Path = CHECKPOINT_DIR, name: str | None = None) ->
     return read_sidecar(side) if side.is_file() else None
 
 
-def _number_reader_section(directory: Path) -> str:
-    """The whole-number reader's entry, if one is shipped."""
-    from .assemble import LINE_MARGIN
-    from .sequence import DEFAULT_SEQUENCE, REGION_THRESHOLD
-
-    meta = reader_sidecar(directory, DEFAULT_SEQUENCE)
-    if meta is None:
-        return ""
-    tr, cfg, data = meta.get("training", {}), meta["config"], meta.get("data", {})
+def _sequence_training(meta: dict) -> str:
+    """How a whole-number reader or proposer was trained, from its sidecar."""
+    tr, data = meta.get("training", {}), meta.get("data", {})
     extra = "".join(f" + {e['count']} resolved `{e['images']}/` images" for e in data.get("extra", []))
     own = data.get("self_labelled")
     if own:
         extra += (f" + {own['count']} `{own['images']}/` photos labelled with the numbers `{own['detector']}` reads "
                   f"with confidence ≥ {own['min_confidence']:g} (self-training)")
+    return (f"Alone, on crops around the true `valid` boxes, it reads "
+            f"{meta['metrics']['valid_number_accuracy_true_boxes']:.3f} of the numbers. Trained on "
+            f"`train`{extra}: {tr.get('epochs_run', '?')} epochs on {tr.get('device', '?')}, "
+            f"{_duration(tr.get('train_seconds', 0))} (`python -m train.sequence`); recipe "
+            f"`{json.dumps(meta.get('recipe', {}))}`.")
+
+
+def _number_reader_section(directory: Path) -> str:
+    """The whole-number reader's entry (and its proposer's), if one is shipped."""
+    from .assemble import LINE_MARGIN
+    from .sequence import DEFAULT_PROPOSER, DEFAULT_SEQUENCE, REGION_THRESHOLD
+
+    meta = reader_sidecar(directory, DEFAULT_SEQUENCE)
+    if meta is None:
+        return ""
+    cfg = meta["config"]
+    proposer = reader_sidecar(directory, DEFAULT_PROPOSER)
+    proposal = "" if proposer is None else (
+        f"\n\nIts proposer (`{proposer['name']}`) is a second CRNN (the same GRU and CTC head) whose CNN is the digit reader's "
+        f"(backbone `{proposer['config'].get('backbone')}`, started from `{proposer['recipe'].get('init_reader')}`); the "
+        "number it reads joins the alternatives, each digit on the detected box it falls on (or placed where it was "
+        f"read). {_sequence_training(proposer)}")
     return (f"\n## Whole-number reader (`{meta['name']}`)\n\n"
             f"A CRNN (`{meta['architecture']}`: CNN width {cfg['width']}, bidirectional GRU {cfg['hidden']}, CTC) that "
             f"reads the whole number from a {cfg['height']} x {cfg['crop_width']} crop around the digits found at "
             f"threshold {REGION_THRESHOLD:g}. The numbers read at the other thresholds are the alternatives; one it "
             f"finds more likely than the chosen threshold's by {LINE_MARGIN:g} nats replaces it "
-            "(`digit_demo.assemble.assemble`), so it settles how many digits a number has while every digit read is a "
-            f"detected box. Alone, on crops around the true `valid` boxes, it reads "
-            f"{meta['metrics']['valid_number_accuracy_true_boxes']:.3f} of the numbers. Trained from scratch on "
-            f"`train`{extra}: {tr.get('epochs_run', '?')} epochs on {tr.get('device', '?')}, "
-            f"{_duration(tr.get('train_seconds', 0))} (`python -m train.sequence`); recipe "
-            f"`{json.dumps(meta.get('recipe', {}))}`.\n")
+            "(`digit_demo.assemble.assemble`), so it judges how many digits a number has, and which. "
+            f"{_sequence_training(meta)}{proposal}\n")
 
 
 def _reader_section(directory: Path) -> str:

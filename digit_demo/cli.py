@@ -11,7 +11,7 @@ from .checkpoints import DEFAULT_MODEL, CheckpointError
 from .ensemble import DEFAULT_FUSION, FUSIONS
 from .images import ImageError
 from .reader import DEFAULT_READER
-from .sequence import DEFAULT_SEQUENCE
+from .sequence import DEFAULT_PROPOSER, DEFAULT_SEQUENCE
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +26,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help=f"whole-number reader checkpoint that settles how many digits a number has (default {DEFAULT_SEQUENCE})")
     p.add_argument("--no-number-reader", dest="number_reader", action="store_const", const=None,
                    help="read the number from the digits above the threshold alone")
+    p.add_argument("--proposer", default=DEFAULT_PROPOSER,
+                   help=f"second whole-number reader whose reading joins the alternatives (default {DEFAULT_PROPOSER})")
+    p.add_argument("--no-proposer", dest="proposer", action="store_const", const=None,
+                   help="judge only the numbers the detections allow (about 6 ms less per image)")
     p.add_argument("--multi-scale", action="store_true",
                    help="also read each image at a larger input size and merge (more digits found, ~2x slower)")
 
@@ -46,7 +50,7 @@ def _load(args):
 
     set_threads(args.threads)
     return load_detector(args.model or [DEFAULT_MODEL], args.fusion, args.fusion_iou, args.batch_size, args.reader,
-                         args.multi_scale, args.number_reader)
+                         args.multi_scale, args.number_reader, args.proposer)
 
 
 def cmd_predict(args) -> int:
@@ -186,10 +190,12 @@ def cmd_models(args) -> int:
         m = meta.get("metrics", {})
         print(json.dumps({"name": meta["name"], "architecture": meta["architecture"], "role": "second-stage digit reader",
                           "valid_digit_accuracy": round(m.get("valid_digit_accuracy", 0), 4)}))
-    meta = reader_sidecar(name=DEFAULT_SEQUENCE)
-    if meta is not None:  # reads the whole line unless --no-number-reader
-        print(json.dumps({"name": meta["name"], "architecture": meta["architecture"], "role": "whole-number reader",
-                          "valid_number_accuracy_true_boxes": round(meta["metrics"]["valid_number_accuracy_true_boxes"], 4)}))
+    roles = {DEFAULT_SEQUENCE: "whole-number reader", DEFAULT_PROPOSER: "whole-number reader's proposer"}
+    for name, role in roles.items():  # read the whole line unless --no-number-reader / --no-proposer
+        meta = reader_sidecar(name=name)
+        if meta is not None:
+            print(json.dumps({"name": meta["name"], "architecture": meta["architecture"], "role": role,
+                              "valid_number_accuracy_true_boxes": round(meta["metrics"]["valid_number_accuracy_true_boxes"], 4)}))
     return 0
 
 

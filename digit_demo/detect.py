@@ -16,7 +16,7 @@ from .ensemble import DEFAULT_FUSION, ensemble_key, fuse, member_weights, nms_fu
 from .images import ImageInput, load_image
 from .models import multi_scale_views
 from .reader import DEFAULT_READER, DigitReader, optional_reader, refine
-from .sequence import DEFAULT_SEQUENCE, NumberReader, optional_number_reader, read_line
+from .sequence import DEFAULT_PROPOSER, DEFAULT_SEQUENCE, NumberReader, optional_number_reader, read_line
 
 
 def set_threads(threads: int | None) -> None:
@@ -129,11 +129,13 @@ def with_lines(number_reader: NumberReader | None, tensors: Sequence[torch.Tenso
 
 def load_detector(names: Sequence[str | Path], fusion: str = DEFAULT_FUSION, iou: float = 0.55, batch_size: int = 8,
                   reader: str | Path | None = DEFAULT_READER, multi_scale: bool = False,
-                  number_reader: str | Path | None = DEFAULT_SEQUENCE) -> Detector | Ensemble:
+                  number_reader: str | Path | None = DEFAULT_SEQUENCE,
+                  proposer: str | Path | None = DEFAULT_PROPOSER) -> Detector | Ensemble:
     """One name gives a :class:`Detector`; several give an :class:`Ensemble` fused by ``fusion``
-    (members share one digit ``reader`` and ``number_reader``; ``multi_scale`` applies to each)."""
+    (members share one digit ``reader`` and ``number_reader`` with its ``proposer``; ``multi_scale``
+    applies to each)."""
     shared = optional_reader(reader)
-    lines = optional_number_reader(number_reader)
+    lines = optional_number_reader(number_reader, proposer)
     detectors = [Detector(*load_checkpoint(n), batch_size=batch_size, reader=shared, multi_scale=multi_scale,
                           number_reader=lines) for n in names]
     return detectors[0] if len(detectors) == 1 else Ensemble(detectors, fusion, iou)

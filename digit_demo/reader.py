@@ -41,7 +41,8 @@ def crop_digits(image: torch.Tensor, boxes: torch.Tensor, size: int = CROP, cont
     return roi_align(image[None], [square_boxes(boxes.float(), context)], size, 1.0, sampling_ratio=0, aligned=True)
 
 
-def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
+def conv_block(cin: int, cout: int, stride: int | tuple[int, int]) -> nn.Sequential:
+    """Two 3 x 3 conv + batch norm + ReLU layers, the first with ``stride``."""
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
         nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
@@ -58,8 +59,8 @@ class DigitReader(nn.Module):
         self.width = width
         self.verify = verify  # how far :func:`refine` trusts the reader's background class over the detector
         self.net = nn.Sequential(
-            _block(3, width, 1), _block(width, 2 * width, 2), _block(2 * width, 4 * width, 2),
-            _block(4 * width, 8 * width, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
+            conv_block(3, width, 1), conv_block(width, 2 * width, 2), conv_block(2 * width, 4 * width, 2),
+            conv_block(4 * width, 8 * width, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
             nn.Linear(8 * width, classes),
         )
         self.box = nn.Linear(8 * width, 4) if box_head else None

@@ -3,7 +3,8 @@ from one crop around the detected digits.
 
 The detector and the digit reader judge each spot alone; this model reads the whole line at once,
 so it sees that a thin "1" belongs to the number, or that a fence spike beside it does not.
-:func:`digit_demo.assemble.assemble` uses it to choose among the numbers the detections allow.
+:func:`digit_demo.assemble.assemble` uses it to choose among the numbers the detections allow, and
+the number a second such model (the proposer, built on the digit reader's backbone) reads.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from torchvision.ops import roi_align
 
 from .assemble import BLANK, LINE_THRESHOLDS, Detections, assemble, is_column
 from .checkpoints import load_module, resolve_optional, write_weights
+from .reader import DigitReader, conv_block
 
 HEIGHT, WIDTH = 32, 128  # the crop; WIDTH / 4 = 32 time steps
 SEQUENCE_ARCHITECTURE = "number_reader_crnn"
 DEFAULT_SEQUENCE = "number_reader"
+DEFAULT_PROPOSER = "number_proposer"
 PAD_X, PAD_Y = 0.4, 0.15  # region padding around the digits, in digit heights
 
 
@@ -57,20 +60,44 @@ def _block(cin: int, cout: int, pool: tuple[int, int]) -> nn.Sequential:
                          nn.MaxPool2d(pool))
 
 
-class NumberReader(nn.Module):
-    """CNN over a standardised crop (zero mean, unit variance, as the digit reader) down to one row of
-    WIDTH / 4 columns, a bidirectional GRU along it, and per-column log-probabilities of 0-9 or blank."""
+BACKBONES = ("crnn", "reader")
 
-    def __init__(self, width: int = 32, hidden: int = 128):
+
+def reader_trunk(width: int) -> nn.Sequential:
+    """The digit reader's convolutional blocks (:class:`digit_demo.reader.DigitReader`, same weight
+    names), the last one striding only down, so a HEIGHT x WIDTH crop gives 4 x WIDTH / 4 features.
+    A line crop shows digits at the scale the digit reader reads them (about 25 px tall), so its
+    trained weights are a head start (:meth:`NumberReader.init_from_reader`)."""
+    w = width
+    return nn.Sequential(conv_block(3, w, 1), conv_block(w, 2 * w, 2), conv_block(2 * w, 4 * w, 2),
+                         conv_block(4 * w, 8 * w, (2, 1)))
+
+
+class NumberReader(nn.Module):
+    """CNN over a standardised crop (zero mean, unit variance, as the digit reader) down to WIDTH / 4
+    columns, a bidirectional GRU along them, and per-column log-probabilities of 0-9 or blank.
+
+    ``backbone`` "crnn" is a small CNN of its own; "reader" is the digit reader's (:func:`reader_trunk`)."""
+
+    def __init__(self, width: int = 32, hidden: int = 128, backbone: str = "crnn"):
         super().__init__()
-        self.width, self.hidden = width, hidden
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown number reader backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
+        self.width, self.hidden, self.backbone = width, hidden, backbone
         w = width
         self.cnn = nn.Sequential(
             _block(3, w, (2, 2)), _block(w, 2 * w, (1, 1)), _block(2 * w, 2 * w, (2, 2)),
             _block(2 * w, 4 * w, (1, 1)), _block(4 * w, 4 * w, (2, 1)), _block(4 * w, 8 * w, (2, 1)),
-        )
+        ) if backbone == "crnn" else reader_trunk(w)
         self.rnn = nn.GRU(8 * w, hidden, batch_first=True, bidirectional=True)
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(2 * hidden, BLANK + 1))
+        self.proposer: NumberReader | None = None  # a second reader whose reading joins the alternatives
+
+    def init_from_reader(self, reader: DigitReader) -> None:
+        """Start the "reader" backbone from a trained digit reader's convolutional blocks."""
+        if self.backbone != "reader" or reader.width != self.width:
+            raise ValueError("only a 'reader' backbone of the digit reader's width starts from its weights")
+        self.cnn.load_state_dict(reader.net[: len(self.cnn)].state_dict())
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         """Log-probabilities, N x T x 11."""
@@ -89,6 +116,30 @@ def decode(log_probs: torch.Tensor) -> list[str]:
     return out
 
 
+def place(log_probs: torch.Tensor, crop: torch.Tensor, digit_boxes: torch.Tensor) -> Detections:
+    """The greedy reading of T x 11 ``log_probs`` as digits on the line: each at the centre of the
+    columns it was read in (mapped through the xyxy ``crop`` box), as wide, tall and high as the median
+    of ``digit_boxes``; scored by its highest probability there."""
+    best, path = log_probs.max(1)
+    runs: list[list[int]] = []
+    for k, c in enumerate(path.tolist()):
+        if c != BLANK:
+            if k and c == path[k - 1] and runs:
+                runs[-1].append(k)
+            else:
+                runs.append([k])
+    if not runs:
+        return Detections()
+    step = (crop[2] - crop[0]) / len(path)
+    cx = torch.tensor([crop[0] + (sum(r) / len(r) + 0.5) * step for r in runs])
+    w, h = (digit_boxes[:, 2:] - digit_boxes[:, :2]).median(0).values
+    cy = ((digit_boxes[:, 1] + digit_boxes[:, 3]) / 2).median()
+    cy = torch.full_like(cx, float(cy))
+    boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+    return Detections(boxes.numpy().astype("float32"), torch.stack([best[r].max() for r in runs]).exp().numpy(),
+                      path[[r[0] for r in runs]].numpy())
+
+
 # The region the number reader reads: around the number assembled at this threshold (or, where none
 # is, at the lowest), before the reader's own choice.
 REGION_THRESHOLD = 0.3
@@ -96,21 +147,26 @@ REGION_THRESHOLD = 0.3
 
 @torch.inference_mode()
 def read_line(model: NumberReader, image: torch.Tensor, dets: Detections) -> Detections:
-    """``dets`` with ``model``'s reading of the line the digits sit on (``line``, which
-    :func:`digit_demo.assemble.assemble` then uses); unchanged where no digit is found or the
-    digits stand in a column (the reader reads rows)."""
+    """``dets`` with ``model``'s reading of the line the digits sit on (``line``) and, where it has a
+    proposer, the number that reads there (``proposal``, :func:`place`), which
+    :func:`digit_demo.assemble.assemble` then uses; unchanged where no digit is found or the digits
+    stand in a column (the reader reads rows)."""
     number = assemble(dets, REGION_THRESHOLD, line_margin=None)
     if not number.text:
         number = assemble(dets, min(LINE_THRESHOLDS), line_margin=None)
     if not number.text or is_column(number.digits.boxes):
         return dets
-    region = number_region(torch.from_numpy(number.digits.boxes).float())
-    return replace(dets, line=model(crop_numbers(image, region[None]))[0].numpy())
+    digit_boxes = torch.from_numpy(number.digits.boxes).float()
+    crop = crop_boxes(number_region(digit_boxes)[None])
+    x = crop_at(image, crop)
+    proposal = place(model.proposer(x)[0], crop[0], digit_boxes) if model.proposer is not None else None
+    return replace(dets, line=model(x)[0].numpy(), proposal=proposal)
 
 
 def save_sequence(model: NumberReader, path: str | Path, meta: dict) -> Path:
     """Write the number reader as fp16 safetensors plus its JSON sidecar."""
-    fields = {"config": {"width": model.width, "hidden": model.hidden, "height": HEIGHT, "crop_width": WIDTH,
+    fields = {"config": {"width": model.width, "hidden": model.hidden, "backbone": model.backbone,
+                         "height": HEIGHT, "crop_width": WIDTH,
                          "pad": [PAD_X, PAD_Y]},
               "classes": {str(d): str(d) for d in range(10)} | {str(BLANK): "blank"},
               "normalisation": "per crop: zero mean, unit variance"}
@@ -120,12 +176,20 @@ def save_sequence(model: NumberReader, path: str | Path, meta: dict) -> Path:
 def load_sequence(name_or_path: str | Path = DEFAULT_SEQUENCE) -> NumberReader:
     """Load a number reader (fp32, eval mode); :class:`CheckpointError` when it is not one."""
     return load_module(name_or_path, SEQUENCE_ARCHITECTURE,
-                       lambda meta: NumberReader(int(meta["config"]["width"]), int(meta["config"]["hidden"])),
+                       lambda meta: NumberReader(int(meta["config"]["width"]), int(meta["config"]["hidden"]),
+                                                 str(meta["config"].get("backbone", "crnn"))),
                        "number reader")
 
 
-def optional_number_reader(name: str | Path | None = DEFAULT_SEQUENCE) -> NumberReader | None:
-    """The number reader to use: none for ``None`` or where the default one is not shipped; any
-    other name must load."""
+def optional_number_reader(name: str | Path | None = DEFAULT_SEQUENCE,
+                           proposer: str | Path | None = DEFAULT_PROPOSER) -> NumberReader | None:
+    """The number reader to use, with its ``proposer``: none for ``None`` or where the default one is
+    not shipped; any other name must load."""
     path = resolve_optional(name, DEFAULT_SEQUENCE)
-    return load_sequence(path) if path else None
+    if not path:
+        return None
+    model = load_sequence(path)
+    other = resolve_optional(proposer, DEFAULT_PROPOSER)
+    if other:
+        model.proposer = load_sequence(other)
+    return model

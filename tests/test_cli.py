@@ -72,6 +72,8 @@ def test_models_lists_the_default():
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert any(x["name"] == "resnet18_fpn" and x["default"] for x in rows)
     assert any(x["name"] == "digit_reader" and x["role"] == "second-stage digit reader" for x in rows)
+    roles = {x["name"]: x["role"] for x in rows if "role" in x}
+    assert roles["number_reader"] == "whole-number reader" and roles["number_proposer"] == "whole-number reader's proposer"
 
 
 def test_predict_with_and_without_the_reader(tmp_path):
@@ -100,5 +102,20 @@ def test_predict_multi_scale(tmp_path, default_detector):
     threshold = best_threshold(multi_scale=True)
     images = sorted((FIXTURES / "valid").glob("*.png"))
     expected = {int(p.stem): assemble(d, threshold).label for p, d in zip(images, both(images))}
+    with open(tmp_path / "pred.csv") as f:
+        assert {int(r["image_id"]): int(r["pred_label"]) for r in csv.DictReader(f)} == expected
+
+
+def test_predict_without_the_proposer(tmp_path):
+    from digit_demo.assemble import assemble
+    from digit_demo.card import best_threshold
+    from digit_demo.detect import load_detector
+
+    r = cli("predict", FIXTURES / "valid", "--out", tmp_path, "--no-proposer", "-q")
+    assert r.returncode == 0, r.stderr
+    det = load_detector(["resnet18_fpn"], proposer=None)
+    assert det.number_reader is not None and det.number_reader.proposer is None
+    images = sorted((FIXTURES / "valid").glob("*.png"))
+    expected = {int(p.stem): assemble(d, best_threshold()).label for p, d in zip(images, det(images))}
     with open(tmp_path / "pred.csv") as f:
         assert {int(r["image_id"]): int(r["pred_label"]) for r in csv.DictReader(f)} == expected

@@ -1,6 +1,7 @@
 """The whole-number reader: its crops, CTC scoring, how assembly uses it, the shipped checkpoint, its trainer."""
 import itertools
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ from digit_demo.checkpoints import CheckpointError
 from digit_demo.data import annotations_by_image, clipped_boxes, gt_numbers
 from digit_demo.detect import Detector, to_tensor
 from digit_demo.images import load_image
-from digit_demo.sequence import (HEIGHT, WIDTH, crop_boxes, crop_numbers, decode, load_sequence, number_region,
-                                 optional_number_reader, read_line)
+from digit_demo.reader import load_reader
+from digit_demo.sequence import (HEIGHT, WIDTH, NumberReader, crop_boxes, crop_numbers, decode, load_sequence,
+                                 number_region, optional_number_reader, place, read_line)
 from train.sequence import main
 
 from .conftest import FIXTURES
@@ -65,6 +67,41 @@ def test_the_line_reading_settles_how_many_digits_the_number_has():
     assert with_line.above(0.5).line is with_line.line  # filtering keeps the image's line
 
 
+def test_place_puts_each_digit_read_where_it_was_read():
+    p = np.full((8, BLANK + 1), 0.01 / BLANK, np.float32)
+    p[:, BLANK] = 0.99
+    for cols, digit, sure in (((1, 2), 4, 0.9), ((4,), 1, 0.7), ((6,), 6, 0.8)):
+        for c in cols:
+            p[c] = (1 - sure) / BLANK
+            p[c, digit] = sure
+    crop = torch.tensor([0.0, 0.0, 80.0, 20.0])  # 10 px per column
+    placed = place(torch.from_numpy(np.log(p)), crop, torch.tensor([[10.0, 5, 18, 15], [60, 5, 68, 15], [40, 4, 48, 18]]))
+    assert placed.digits.tolist() == [4, 1, 6]
+    assert np.allclose((placed.boxes[:, 0] + placed.boxes[:, 2]) / 2, [20, 45, 65])  # centres of their columns
+    assert np.allclose(placed.boxes[:, 2] - placed.boxes[:, 0], 8) and np.allclose(placed.boxes[:, [1, 3]], [[5, 15]])
+    assert np.allclose(placed.scores, [0.9, 0.7, 0.8])
+    blank = np.log(np.full((8, BLANK + 1), 0.01 / BLANK, np.float32))
+    blank[:, BLANK] = np.log(0.99)
+    assert len(place(torch.from_numpy(blank), crop, torch.tensor([[10.0, 5, 18, 15]]))) == 0
+
+
+def test_a_proposal_restores_a_digit_the_detector_missed_and_keeps_the_detected_boxes():
+    dets = Detections(np.array([[10, 10, 20, 30], [32, 10, 42, 30]], np.float32), np.array([0.9, 0.8], np.float32),
+                      np.array([4, 6]), line_for("416"))
+    proposal = Detections(np.array([[10, 11, 20, 31], [21, 11, 31, 31], [33, 11, 43, 31]], np.float32),
+                          np.array([0.95, 0.6, 0.9], np.float32), np.array([4, 1, 6]))
+    read = assemble(replace(dets, proposal=proposal), 0.5)
+    assert read.text == "416"
+    assert np.array_equal(read.digits.boxes, np.stack([dets.boxes[0], proposal.boxes[1], dets.boxes[1]]))
+    assert np.allclose(read.digits.scores, [0.9, 0.6, 0.8])  # detected digits keep the detector's scores
+    assert assemble(dets, 0.5).text == "46"  # the line alone cannot add a digit nothing detected
+    assert assemble(replace(dets, proposal=proposal), 0.5, line_margin=None).text == "46"
+    swapped = Detections(proposal.boxes[[0, 2]], np.array([0.95, 0.7], np.float32), np.array([4, 5]))
+    read = assemble(replace(dets, line=line_for("45"), proposal=swapped), 0.5)
+    assert read.text == "45" and np.array_equal(read.digits.boxes, dets.boxes)
+    assert np.allclose(read.digits.scores, [0.9, 0.7])  # a digit read differently scores as the proposer read it
+
+
 @pytest.fixture(scope="module")
 def number_reader():
     return load_sequence()
@@ -90,7 +127,8 @@ def test_detector_reads_the_line_with_the_shipped_number_reader(fixture_gt, fixt
     with_line = Detector.load()(paths)
     without = Detector.load(number_reader=None)(paths)
     assert all(d.line is not None and d.line.shape == (WIDTH // 4, BLANK + 1) for d in with_line)
-    assert all(d.line is None for d in without)
+    assert all(d.line is None and d.proposal is None for d in without)
+    assert all(d.proposal is not None for d in with_line)  # the shipped reader comes with its proposer
     for a, b in zip(with_line, without):  # the same digits, only the reading of the line is added
         assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
     numbers = gt_numbers(fixture_gt)  # hard photos: the default reads 4 of the 8 without the line reader
@@ -103,6 +141,10 @@ def test_wrong_checkpoints_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="not a number reader"):
         load_sequence("resnet18_fpn")
     assert optional_number_reader(None) is None
+    assert optional_number_reader(proposer=None).proposer is None
+    assert optional_number_reader().proposer.backbone == "reader"
+    with pytest.raises(CheckpointError, match="not a number reader"):
+        optional_number_reader(proposer="digit_reader")
     with pytest.raises(CheckpointError):
         optional_number_reader(tmp_path / "missing")
 
@@ -119,3 +161,25 @@ def test_short_training_run_exports_a_loadable_number_reader(tmp_path):
     assert meta["data"]["train_images"] == 4 and 1 <= meta["data"]["self_labelled"]["count"] <= 4
     assert len(meta["history"]) == 2 and 0 <= meta["metrics"]["valid_number_accuracy_true_boxes"] <= 1
     assert model(torch.rand(2, 3, HEIGHT, WIDTH)).shape == (2, WIDTH // 4, BLANK + 1)
+
+
+def test_reader_backbone_starts_from_the_digit_reader_and_round_trips(tmp_path):
+    reader = load_reader()
+    model = NumberReader(reader.width, 16, backbone="reader")
+    model.init_from_reader(reader)
+    crop = torch.rand(1, 3, 32, 32)
+    # on a digit-sized square crop the first three blocks compute exactly the digit reader's features
+    assert torch.allclose(model.cnn[:3].eval()(crop), reader.net[:3].eval()(crop))
+    with pytest.raises(ValueError, match="width"):
+        NumberReader(8, 16, backbone="reader").init_from_reader(reader)
+    with pytest.raises(ValueError, match="backbone"):
+        NumberReader(8, 16, backbone="resnet")
+
+    out = tmp_path / "number_reader"
+    args = ["--data", str(FIXTURES), "--train-json", "valid.json", "--train-images", "valid", "--epochs", "1",
+            "--hidden", "16", "--batch-size", "4", "--quiet", "--out", str(out), "--limit", "4",
+            "--backbone", "reader", "--init-reader", "digit_reader"]
+    assert main(args) == 0
+    loaded = load_sequence(out)
+    assert loaded.backbone == "reader" and json.loads(out.with_suffix(".json").read_text())["recipe"]["init_reader"]
+    assert loaded(torch.rand(2, 3, HEIGHT, WIDTH)).shape == (2, WIDTH // 4, BLANK + 1)

@@ -24,7 +24,8 @@ from digit_demo.card import best_threshold
 from digit_demo.data import load_coco
 from digit_demo.detect import Detector, to_tensor
 from digit_demo.images import load_image
-from digit_demo.sequence import (DEFAULT_SEQUENCE, HEIGHT, WIDTH, NumberReader, crop_at, crop_boxes,
+from digit_demo.reader import load_reader
+from digit_demo.sequence import (BACKBONES, DEFAULT_SEQUENCE, HEIGHT, WIDTH, NumberReader, crop_at, crop_boxes,
                                  crop_numbers, decode, number_region, save_sequence)
 
 from .cli import add_data_args
@@ -107,6 +108,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--backbone", choices=BACKBONES, default="crnn",
+                   help="crnn: a small CNN of its own; reader: the digit reader's convolutional blocks")
+    p.add_argument("--init-reader", metavar="READER",
+                   help="start a 'reader' backbone from this digit reader's weights (name or path)")
     p.add_argument("--self-train", metavar="DETECTOR",
                    help="also train on the unlabeled/ photos whose number this detector (with the digit reader) reads "
                         "with at least --min-confidence")
@@ -127,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         samples += more
     val_crops, val_texts = make_crops(load_samples(args.data / args.val_images, args.data / args.val_json), None)
     print(f"{len(samples)} training images, {len(val_texts)} validation numbers", file=sys.stderr)
-    model = NumberReader(args.width, args.hidden)
+    model = NumberReader(args.width, args.hidden, args.backbone)
+    if args.init_reader:
+        model.init_from_reader(load_reader(args.init_reader))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * math.ceil(len(samples) / args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps + args.epochs, pct_start=0.15)
