@@ -191,15 +191,26 @@ def _line_readings(dets: Detections, dedupe_iou: float, strays: bool, max_gap: f
 
 def proposed(dets: Detections, dedupe_iou: float = DEDUPE_IOU) -> HouseNumber:
     """The number ``dets.proposal`` reads, each digit on the detected box it falls on (the box of
-    the detection nearest its centre, within half a digit width, at the lowest of LINE_THRESHOLDS;
-    scored by the detection where it read the same digit) or, where none does, its placed box."""
+    the detection at the lowest of LINE_THRESHOLDS whose centre is nearest its own, within half its
+    width and height; scored by the detection where it read the same digit) or, where none does, its
+    placed box."""
     prop = dets.proposal
     boxes, scores = prop.boxes.copy(), prop.scores.copy()
     found = dedupe(dets.above(min(LINE_THRESHOLDS)), dedupe_iou)
     if len(found):
-        dx = np.abs((prop.boxes[:, None, 0] + prop.boxes[:, None, 2]) - (found.boxes[None, :, 0] + found.boxes[None, :, 2])) / 2
+        # P x F x (dx, dy) between the centres of the proposed and the detected digits
+        gap = np.abs((prop.boxes[:, None, :2] + prop.boxes[:, None, 2:]) - (found.boxes[None, :, :2] + found.boxes[None, :, 2:])) / 2
+        half = (prop.boxes[:, 2:] - prop.boxes[:, :2])[:, None] / 2
+        dx = np.where((gap <= half).all(2), gap[..., 0], np.inf)
         near = dx.argmin(1)
-        hit = dx[np.arange(len(prop)), near] <= (prop.boxes[:, 2] - prop.boxes[:, 0]) / 2
+        closest = dx[np.arange(len(prop)), near]
+        hit = np.isfinite(closest)
+        taken = set()
+        for k in np.argsort(closest, kind="stable"):  # a detected box holds one digit: the proposed digit nearest it
+            if hit[k] and near[k] in taken:
+                hit[k] = False
+            elif hit[k]:
+                taken.add(near[k])
         boxes[hit] = found.boxes[near[hit]]
         same = hit & (found.digits[near] == prop.digits)
         scores[same] = found.scores[near[same]]

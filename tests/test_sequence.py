@@ -100,6 +100,14 @@ def test_a_proposal_restores_a_digit_the_detector_missed_and_keeps_the_detected_
     read = assemble(replace(dets, line=line_for("45"), proposal=swapped), 0.5)
     assert read.text == "45" and np.array_equal(read.digits.boxes, dets.boxes)
     assert np.allclose(read.digits.scores, [0.9, 0.7])  # a digit read differently scores as the proposer read it
+    wide = Detections(np.array([[10, 10, 20, 30], [24, 10, 42, 30]], np.float32), dets.scores, dets.digits, line_for("416"))
+    narrow = Detections(np.array([[10, 11, 20, 31], [24, 11, 34, 31], [30, 11, 40, 31]], np.float32),
+                        proposal.scores, proposal.digits)  # a "1" read inside the box the detector drew around "16"
+    read = assemble(replace(wide, proposal=narrow), 0.5)
+    assert read.text == "416" and np.array_equal(read.digits.boxes, np.stack([wide.boxes[0], narrow.boxes[1], wide.boxes[1]]))
+    above = Detections(np.array([[10, 10, 20, 30], [32, -15, 42, 5]], np.float32), dets.scores, dets.digits, line_for("45"))
+    read = assemble(replace(above, proposal=swapped), 0.5)  # a box off the line is not where the 5 was read
+    assert read.text == "45" and np.array_equal(read.digits.boxes, np.stack([above.boxes[0], swapped.boxes[1]]))
 
 
 @pytest.fixture(scope="module")
