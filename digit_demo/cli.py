@@ -29,7 +29,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proposer", default=DEFAULT_PROPOSER,
                    help=f"second whole-number reader whose reading joins the alternatives (default {DEFAULT_PROPOSER})")
     p.add_argument("--no-proposer", dest="proposer", action="store_const", const=None,
-                   help="judge only the numbers the detections allow (about 6 ms less per image)")
+                   help="judge only the numbers the detections allow (about 7-8 ms less per image)")
     p.add_argument("--multi-scale", action="store_true",
                    help="also read each image at a larger input size and merge (more digits found, ~2x slower)")
 

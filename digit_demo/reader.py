@@ -41,12 +41,19 @@ def crop_digits(image: torch.Tensor, boxes: torch.Tensor, size: int = CROP, cont
     return roi_align(image[None], [square_boxes(boxes.float(), context)], size, 1.0, sampling_ratio=0, aligned=True)
 
 
-def conv_block(cin: int, cout: int, stride: int | tuple[int, int]) -> nn.Sequential:
+def _block(cin: int, cout: int, stride: int | tuple[int, int]) -> nn.Sequential:
     """Two 3 x 3 conv + batch norm + ReLU layers, the first with ``stride``."""
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
         nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
     )
+
+
+def trunk(width: int, last_stride: int | tuple[int, int] = 2) -> list[nn.Sequential]:
+    """The reader's four conv blocks (``width`` to 8 x ``width`` channels); the whole-number reader's
+    "reader" backbone reuses them with the last block striding only down (``last_stride`` (2, 1))."""
+    return [_block(3, width, 1), _block(width, 2 * width, 2), _block(2 * width, 4 * width, 2),
+            _block(4 * width, 8 * width, last_stride)]
 
 
 class DigitReader(nn.Module):
@@ -59,9 +66,7 @@ class DigitReader(nn.Module):
         self.width = width
         self.verify = verify  # how far :func:`refine` trusts the reader's background class over the detector
         self.net = nn.Sequential(
-            conv_block(3, width, 1), conv_block(width, 2 * width, 2), conv_block(2 * width, 4 * width, 2),
-            conv_block(4 * width, 8 * width, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
-            nn.Linear(8 * width, classes),
+            *trunk(width), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(8 * width, classes),
         )
         self.box = nn.Linear(8 * width, 4) if box_head else None
 

@@ -17,7 +17,7 @@ from torchvision.ops import roi_align
 
 from .assemble import BLANK, LINE_THRESHOLDS, Detections, assemble, is_column
 from .checkpoints import load_module, resolve_optional, write_weights
-from .reader import DigitReader, conv_block
+from .reader import DigitReader, trunk
 
 HEIGHT, WIDTH = 32, 128  # the crop; WIDTH / 4 = 32 time steps
 SEQUENCE_ARCHITECTURE = "number_reader_crnn"
@@ -68,9 +68,7 @@ def reader_trunk(width: int) -> nn.Sequential:
     names), the last one striding only down, so a HEIGHT x WIDTH crop gives 4 x WIDTH / 4 features.
     A line crop shows digits at the scale the digit reader reads them (about 25 px tall), so its
     trained weights are a head start (:meth:`NumberReader.init_from_reader`)."""
-    w = width
-    return nn.Sequential(conv_block(3, w, 1), conv_block(w, 2 * w, 2), conv_block(2 * w, 4 * w, 2),
-                         conv_block(4 * w, 8 * w, (2, 1)))
+    return nn.Sequential(*trunk(width, (2, 1)))
 
 
 class NumberReader(nn.Module):
@@ -107,13 +105,22 @@ class NumberReader(nn.Module):
         return self.head(self.rnn(f)[0]).log_softmax(2)
 
 
+def greedy_runs(path: list[int]) -> list[list[int]]:
+    """The time steps of each character a greedy CTC ``path`` (the best class per step) reads: a
+    run of one non-blank class, ended by a blank or another class."""
+    runs: list[list[int]] = []
+    for k, c in enumerate(path):
+        if c != BLANK:
+            if k and c == path[k - 1]:
+                runs[-1].append(k)
+            else:
+                runs.append([k])
+    return runs
+
+
 def decode(log_probs: torch.Tensor) -> list[str]:
     """Greedy CTC decoding of N x T x 11 log-probabilities."""
-    out = []
-    for path in log_probs.argmax(2).tolist():
-        keep = [c for k, c in enumerate(path) if c != BLANK and (k == 0 or c != path[k - 1])]
-        out.append("".join(map(str, keep)))
-    return out
+    return ["".join(str(path[r[0]]) for r in greedy_runs(path)) for path in log_probs.argmax(2).tolist()]
 
 
 def place(log_probs: torch.Tensor, crop: torch.Tensor, digit_boxes: torch.Tensor) -> Detections:
@@ -121,13 +128,7 @@ def place(log_probs: torch.Tensor, crop: torch.Tensor, digit_boxes: torch.Tensor
     columns it was read in (mapped through the xyxy ``crop`` box), as wide, tall and high as the median
     of ``digit_boxes``; scored by its highest probability there."""
     best, path = log_probs.max(1)
-    runs: list[list[int]] = []
-    for k, c in enumerate(path.tolist()):
-        if c != BLANK:
-            if k and c == path[k - 1] and runs:
-                runs[-1].append(k)
-            else:
-                runs.append([k])
+    runs = greedy_runs(path.tolist())
     if not runs:
         return Detections()
     step = (crop[2] - crop[0]) / len(path)
