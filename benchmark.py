@@ -126,8 +126,8 @@ def main() -> int:
     from digit_demo.card import training_summary, write_model_card
     from digit_demo.checkpoints import CHECKPOINT_DIR, available
     from digit_demo.data import load_coco
-    from digit_demo.ensemble import FUSIONS, ensemble_key, fuse, member_weights
-    from digit_demo.detect import to_tensor, with_lines
+    from digit_demo.ensemble import FUSIONS, ensemble_key, member_weights
+    from digit_demo.detect import fuse_members, to_tensor
     from digit_demo.evaluation import best, sweep
     from digit_demo.images import load_image
     from digit_demo.sequence import optional_number_reader
@@ -180,9 +180,10 @@ def main() -> int:
                 # the accuracies measured here are what the sidecars will hold, so the app fuses alike
                 tops = [best(curves[g]) for g in group]
                 weights = member_weights([{"metrics": {"valid": {"accuracy": t.accuracy}}} for t in tops])
-                thresholds = [t.threshold for t in tops]
-                fused = {i: fuse([found[g][i] for g in group], method, 0.55, weights, thresholds) for i in ids}
-                fused = {i: with_lines(lines, [tensors[i]], [d])[0] for i, d in fused.items()}  # read the fused line once
+                thresholds = [best(curves[m]).threshold for m in members]  # at two sizes where run so
+                per_member = [[found[g][i] for i in ids] for g in group]
+                fused = dict(zip(ids, fuse_members([tensors.get(i) for i in ids], per_member, method, 0.55, weights,
+                                                   thresholds, lines)))
                 fuse_ms = (time.perf_counter() - start) * 1000 / len(ids)
                 curves[key] = sweep(gt, fused)
                 own = sum(results[m]["line_p50_ms"] for m in members)  # members' own line readings, replaced by the above

@@ -16,13 +16,16 @@ class Detections:
     """Detections of one image: ``boxes`` xyxy in original pixels, ``scores``, ``digits`` 0-9, the
     number reader's reading of the line they sit on (``line``: T x 11 log-probabilities, blank last)
     and the number its proposer reads there (``proposal``: digits placed on the line, scored by
-    their peak probability); both None without them (:func:`digit_demo.sequence.read_line`)."""
+    their peak probability); both None without them (:func:`digit_demo.sequence.read_line`). An
+    ensemble's detections also carry its lead member's own reading (``lead``,
+    :func:`digit_demo.detect.fuse_members`)."""
 
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     digits: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     line: np.ndarray | None = None
     proposal: "Detections | None" = None
+    lead: "HouseNumber | None" = None
     # the numbers read at each of LINE_THRESHOLDS and the line's log-probability of each (see assemble)
     _readings: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -30,7 +33,7 @@ class Detections:
         return len(self.scores)
 
     def select(self, keep) -> "Detections":
-        return Detections(self.boxes[keep], self.scores[keep], self.digits[keep], self.line, self.proposal)
+        return Detections(self.boxes[keep], self.scores[keep], self.digits[keep], self.line, self.proposal, self.lead)
 
     def above(self, threshold: float) -> "Detections":
         return self.select(self.scores >= threshold)
@@ -159,14 +162,25 @@ def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = DEDUP
     alternatives: one the line reading finds more likely by ``line_margin`` nats replaces it
     (``None``: never). So the number reader judges how many digits the number has, and which, and a
     second model with its own backbone proposes what the detector missed.
+
+    An ensemble's detections carry its most accurate member's reading (``lead``): that reading stands
+    unless the one above, from the fused detections, is found more likely by ``line_margin`` nats. So
+    fusing can add a digit a member missed, but not trade the best member's right reading for a
+    worse one (the reference's NMS ensemble read fewer numbers than its members).
     """
     number = _assemble(dets, threshold, dedupe_iou, strays, max_gap)
-    if dets.line is None or line_margin is None:
+    if dets.line is not None and line_margin is not None:
+        others, scores = _line_readings(dets, dedupe_iou, strays, max_gap)
+        base = scores[number.text] if number.text in scores else float(line_log_prob(dets.line, [number.text])[0])
+        best = max((t for t in others if t != number.text), key=scores.get, default=None)
+        if best is not None and scores[best] - base > line_margin:
+            number = others[best]
+    if dets.lead is None or dets.lead.text in ("", number.text):
         return number
-    others, scores = _line_readings(dets, dedupe_iou, strays, max_gap)
-    base = scores[number.text] if number.text in scores else float(line_log_prob(dets.line, [number.text])[0])
-    best = max((t for t in others if t != number.text), key=scores.get, default=None)
-    return others[best] if best is not None and scores[best] - base > line_margin else number
+    if not number.text or dets.line is None or line_margin is None:
+        return dets.lead
+    fused, lead = line_log_prob(dets.line, [number.text, dets.lead.text])
+    return number if fused - lead > line_margin else dets.lead
 
 
 def _line_readings(dets: Detections, dedupe_iou: float, strays: bool, max_gap: float | None

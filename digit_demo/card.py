@@ -173,7 +173,8 @@ def _number_reader_section(directory: Path) -> str:
         f"\n\nIts proposer (`{proposer['name']}`) is a second CRNN (the same GRU and CTC head) whose CNN is the digit reader's "
         f"(backbone `{proposer['config'].get('backbone')}`, started from `{proposer['recipe'].get('init_reader')}`); the "
         "number it reads joins the alternatives, each digit on the detected box it falls on (or placed where it was "
-        f"read). {_sequence_training(proposer)}")
+        "read); it is asked only where the reader's own greedy reading differs from the number the detections read. "
+        f"{_sequence_training(proposer)}")
     return (f"\n## Whole-number reader (`{meta['name']}`)\n\n"
             f"A CRNN (`{meta['architecture']}`: CNN width {cfg['width']}, bidirectional GRU {cfg['hidden']}, CTC) that "
             f"reads the whole number from a {cfg['height']} x {cfg['crop_width']} crop around the digits found at "

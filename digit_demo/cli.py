@@ -9,7 +9,7 @@ from pathlib import Path
 from .assemble import assemble
 from .checkpoints import DEFAULT_MODEL, CheckpointError
 from .ensemble import DEFAULT_FUSION, FUSIONS
-from .images import ImageError
+from .images import ImageError, load_image
 from .reader import DEFAULT_READER
 from .sequence import DEFAULT_PROPOSER, DEFAULT_SEQUENCE
 
@@ -54,7 +54,7 @@ def _load(args):
 
 
 def cmd_predict(args) -> int:
-    from .detect import detect_paths
+    from .detect import detect_paths, to_tensor
     from .draw import draw_detections
     from .images import expand_paths, load_image
     from .io import image_id_for, write_pred_csv, write_pred_json
@@ -101,7 +101,7 @@ def _ground_truth(args):
 
 def _detections_for_gt(args, detector, gt, images):
     """Raw detections per member (and fused, for an ensemble), keyed by image id."""
-    from .detect import detect_paths
+    from .detect import detect_paths, to_tensor
 
     paths = [images / im["file_name"] for im in gt["images"]]
     ids = {images / im["file_name"]: im["id"] for im in gt["images"]}
@@ -114,9 +114,12 @@ def _detections_for_gt(args, detector, gt, images):
         per_member[m.name] = {ids[p]: d for p, d in found.items()}
     if len(members) == 1:
         return per_member, None
-    order = sorted(per_member[members[0].name])
-    fused = detector.fuse([[per_member[m.name][i] for i in order] for m in members])
-    return per_member, dict(zip(order, fused))
+    fused = {}
+    for i in range(0, len(paths), args.batch_size):  # the fused digits' line is read on the photos
+        chunk = paths[i : i + args.batch_size]
+        per_image = [[per_member[m.name][ids[p]] for p in chunk] for m in members]
+        fused.update(zip([ids[p] for p in chunk], detector.combine([to_tensor(load_image(p)) for p in chunk], per_image)))
+    return per_member, fused
 
 
 def cmd_evaluate(args) -> int:

@@ -1,6 +1,7 @@
 """Running detectors on images: one model or an ensemble, raw detections out."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -10,11 +11,11 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from .assemble import Detections
+from .assemble import Detections, assemble
 from .checkpoints import DEFAULT_MODEL, load_checkpoint
-from .ensemble import DEFAULT_FUSION, ensemble_key, fuse, member_weights, nms_fusion
+from .ensemble import DEFAULT_FUSION, ensemble_key, fuse, member_threshold, member_weights, nms_fusion
 from .images import ImageInput, load_image
-from .models import multi_scale_views
+from .models import fold_batch_norms, multi_scale_views
 from .reader import DEFAULT_READER, DigitReader, optional_reader, refine
 from .sequence import DEFAULT_PROPOSER, DEFAULT_SEQUENCE, NumberReader, optional_number_reader, read_line
 
@@ -65,10 +66,11 @@ class Detector:
     @classmethod
     def load(cls, name_or_path: str | Path = DEFAULT_MODEL, reader: str | Path | None = DEFAULT_READER,
              number_reader: str | Path | None = DEFAULT_SEQUENCE, **kwargs) -> "Detector":
-        """Load a detector checkpoint and (unless None) the digit reader and the number reader."""
+        """Load a detector checkpoint and (unless None) the digit reader and the number reader, ready for
+        inference (:func:`digit_demo.models.fold_batch_norms`)."""
         model, meta = load_checkpoint(name_or_path)
-        return cls(model, meta, reader=optional_reader(reader), number_reader=optional_number_reader(number_reader),
-                   **kwargs)
+        return cls(fold_batch_norms(model), meta, reader=optional_reader(reader),
+                   number_reader=optional_number_reader(number_reader), **kwargs)
 
     def _read(self, view: nn.Module, tensors: Sequence[torch.Tensor]) -> list[Detections]:
         out: list[Detections] = []
@@ -103,17 +105,19 @@ class Ensemble:
         self.method = method
         self.iou = iou
         self.weights = member_weights([m.meta for m in members])
-        self.thresholds = [m.meta.get("threshold") for m in members]
+        self.thresholds = [member_threshold(m.meta, m.multi_scale) for m in members]
         self.name = ensemble_key([m.name for m in members], method, members[0].reader is not None,
                                  members[0].multi_scale)
         self.number_reader = members[0].number_reader  # reads the fused digits' line once
 
-    def fuse(self, per_member: Sequence[Sequence[Detections]]) -> list[Detections]:
-        """Fuse members' detections, given as ``per_member[m][i]`` for image ``i``."""
-        return [fuse(list(dets), self.method, self.iou, self.weights, self.thresholds) for dets in zip(*per_member)]
+    def combine(self, tensors: Sequence[torch.Tensor], per_member: Sequence[Sequence[Detections]]) -> list[Detections]:
+        """Fuse members' detections of ``tensors``, given as ``per_member[m][i]`` for image ``i``
+        (:func:`fuse_members`)."""
+        return fuse_members(tensors, per_member, self.method, self.iou, self.weights, self.thresholds,
+                            self.number_reader)
 
     def detect_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
-        return with_lines(self.number_reader, tensors, self.fuse([m.spot_tensors(tensors) for m in self.members]))
+        return self.combine(tensors, [m.spot_tensors(tensors) for m in self.members])
 
     def __call__(self, images: Iterable[ImageInput]) -> list[Detections]:
         return self.detect_tensors([to_tensor(load_image(im)) for im in images])
@@ -127,17 +131,33 @@ def with_lines(number_reader: NumberReader | None, tensors: Sequence[torch.Tenso
     return [read_line(number_reader, t, d) for t, d in zip(tensors, found)]
 
 
+def fuse_members(tensors: Sequence[torch.Tensor], per_member: Sequence[Sequence[Detections]], method: str,
+                 iou: float, weights: list[float], thresholds: list[float | None],
+                 number_reader: NumberReader | None) -> list[Detections]:
+    """Each image's fused detections (``per_member[m][i]`` for image ``i`` of ``tensors``, fused by
+    ``method``), with ``number_reader``'s reading of the fused digits' line and the number the lead
+    member (the largest weight: the most accurate on valid) reads alone at its own threshold
+    (``Detections.lead``; :func:`digit_demo.assemble.assemble` weighs the two)."""
+    fused = with_lines(number_reader, tensors, [fuse(list(d), method, iou, weights, thresholds)
+                                                for d in zip(*per_member)])
+    lead = int(np.argmax(weights))
+    at = {} if thresholds[lead] is None else {"threshold": thresholds[lead]}
+    own = with_lines(number_reader, tensors, list(per_member[lead]))
+    return [replace(f, lead=assemble(o, **at)) for f, o in zip(fused, own)]
+
+
 def load_detector(names: Sequence[str | Path], fusion: str = DEFAULT_FUSION, iou: float = 0.55, batch_size: int = 8,
                   reader: str | Path | None = DEFAULT_READER, multi_scale: bool = False,
                   number_reader: str | Path | None = DEFAULT_SEQUENCE,
                   proposer: str | Path | None = DEFAULT_PROPOSER) -> Detector | Ensemble:
     """One name gives a :class:`Detector`; several give an :class:`Ensemble` fused by ``fusion``
     (members share one digit ``reader`` and ``number_reader`` with its ``proposer``; ``multi_scale``
-    applies to each)."""
+    applies to each); all ready for inference, as :meth:`Detector.load`."""
     shared = optional_reader(reader)
     lines = optional_number_reader(number_reader, proposer)
-    detectors = [Detector(*load_checkpoint(n), batch_size=batch_size, reader=shared, multi_scale=multi_scale,
-                          number_reader=lines) for n in names]
+    detectors = [Detector.load(n, reader=None, number_reader=None) for n in names]
+    detectors = [Detector(d.model, d.meta, batch_size=batch_size, reader=shared, multi_scale=multi_scale,
+                          number_reader=lines) for d in detectors]
     return detectors[0] if len(detectors) == 1 else Ensemble(detectors, fusion, iou)
 
 

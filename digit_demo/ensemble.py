@@ -159,6 +159,13 @@ def member_weights(metas: list[dict], power: float = 2.0) -> list[float]:
     return [a**power for a in accs]
 
 
+def member_threshold(meta: dict, multi_scale: bool = False) -> float | None:
+    """A member's best threshold on valid (its sidecar's ``threshold``), read at two input sizes where it
+    runs so (``metrics.valid_multi_scale``, where measured)."""
+    at_two = meta.get("metrics", {}).get("valid_multi_scale", {}).get("threshold") if multi_scale else None
+    return at_two if at_two is not None else meta.get("threshold")
+
+
 def fuse(dets: list[Detections], method: str = DEFAULT_FUSION, iou: float = 0.55, weights: list[float] | None = None,
          thresholds: list[float | None] | None = None) -> Detections:
     """Fuse one image's detections from several models by ``method`` (``vote``, ``wbf`` or ``nms``;

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import detection, resnet18, resnet34
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -44,8 +45,10 @@ class ModelConfig:
     aspect_ratios: tuple[float, ...] = DIGIT_ASPECT_RATIOS
     rpn_pre_nms_top_n_train: int = 600
     rpn_post_nms_top_n_train: int = 300
-    rpn_pre_nms_top_n_test: int = 300
-    rpn_post_nms_top_n_test: int = 100
+    # RPN proposals kept at inference: per level before NMS, in all after. On valid, resnet18_fpn read as
+    # many numbers with 100 / 50 as with 300 / 100, about 5 ms faster per image on 2 cores.
+    rpn_pre_nms_top_n_test: int = 100
+    rpn_post_nms_top_n_test: int = 50
     box_batch_size_per_image: int = 128
     box_detections_per_img: int = 40
     box_score_thresh: float = 0.01  # raw score floor: any higher threshold is applied later
@@ -222,3 +225,19 @@ def build_model(cfg: ModelConfig | str) -> FasterRCNN:
     model.transform = DigitTransform(cfg)
     model.digit_config = cfg
     return model
+
+
+def fold_batch_norms(module: nn.Module) -> nn.Module:
+    """Fold every eval-mode ``BatchNorm2d`` into the ``Conv2d`` registered just before it, in place
+    (``torch.nn.utils.fusion.fuse_conv_bn_eval``): the same outputs to float rounding, one op less per
+    layer (about 4% of the default pipeline's time). For inference only: the norms no longer exist to
+    train. A norm registered right after a conv must follow it in ``forward``, as in torchvision's
+    ResNets, MobileNetV3 and FPN and in this package's readers (tests compare the outputs)."""
+    names = list(module._modules)
+    for a, b in zip(names, names[1:]):
+        conv, norm = module._modules[a], module._modules[b]
+        if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and not (conv.training or norm.training):
+            module._modules[a], module._modules[b] = fuse_conv_bn_eval(conv, norm), nn.Identity()
+    for child in module.children():
+        fold_batch_norms(child)
+    return module

@@ -6,7 +6,7 @@ from digit_demo.checkpoints import load_checkpoint
 from digit_demo.detect import Detector, to_tensor
 from digit_demo.ensemble import ensemble_key
 from digit_demo.images import load_image
-from digit_demo.models import at_input_size, multi_scale_views, set_test_size
+from digit_demo.models import at_input_size, fold_batch_norms, multi_scale_views, set_test_size
 
 from .conftest import FIXTURES
 
@@ -50,3 +50,23 @@ def test_multi_scale_merges_the_readings_at_two_sizes(default_detector):
     assert any(len(m) > len(s) for m, s in zip(merged, readings[0]))  # the larger size adds detections
     assert both.name == "resnet18_fpn" and ensemble_key([both.name], "", multi_scale=True) == "resnet18_fpn (multi-scale)"
     assert ensemble_key(["a", "b"], "nms", reader=False, multi_scale=True) == "ensemble[nms](a+b) (detector only, multi-scale)"
+
+
+@torch.inference_mode()
+def test_folding_batch_norms_keeps_every_models_outputs():
+    from digit_demo.reader import load_reader
+    from digit_demo.sequence import load_sequence
+
+    images = [to_tensor(load_image(p)) for p in IMAGES[:4]]
+    for name in ("resnet18_fpn", "mobilenet_v3_fpn"):
+        plain, folded = load_checkpoint(name)[0], fold_batch_norms(load_checkpoint(name)[0])
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        for a, b in zip(plain(images), folded(images)):
+            assert len(a["boxes"]) == len(b["boxes"]) > 0
+            torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=1e-4)
+            torch.testing.assert_close(a["scores"], b["scores"], atol=1e-4, rtol=1e-4)
+    crops = torch.rand(3, 3, 32, 128, generator=torch.Generator().manual_seed(0))
+    for load, name, x in ((load_reader, "digit_reader", crops[..., :32]), (load_sequence, "number_reader", crops),
+                          (load_sequence, "number_proposer", crops)):
+        torch.testing.assert_close(fold_batch_norms(load(name))(x), load(name)(x), atol=1e-4, rtol=1e-4)
+    assert isinstance(Detector.load().model.backbone.body.bn1, torch.nn.Identity)  # what the library loads

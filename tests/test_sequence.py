@@ -10,11 +10,11 @@ import torch
 from digit_demo.assemble import BLANK, Detections, assemble, line_log_prob
 from digit_demo.checkpoints import CheckpointError
 from digit_demo.data import annotations_by_image, clipped_boxes, gt_numbers
-from digit_demo.detect import Detector, to_tensor
+from digit_demo.detect import Detector, load_detector, to_tensor
 from digit_demo.images import load_image
 from digit_demo.reader import load_reader
-from digit_demo.sequence import (HEIGHT, WIDTH, NumberReader, crop_boxes, crop_numbers, decode, load_sequence,
-                                 number_region, optional_number_reader, place, read_line)
+from digit_demo.sequence import (HEIGHT, REGION_THRESHOLD, WIDTH, NumberReader, crop_boxes, crop_numbers, decode,
+                                 load_sequence, number_region, optional_number_reader, place, read_line)
 from train.sequence import main
 
 from .conftest import FIXTURES
@@ -136,7 +136,10 @@ def test_detector_reads_the_line_with_the_shipped_number_reader(fixture_gt, fixt
     without = Detector.load(number_reader=None)(paths)
     assert all(d.line is not None and d.line.shape == (WIDTH // 4, BLANK + 1) for d in with_line)
     assert all(d.line is None and d.proposal is None for d in without)
-    assert all(d.proposal is not None for d in with_line)  # the shipped reader comes with its proposer
+    # the shipped reader comes with its proposer, asked where its own reading and the detections' disagree
+    asked = [decode(torch.from_numpy(d.line)[None])[0] != assemble(b, REGION_THRESHOLD, line_margin=None).text
+             for d, b in zip(with_line, without)]
+    assert any(asked) and [d.proposal is not None for d in with_line] == asked
     for a, b in zip(with_line, without):  # the same digits, only the reading of the line is added
         assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
     numbers = gt_numbers(fixture_gt)  # hard photos: the default reads 4 of the 8 without the line reader
@@ -191,3 +194,28 @@ def test_reader_backbone_starts_from_the_digit_reader_and_round_trips(tmp_path):
     loaded = load_sequence(out)
     assert loaded.backbone == "reader" and json.loads(out.with_suffix(".json").read_text())["recipe"]["init_reader"]
     assert loaded(torch.rand(2, 3, HEIGHT, WIDTH)).shape == (2, WIDTH // 4, BLANK + 1)
+
+
+def test_an_ensemble_keeps_its_lead_members_reading_unless_the_line_prefers_the_fused_one():
+    fused = Detections(np.array([[10, 10, 20, 30], [21, 10, 31, 30]], np.float32), np.array([0.9, 0.8], np.float32),
+                       np.array([1, 7]), line_for("17"))
+    lead = assemble(Detections(fused.boxes[:1], fused.scores[:1], np.array([4])), 0.5)
+    assert assemble(replace(fused, lead=lead), 0.5).text == "17"  # the line is sure of the fused reading
+    assert assemble(replace(fused, line=line_for("4"), lead=lead), 0.5).text == "4"
+    unsure = np.logaddexp(line_for("17"), line_for("4"))  # as likely either way: the lead member's reading stands
+    assert assemble(replace(fused, line=unsure, lead=lead), 0.5).text == "4"
+    assert assemble(replace(fused, line=None, lead=lead), 0.5).text == "4"  # no line to judge by
+    nothing = assemble(Detections(), 0.5)
+    assert assemble(replace(fused, line=None, lead=nothing), 0.5).text == "17"  # the lead member read nothing
+
+
+def test_an_ensemble_carries_its_most_accurate_members_own_reading(fixture_gt, fixture_images):
+    paths = [fixture_images / im["file_name"] for im in fixture_gt["images"]]
+    ens = load_detector(["mobilenet_v3_fpn", "resnet18_fpn"])
+    lead = ens.members[1]
+    assert lead.meta["metrics"]["valid"]["accuracy"] > ens.members[0].meta["metrics"]["valid"]["accuracy"]
+    readings = [assemble(o, lead.meta["threshold"]) for o in lead(paths)]
+    assert any(r.text for r in readings)
+    for d, r in zip(ens(paths), readings):
+        assert d.line is not None and d.lead.text == r.text
+        assert np.array_equal(d.lead.digits.boxes, r.digits.boxes)
