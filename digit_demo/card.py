@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from itertools import permutations
 from pathlib import Path
 
 from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, CheckpointError, available, read_sidecar, resolve
@@ -265,9 +266,11 @@ def model_label(name: str, directory: Path = CHECKPOINT_DIR, reader: bool = True
 
 def measured_key(models: list[str] | tuple[str, ...], fusion: str, reader: bool, multi_scale: bool,
                  curves: dict[str, list]) -> str | None:
-    """The sweep of a model or ensemble with these settings; a multi-scale reading that was not
-    measured falls back to its single-size sweep (None when neither was measured)."""
-    keys = [ensemble_key(models, fusion, reader, multi_scale), ensemble_key(models, fusion, reader)]
+    """The sweep of a model or ensemble with these settings, its members named in any order (fusion
+    depends on it only through exact ties); a multi-scale reading that was not measured falls back to its single-size
+    sweep (None when neither was measured)."""
+    keys = [ensemble_key(list(order), fusion, reader, size)
+            for size in dict.fromkeys((multi_scale, False)) for order in permutations(models)]
     return next((k for k in keys if k in curves), None)
 
 

@@ -113,6 +113,13 @@ def test_threshold_default_comes_from_the_sweep(client):
         expected = best_threshold(["resnet18_fpn"], reader=use_reader)
         assert slider["value"] == pytest.approx(expected) if isinstance(slider, dict) else slider == pytest.approx(expected)
         assert rows["data"][0][0] == name
+    # an ensemble's sweep is found whatever order its members are named in
+    from digit_demo.card import sweep_curves
+    from digit_demo.evaluation import best
+
+    measured = best(sweep_curves()["ensemble[vote](mobilenet_v3_fpn+resnet18_fpn)"]).threshold
+    assert best_threshold(["resnet18_fpn", "mobilenet_v3_fpn"], "vote") == measured != 0.5
+    assert best_threshold(["mobilenet_v3_fpn", "resnet18_fpn"], "vote") == measured
 
 
 def test_reader_checkbox_switches_the_second_stages(client, default_detector):
