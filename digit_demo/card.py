@@ -267,8 +267,8 @@ def model_label(name: str, directory: Path = CHECKPOINT_DIR, reader: bool = True
 def measured_key(models: list[str] | tuple[str, ...], fusion: str, reader: bool, multi_scale: bool,
                  curves: dict[str, list]) -> str | None:
     """The sweep of a model or ensemble with these settings, its members named in any order (fusion
-    depends on it only through exact ties); a multi-scale reading that was not measured falls back to its single-size
-    sweep (None when neither was measured)."""
+    depends on it only through exact ties); a multi-scale reading that was not measured falls back to
+    its single-size sweep (None when neither was measured)."""
     keys = [ensemble_key(list(order), fusion, reader, size)
             for size in dict.fromkeys((multi_scale, False)) for order in permutations(models)]
     return next((k for k in keys if k in curves), None)

@@ -230,7 +230,7 @@ def build_model(cfg: ModelConfig | str) -> FasterRCNN:
 def fold_batch_norms(module: nn.Module) -> nn.Module:
     """Fold every eval-mode ``BatchNorm2d`` into the ``Conv2d`` registered just before it, in place
     (``torch.nn.utils.fusion.fuse_conv_bn_eval``): the same outputs to float rounding, one op less per
-    layer (about 4% of the default pipeline's time). For inference only: the norms no longer exist to
+    layer (3-4% of the default pipeline's time). For inference only: the norms no longer exist to
     train. A norm registered right after a conv must follow it in ``forward``, as in torchvision's
     ResNets, MobileNetV3 and FPN and in this package's readers (tests compare the outputs)."""
     names = list(module._modules)
