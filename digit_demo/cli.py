@@ -100,25 +100,27 @@ def _ground_truth(args):
 
 
 def _detections_for_gt(args, detector, gt, images):
-    """Raw detections per member (and fused, for an ensemble), keyed by image id."""
-    from .detect import detect_paths, to_tensor
+    """Raw detections per member (each with its own line reading) and, for an ensemble, fused
+    (:meth:`Ensemble.combine`, reusing the lead member's line), keyed by image id; each photo is
+    loaded once."""
+    from tqdm import tqdm
 
-    paths = [images / im["file_name"] for im in gt["images"]]
-    ids = {images / im["file_name"]: im["id"] for im in gt["images"]}
+    from .detect import to_tensor
+
     members = getattr(detector, "members", [detector])
-    per_member = {}
-    for m in members:
-        found, errors = detect_paths(m, paths, args.batch_size, progress=not args.quiet)
-        if errors:
-            raise ImageError("; ".join(errors.values()))
-        per_member[m.name] = {ids[p]: d for p, d in found.items()}
-    if len(members) == 1:
-        return per_member, None
-    fused = {}
-    for i in range(0, len(paths), args.batch_size):  # the fused digits' line is read on the photos
-        chunk = paths[i : i + args.batch_size]
-        per_image = [[per_member[m.name][ids[p]] for p in chunk] for m in members]
-        fused.update(zip([ids[p] for p in chunk], detector.combine([to_tensor(load_image(p)) for p in chunk], per_image)))
+    per_member = {m.name: {} for m in members}
+    fused = {} if len(members) > 1 else None
+    with tqdm(total=len(gt["images"]), unit="img", disable=args.quiet) as bar:
+        for i in range(0, len(gt["images"]), args.batch_size):
+            chunk = gt["images"][i : i + args.batch_size]
+            ids = [im["id"] for im in chunk]
+            tensors = [to_tensor(load_image(images / im["file_name"])) for im in chunk]
+            found = [m.detect_tensors(tensors) for m in members]
+            for m, dets in zip(members, found):
+                per_member[m.name].update(zip(ids, dets))
+            if fused is not None:
+                fused.update(zip(ids, detector.combine(tensors, found)))
+            bar.update(len(chunk))
     return per_member, fused
 
 
@@ -140,11 +142,12 @@ def cmd_evaluate(args) -> int:
         return 0
     gt, images = _ground_truth(args)
     detector = _load(args)
-    threshold = _threshold(detector, args.threshold, args.fusion)
     per_member, fused = _detections_for_gt(args, detector, gt, images)
-    rows = {name: evaluate(gt, d, threshold) for name, d in per_member.items()}
+    # each model at its own best threshold on the validation sweep, unless one is given for all
+    members = getattr(detector, "members", [detector])
+    rows = {m.name: evaluate(gt, per_member[m.name], _threshold(m, args.threshold, args.fusion)) for m in members}
     if fused is not None:
-        rows[detector.name] = evaluate(gt, fused, threshold)
+        rows[detector.name] = evaluate(gt, fused, _threshold(detector, args.threshold, args.fusion))
     for name, r in rows.items():
         print(json.dumps({"model": name, **{k: round(v, 4) for k, v in r.__dict__.items()}}))
     return 0

@@ -15,7 +15,7 @@ from .assemble import Detections, assemble
 from .checkpoints import DEFAULT_MODEL, load_checkpoint
 from .ensemble import DEFAULT_FUSION, ensemble_key, fuse, member_threshold, member_weights, nms_fusion
 from .images import ImageInput, load_image
-from .models import fold_batch_norms, multi_scale_views
+from .models import for_inference, multi_scale_views
 from .reader import DEFAULT_READER, DigitReader, optional_reader, refine
 from .sequence import DEFAULT_PROPOSER, DEFAULT_SEQUENCE, NumberReader, optional_number_reader, read_line
 
@@ -67,9 +67,9 @@ class Detector:
     def load(cls, name_or_path: str | Path = DEFAULT_MODEL, reader: str | Path | None = DEFAULT_READER,
              number_reader: str | Path | None = DEFAULT_SEQUENCE, **kwargs) -> "Detector":
         """Load a detector checkpoint and (unless None) the digit reader and the number reader, ready for
-        inference (:func:`digit_demo.models.fold_batch_norms`)."""
+        inference (:func:`digit_demo.models.for_inference`)."""
         model, meta = load_checkpoint(name_or_path)
-        return cls(fold_batch_norms(model), meta, reader=optional_reader(reader),
+        return cls(for_inference(model), meta, reader=optional_reader(reader),
                    number_reader=optional_number_reader(number_reader), **kwargs)
 
     def _read(self, view: nn.Module, tensors: Sequence[torch.Tensor]) -> list[Detections]:
@@ -125,10 +125,11 @@ class Ensemble:
 
 def with_lines(number_reader: NumberReader | None, tensors: Sequence[torch.Tensor],
                found: list[Detections]) -> list[Detections]:
-    """Each image's detections with ``number_reader``'s reading of their line (unchanged without one)."""
+    """Each image's detections with ``number_reader``'s reading of their line (unchanged without one,
+    or where a line has been read already)."""
     if number_reader is None:
         return found
-    return [read_line(number_reader, t, d) for t, d in zip(tensors, found)]
+    return [read_line(number_reader, t, d) if d.line is None else d for t, d in zip(tensors, found)]
 
 
 def fuse_members(tensors: Sequence[torch.Tensor], per_member: Sequence[Sequence[Detections]], method: str,
@@ -137,7 +138,8 @@ def fuse_members(tensors: Sequence[torch.Tensor], per_member: Sequence[Sequence[
     """Each image's fused detections (``per_member[m][i]`` for image ``i`` of ``tensors``, fused by
     ``method``), with ``number_reader``'s reading of the fused digits' line and the number the lead
     member (the largest weight: the most accurate on valid) reads alone at its own threshold
-    (``Detections.lead``; :func:`digit_demo.assemble.assemble` weighs the two)."""
+    (``Detections.lead``; :func:`digit_demo.assemble.assemble` weighs the two). The lead's line is
+    read here unless its detections carry it already (as :meth:`Detector.detect_tensors` gives them)."""
     fused = with_lines(number_reader, tensors, [fuse(list(d), method, iou, weights, thresholds)
                                                 for d in zip(*per_member)])
     lead = int(np.argmax(weights))

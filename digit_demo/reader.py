@@ -16,7 +16,7 @@ from torchvision.ops import box_iou, nms, roi_align
 
 from .assemble import Detections
 from .checkpoints import load_module, resolve_optional, write_weights
-from .models import fold_batch_norms
+from .models import for_inference
 
 CROP = 32
 CONTEXT = 1.2  # crop side = CONTEXT x the box's longer side
@@ -171,7 +171,7 @@ def load_reader(name_or_path: str | Path = DEFAULT_READER) -> DigitReader:
 
 
 def optional_reader(name: str | Path | None = DEFAULT_READER) -> DigitReader | None:
-    """The reader to use, ready for inference (:func:`digit_demo.models.fold_batch_norms`): none for
+    """The reader to use, ready for inference (:func:`digit_demo.models.for_inference`): none for
     ``None`` or where the default one is not shipped; any other name must load."""
     path = resolve_optional(name, DEFAULT_READER)
-    return fold_batch_norms(load_reader(path)) if path else None
+    return for_inference(load_reader(path)) if path else None

@@ -17,7 +17,7 @@ from torchvision.ops import roi_align
 
 from .assemble import BLANK, LINE_THRESHOLDS, Detections, assemble, is_column
 from .checkpoints import load_module, resolve_optional, write_weights
-from .models import fold_batch_norms
+from .models import for_inference
 from .reader import DigitReader, trunk
 
 HEIGHT, WIDTH = 32, 128  # the crop; WIDTH / 4 = 32 time steps
@@ -193,7 +193,7 @@ def load_sequence(name_or_path: str | Path = DEFAULT_SEQUENCE) -> NumberReader:
 def optional_number_reader(name: str | Path | None = DEFAULT_SEQUENCE,
                            proposer: str | Path | None = DEFAULT_PROPOSER) -> NumberReader | None:
     """The number reader to use, with its ``proposer``, ready for inference
-    (:func:`digit_demo.models.fold_batch_norms`): none for ``None`` or where the default one is not
+    (:func:`digit_demo.models.for_inference`): none for ``None`` or where the default one is not
     shipped; any other name must load."""
     path = resolve_optional(name, DEFAULT_SEQUENCE)
     if not path:
@@ -202,4 +202,4 @@ def optional_number_reader(name: str | Path | None = DEFAULT_SEQUENCE,
     other = resolve_optional(proposer, DEFAULT_PROPOSER)
     if other:
         model.proposer = load_sequence(other)
-    return fold_batch_norms(model)
+    return for_inference(model)

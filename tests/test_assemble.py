@@ -80,3 +80,13 @@ def test_main_group_is_the_one_with_more_evidence():
 def test_vertical_number_splits_on_vertical_gaps():
     d = dets([(10, 10, 30, 50, 0.9, 1), (10, 55, 30, 95, 0.9, 2), (10, 200, 30, 240, 0.6, 9)])
     assert assemble(d, 0.5).text == "12"
+
+
+def test_a_reused_detections_reads_each_threshold_as_a_fresh_one():
+    rows = [(10, 10, 25, 40, 0.9, 1), (27, 10, 42, 40, 0.3, 2), (44, 10, 59, 40, 0.6, 7), (45, 11, 60, 41, 0.55, 1),
+            (61, 10, 76, 40, 0.1, 4)]
+    shared = dets(rows)
+    thresholds = [0.05, 0.5, 0.2, 0.58, 0.95, 0.3, 0.1, 0.56]
+    readings = [assemble(shared, t).text for t in thresholds + thresholds[::-1]]
+    assert readings == [assemble(dets(rows), t).text for t in thresholds + thresholds[::-1]]
+    assert readings[:5] == ["1274", "1", "127", "1", ""]  # without the 2, the 7 stands apart

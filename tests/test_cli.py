@@ -56,6 +56,21 @@ def test_ensemble_sweep_reports_comparison(tmp_path):
     assert set(summary["ensemble_beats_best_member"]) == {"accuracy", "mAP"}
 
 
+def test_ensemble_evaluate_scores_each_member_as_alone(tmp_path):
+    from digit_demo.card import best_threshold
+
+    args = ("evaluate", "--gt", FIXTURES / "valid.json", "--images", FIXTURES / "valid", "-q")
+    r = cli(*args, "-m", "mobilenet_v3_fpn", "-m", "resnet18_fpn", "--fusion", "vote")
+    assert r.returncode == 0, r.stderr
+    rows = {m.pop("model"): m for m in map(json.loads, r.stdout.splitlines())}
+    assert list(rows) == ["mobilenet_v3_fpn", "resnet18_fpn", "ensemble[vote](mobilenet_v3_fpn+resnet18_fpn)"]
+    alone = json.loads(cli(*args, "-m", "resnet18_fpn").stdout)
+    assert rows["resnet18_fpn"] == {k: v for k, v in alone.items() if k != "model"}  # its own threshold and numbers
+    assert rows["mobilenet_v3_fpn"]["threshold"] == best_threshold(["mobilenet_v3_fpn"])
+    assert rows["ensemble[vote](mobilenet_v3_fpn+resnet18_fpn)"]["threshold"] == best_threshold(
+        ["mobilenet_v3_fpn", "resnet18_fpn"], "vote")
+
+
 def test_errors_are_one_line_with_nonzero_exit(tmp_path):
     r = cli("predict", tmp_path / "missing.png")
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr

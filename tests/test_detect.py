@@ -6,7 +6,7 @@ from digit_demo.checkpoints import load_checkpoint
 from digit_demo.detect import Detector, to_tensor
 from digit_demo.ensemble import ensemble_key
 from digit_demo.images import load_image
-from digit_demo.models import at_input_size, fold_batch_norms, multi_scale_views, set_test_size
+from digit_demo.models import ChannelsLastMaxPool2d, at_input_size, fast_pools, for_inference, multi_scale_views, set_test_size
 
 from .conftest import FIXTURES
 
@@ -52,14 +52,26 @@ def test_multi_scale_merges_the_readings_at_two_sizes(default_detector):
     assert ensemble_key(["a", "b"], "nms", reader=False, multi_scale=True) == "ensemble[nms](a+b) (detector only, multi-scale)"
 
 
+def test_fast_pools_pool_exactly_as_max_pool2d():
+    x = torch.randn(2, 5, 9, 13, generator=torch.Generator().manual_seed(0))
+    for kw in ({"kernel_size": 3, "stride": 2, "padding": 1}, {"kernel_size": (2, 1)},
+               {"kernel_size": 2, "ceil_mode": True}, {"kernel_size": (1, 1)}):
+        net = fast_pools(torch.nn.Sequential(torch.nn.MaxPool2d(**kw), torch.nn.Sequential(torch.nn.MaxPool2d(**kw))))
+        kind = torch.nn.Identity if kw == {"kernel_size": (1, 1)} else ChannelsLastMaxPool2d
+        assert isinstance(net[0], kind) and isinstance(net[1][0], kind)  # nested pools are swapped too
+        out = net(x)
+        torch.testing.assert_close(out, torch.nn.MaxPool2d(**kw)(torch.nn.MaxPool2d(**kw)(x)), rtol=0, atol=0)
+        assert out.is_contiguous()
+
+
 @torch.inference_mode()
-def test_folding_batch_norms_keeps_every_models_outputs():
+def test_inference_preparation_keeps_every_models_outputs():
     from digit_demo.reader import load_reader
     from digit_demo.sequence import load_sequence
 
     images = [to_tensor(load_image(p)) for p in IMAGES[:4]]
     for name in ("resnet18_fpn", "mobilenet_v3_fpn"):
-        plain, folded = load_checkpoint(name)[0], fold_batch_norms(load_checkpoint(name)[0])
+        plain, folded = load_checkpoint(name)[0], for_inference(load_checkpoint(name)[0])
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
         for a, b in zip(plain(images), folded(images)):
             assert len(a["boxes"]) == len(b["boxes"]) > 0
@@ -68,5 +80,8 @@ def test_folding_batch_norms_keeps_every_models_outputs():
     crops = torch.rand(3, 3, 32, 128, generator=torch.Generator().manual_seed(0))
     for load, name, x in ((load_reader, "digit_reader", crops[..., :32]), (load_sequence, "number_reader", crops),
                           (load_sequence, "number_proposer", crops)):
-        torch.testing.assert_close(fold_batch_norms(load(name))(x), load(name)(x), atol=1e-4, rtol=1e-4)
-    assert isinstance(Detector.load().model.backbone.body.bn1, torch.nn.Identity)  # what the library loads
+        fast = for_inference(load(name))
+        assert not any(type(m) is torch.nn.MaxPool2d for m in fast.modules())
+        torch.testing.assert_close(fast(x), load(name)(x), atol=1e-4, rtol=1e-4)
+    body = Detector.load().model.backbone.body  # what the library loads
+    assert isinstance(body.bn1, torch.nn.Identity) and isinstance(body.maxpool, ChannelsLastMaxPool2d)
