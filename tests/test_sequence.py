@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from digit_demo.assemble import BLANK, Detections, assemble, line_log_prob
+from digit_demo.assemble import BLANK, LEAD_MARGIN, LINE_MARGIN, Detections, assemble, line_log_prob
 from digit_demo.checkpoints import CheckpointError
 from digit_demo.data import annotations_by_image, clipped_boxes, gt_numbers
 from digit_demo.detect import Detector, load_detector, to_tensor
@@ -207,6 +207,13 @@ def test_an_ensemble_keeps_its_lead_members_reading_unless_the_line_prefers_the_
     assert assemble(replace(fused, line=None, lead=lead), 0.5).text == "4"  # no line to judge by
     nothing = assemble(Detections(), 0.5)
     assert assemble(replace(fused, line=None, lead=nothing), 0.5).text == "17"  # the lead member read nothing
+    # the fused reading must be likelier by LEAD_MARGIN nats (more than LINE_MARGIN) to replace the lead's
+    lines = [np.logaddexp(np.log(w) + line_for("17"), np.log(1 - w) + line_for("4")) for w in np.linspace(0.5, 0.9999, 400)]
+    gaps = [np.subtract(*line_log_prob(x, ["17", "4"])) for x in lines]
+    between = next(x for x, g in zip(lines, gaps) if LINE_MARGIN < g < LEAD_MARGIN)
+    beyond = next(x for x, g in zip(lines, gaps) if g > LEAD_MARGIN)
+    assert assemble(replace(fused, line=between, lead=lead), 0.5).text == "4"
+    assert assemble(replace(fused, line=beyond, lead=lead), 0.5).text == "17"
 
 
 def test_an_ensemble_carries_its_most_accurate_members_own_reading(fixture_gt, fixture_images):
