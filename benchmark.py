@@ -5,7 +5,8 @@ model's threshold; every reading of an image timed in the same moment, and the f
 passes over the images kept, as this shared host's speed varies by tens of percent), images/s in batches of 8, peak RSS, mAP / AP50 / whole-number accuracy at the best validation threshold, and the server-side cost of one slider
 update in the app; each model with the second-stage digit and whole-number readers (as the app and
 CLI run it), marked "(no proposer)" without the number reader's proposer, "(no number reader)" with
-the digit reader alone, and "(detector only)" without either. Writes ``checkpoints/benchmark.json``, ``checkpoints/sweeps.json`` (threshold
+the digit reader alone, and "(detector only)" without either; all in the default inference precision
+(bfloat16 where the CPU has AMX), and marked "(fp32)" the same reading in float32 where that differs. Writes ``checkpoints/benchmark.json``, ``checkpoints/sweeps.json`` (threshold
 curves the app's explorer shows), a ``benchmark`` entry in each sidecar (whose validation metrics
 and threshold are re-measured on the shipped weights), and prints a Markdown table.
 
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parent
 # each model's variants besides its own reading (with the digit reader, at one size): the child's keys
 # for their latency and detections, the sidecar's ``valid_<name>``, and their ensemble_key marks
 VARIANTS = {"detector_only": {"reader": False}, "multi_scale": {"multi_scale": True},
-            "no_number_reader": {"number_reader": False}, "no_proposer": {"proposer": False}}
+            "no_number_reader": {"number_reader": False}, "no_proposer": {"proposer": False}, "fp32": {"fp32": True}}
 DATA = ROOT.parent / "shared" / "data" / "svhn"
 
 
@@ -41,6 +42,7 @@ def measure(name: str, threads: int, limit: int | None, out: Path, repeats: int)
     from digit_demo.detect import Detector, set_threads, to_tensor
     from digit_demo.ensemble import member_threshold
     from digit_demo.images import load_image
+    from digit_demo.models import inference_precision
     from digit_demo.reader import optional_reader, refine
     from digit_demo.sequence import optional_number_reader, read_line
     from digit_demo.session import Item, Session, write_downloads
@@ -53,6 +55,9 @@ def measure(name: str, threads: int, limit: int | None, out: Path, repeats: int)
     reader = optional_reader()
     lines = optional_number_reader() if reader else None
     solo = optional_number_reader(proposer=None) if lines and lines.proposer else None  # the reader alone
+    precision = inference_precision()
+    # the full reading in float32, where the default precision is another (its weights count in peak RSS)
+    exact = Detector.load(name, precision="fp32") if precision != "fp32" else None
     tensors = [to_tensor(load_image(DATA / "valid" / im["file_name"])) for im in images]
     det.detect_tensors(tensors[:4])  # warm-up
 
@@ -66,8 +71,8 @@ def measure(name: str, threads: int, limit: int | None, out: Path, repeats: int)
     both = Detector(det.model, det.meta, reader=reader, multi_scale=True, number_reader=lines) if reader else None
     passes = []  # per pass over the images, each reading's latency per image (ms)
     for _ in range(repeats):  # every reading of an image is timed in the same moment as the others
-        lat = {k: [] for k in ("full", "line", "detector_only", "no_number_reader", "no_proposer", "multi_scale")}
-        raw, plain, no_lines, no_proposer, multi = {}, {}, {}, {}, {}
+        lat = {k: [] for k in ("full", "line", "detector_only", "no_number_reader", "no_proposer", "multi_scale", "fp32")}
+        raw, plain, no_lines, no_proposer, multi, fp32 = {}, {}, {}, {}, {}, {}
         for im, t in zip(images, tensors):
             i = im["id"]
             plain[i], ms_det = clock(lambda x: det.detect_tensors([x])[0], t)
@@ -83,6 +88,9 @@ def measure(name: str, threads: int, limit: int | None, out: Path, repeats: int)
             if both:  # also read at two input sizes (--multi-scale)
                 multi[i], ms_multi = clock(lambda x: both.detect_tensors([x])[0], t)
                 lat["multi_scale"].append(ms_multi + number_ms(multi[i]))
+            if exact:
+                fp32[i], ms_exact = clock(lambda x: exact.detect_tensors([x])[0], t)
+                lat["fp32"].append(ms_exact + number_ms(fp32[i]))
         passes.append(lat)
 
     def timing(key: str) -> dict | None:
@@ -112,14 +120,14 @@ def measure(name: str, threads: int, limit: int | None, out: Path, repeats: int)
         **timing("full"), "p50_ms_per_pass": [float(np.percentile(p["full"], 50)) for p in passes],
         "batch_images_per_s": batch_ips,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "slider_update_ms": float(np.median(slider)),
-        "threads": threads, "torch": torch.__version__, "reader": reader.meta["name"] if reader else None,
+        "threads": threads, "precision": precision, "torch": torch.__version__, "reader": reader.meta["name"] if reader else None,
         "number_reader": lines.meta["name"] if lines else None,
         "proposer": lines.proposer.meta["name"] if lines and lines.proposer else None,
         "line_p50_ms": timing("line")["p50_ms"],
         **{variant: timing(variant) for variant in VARIANTS},
         "detections": as_json(raw), "detections_detector_only": as_json(plain), "detections_multi_scale": as_json(multi),
         "detections_no_number_reader": as_json(no_lines if lines else {}),
-        "detections_no_proposer": as_json(no_proposer),
+        "detections_no_proposer": as_json(no_proposer), "detections_fp32": as_json(fp32),
     }))
 
 
@@ -201,13 +209,10 @@ def main() -> int:
                                                    thresholds, lines)))
                 fuse_ms = (time.perf_counter() - start) * 1000 / len(ids)
                 curves[key] = sweep(gt, fused)
-                # an ensemble reads the fused line (timed above) and its lead member's line, which the lead's
-                # detections here carry already (fuse_members does not read it again): the lead's stays in
-                # its p50, the other members' line readings are not made
-                lead = members[int(np.argmax(weights))]
-                own = sum(results[m]["line_p50_ms"] for m in members if m != lead)
-                results[key] = {"p50_ms": sum(results[m]["p50_ms"] for m in members) - own + fuse_ms,
-                                "p95_ms": sum(results[m]["p95_ms"] for m in members) - own + fuse_ms,
+                # an ensemble reads the fused line (timed above) and each member's own line, which the
+                # members' detections here carry already (in their p50; fuse_members does not read them again)
+                results[key] = {"p50_ms": sum(results[m]["p50_ms"] for m in members) + fuse_ms,
+                                "p95_ms": sum(results[m]["p95_ms"] for m in members) + fuse_ms,
                                 "batch_images_per_s": None if multi_scale else
                                 1 / sum(1 / results[g]["batch_images_per_s"] for g in group),
                                 "peak_rss_mb": None, "slider_update_ms": results[group[0]]["slider_update_ms"]}
@@ -245,7 +250,9 @@ def main() -> int:
              f"the second-stage digit reader (`{results[names[0]]['reader']}`) and whole-number reader "
              f"(`{results[names[0]]['number_reader']}`, with its proposer `{results[names[0]]['proposer']}`) except "
              "the rows marked (detector only), without the number reader in the rows marked (no number reader), "
-             "and without its proposer in the rows marked (no proposer).", ""]
+             "and without its proposer in the rows marked (no proposer). Inference runs in "
+             f"{results[names[0]]['precision']} (`DIGIT_DEMO_PRECISION=auto`: bf16 where the CPU has AMX, as this one) "
+             "except the rows marked (fp32); peak RSS counts the float32 copy measured alongside.", ""]
     lines += ["| model | threshold | mAP | AP50 | accuracy | p50 ms | p95 ms | batch img/s | peak RSS MB | slider ms | training (per device: epochs, time, img/s) |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():

@@ -17,8 +17,8 @@ class Detections:
     number reader's reading of the line they sit on (``line``: T x 11 log-probabilities, blank last)
     and the number its proposer reads there (``proposal``: digits placed on the line, scored by
     their peak probability); both None without them (:func:`digit_demo.sequence.read_line`). An
-    ensemble's detections also carry its lead member's own reading (``lead``,
-    :func:`digit_demo.detect.fuse_members`)."""
+    ensemble's detections also carry its lead member's own reading (``lead``) and the numbers its
+    other members read on their own (``others``; :func:`digit_demo.detect.fuse_members`)."""
 
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
@@ -26,6 +26,7 @@ class Detections:
     line: np.ndarray | None = None
     proposal: "Detections | None" = None
     lead: "HouseNumber | None" = None
+    others: tuple[str, ...] = ()
     # the numbers read at each of LINE_THRESHOLDS and the line's log-probability of each (see assemble)
     _readings: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     # the number read from each set of detections a threshold keeps (see _assemble)
@@ -35,7 +36,8 @@ class Detections:
         return len(self.scores)
 
     def select(self, keep) -> "Detections":
-        return Detections(self.boxes[keep], self.scores[keep], self.digits[keep], self.line, self.proposal, self.lead)
+        return Detections(self.boxes[keep], self.scores[keep], self.digits[keep], self.line, self.proposal, self.lead,
+                          self.others)
 
     def above(self, threshold: float) -> "Detections":
         return self.select(self.scores >= threshold)
@@ -147,10 +149,11 @@ def line_log_prob(line: np.ndarray, texts: list[str]) -> np.ndarray:
 # finds it more likely by this many nats. On valid (resnet18_fpn + digit reader, threshold 0.30),
 # margins of 2-6 all read more numbers than none; 3 is inside that range.
 LINE_MARGIN = 3.0
-# An ensemble's fused reading replaces its lead member's when the fused line finds it more likely by this
-# many nats. On valid, over the 24 shipped ensembles (one size and two), margins 3 / 4 / 5 / 6 / never kept
-# 17 / 21 / 22 / 22 / 24 of them at or above their best member and read 7 / 19 / 11 / 7 / 6 more numbers
-# than their best members in all; 4 reads the most.
+# An ensemble's fused reading replaces its lead member's when another member reads it on its own and the
+# fused line finds it more likely by this many nats. On valid (bfloat16 readings), over the 24 shipped
+# ensembles (one size and two), the margin alone (4) kept 21 of them at or above their best member (3
+# were 1-3 numbers short), and they read 15 more numbers than their best members in all; with the other
+# member's agreement, margins 4 / 5 / 6 keep all 24 and read 19 / 10 / 8 more (never replacing: 6 more).
 LEAD_MARGIN = 4.0
 LINE_THRESHOLDS = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2).tolist())
 
@@ -171,9 +174,10 @@ def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = DEDUP
     second model with its own backbone proposes what the detector missed.
 
     An ensemble's detections carry its most accurate member's reading (``lead``): that reading stands
-    unless the one above, from the fused detections, is found more likely by ``LEAD_MARGIN`` nats. So
-    fusing can add a digit a member missed, but not trade the best member's right reading for a
-    worse one (the reference's NMS ensemble read fewer numbers than its members).
+    unless the one above, from the fused detections, is what another member reads on its own
+    (``others``) and is found more likely by ``LEAD_MARGIN`` nats. So fusing can add a digit the lead
+    missed where another member saw it, but not trade the best member's right reading for a worse one
+    (the reference's NMS ensemble read fewer numbers than its members).
     """
     number = _assemble(dets, threshold, dedupe_iou, strays, max_gap)
     if dets.line is not None and line_margin is not None:
@@ -184,7 +188,7 @@ def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = DEDUP
             number = others[best]
     if dets.lead is None or dets.lead.text in ("", number.text):
         return number
-    if not number.text or dets.line is None or line_margin is None:
+    if not number.text or dets.line is None or line_margin is None or number.text not in dets.others:
         return dets.lead
     fused, lead = line_log_prob(dets.line, [number.text, dets.lead.text])
     return number if fused - lead > LEAD_MARGIN else dets.lead

@@ -10,6 +10,7 @@ from .assemble import assemble
 from .checkpoints import DEFAULT_MODEL, CheckpointError
 from .ensemble import DEFAULT_FUSION, FUSIONS
 from .images import ImageError, load_image
+from .models import PRECISION_ENV, PRECISIONS
 from .reader import DEFAULT_READER
 from .sequence import DEFAULT_PROPOSER, DEFAULT_SEQUENCE
 
@@ -20,6 +21,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fusion-iou", type=float, default=0.55)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, help="CPU threads for inference")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help=f"inference precision (default ${PRECISION_ENV} or auto: bf16 where the CPU has AMX, "
+                        "about 1.4x faster at the same accuracy on valid; fp32 elsewhere)")
     p.add_argument("--reader", default=DEFAULT_READER, help=f"second-stage digit reader checkpoint (default {DEFAULT_READER})")
     p.add_argument("--no-reader", dest="reader", action="store_const", const=None, help="use the detector's own digit scores")
     p.add_argument("--number-reader", default=DEFAULT_SEQUENCE,
@@ -50,7 +54,7 @@ def _load(args):
 
     set_threads(args.threads)
     return load_detector(args.model or [DEFAULT_MODEL], args.fusion, args.fusion_iou, args.batch_size, args.reader,
-                         args.multi_scale, args.number_reader, args.proposer)
+                         args.multi_scale, args.number_reader, args.proposer, args.precision)
 
 
 def cmd_predict(args) -> int:
@@ -101,7 +105,7 @@ def _ground_truth(args):
 
 def _detections_for_gt(args, detector, gt, images):
     """Raw detections per member (each with its own line reading) and, for an ensemble, fused
-    (:meth:`Ensemble.combine`, reusing the lead member's line), keyed by image id; each photo is
+    (:meth:`Ensemble.combine`, reusing the members' lines), keyed by image id; each photo is
     loaded once."""
     from tqdm import tqdm
 

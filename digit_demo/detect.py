@@ -65,12 +65,12 @@ class Detector:
 
     @classmethod
     def load(cls, name_or_path: str | Path = DEFAULT_MODEL, reader: str | Path | None = DEFAULT_READER,
-             number_reader: str | Path | None = DEFAULT_SEQUENCE, **kwargs) -> "Detector":
+             number_reader: str | Path | None = DEFAULT_SEQUENCE, precision: str | None = None, **kwargs) -> "Detector":
         """Load a detector checkpoint and (unless None) the digit reader and the number reader, ready for
-        inference (:func:`digit_demo.models.for_inference`)."""
+        inference in ``precision`` (:func:`digit_demo.models.for_inference`)."""
         model, meta = load_checkpoint(name_or_path)
-        return cls(for_inference(model), meta, reader=optional_reader(reader),
-                   number_reader=optional_number_reader(number_reader), **kwargs)
+        return cls(for_inference(model, precision), meta, reader=optional_reader(reader, precision),
+                   number_reader=optional_number_reader(number_reader, precision=precision), **kwargs)
 
     def _read(self, view: nn.Module, tensors: Sequence[torch.Tensor]) -> list[Detections]:
         out: list[Detections] = []
@@ -136,28 +136,30 @@ def fuse_members(tensors: Sequence[torch.Tensor], per_member: Sequence[Sequence[
                  iou: float, weights: list[float], thresholds: list[float | None],
                  number_reader: NumberReader | None) -> list[Detections]:
     """Each image's fused detections (``per_member[m][i]`` for image ``i`` of ``tensors``, fused by
-    ``method``), with ``number_reader``'s reading of the fused digits' line and the number the lead
+    ``method``), with ``number_reader``'s reading of the fused digits' line, the number the lead
     member (the largest weight: the most accurate on valid) reads alone at its own threshold
-    (``Detections.lead``; :func:`digit_demo.assemble.assemble` weighs the two). The lead's line is
-    read here unless its detections carry it already (as :meth:`Detector.detect_tensors` gives them)."""
+    (``Detections.lead``) and the numbers the other members read alone (``Detections.others``);
+    :func:`digit_demo.assemble.assemble` weighs them. Members' lines are read here unless their
+    detections carry them already (as :meth:`Detector.detect_tensors` gives them)."""
     fused = with_lines(number_reader, tensors, [fuse(list(d), method, iou, weights, thresholds)
                                                 for d in zip(*per_member)])
+    alone = [[assemble(d, **({} if t is None else {"threshold": t}))
+              for d in with_lines(number_reader, tensors, list(found))] for found, t in zip(per_member, thresholds)]
     lead = int(np.argmax(weights))
-    at = {} if thresholds[lead] is None else {"threshold": thresholds[lead]}
-    own = with_lines(number_reader, tensors, list(per_member[lead]))
-    return [replace(f, lead=assemble(o, **at)) for f, o in zip(fused, own)]
+    rest = [a for m, a in enumerate(alone) if m != lead]
+    return [replace(f, lead=alone[lead][i], others=tuple(r[i].text for r in rest)) for i, f in enumerate(fused)]
 
 
 def load_detector(names: Sequence[str | Path], fusion: str = DEFAULT_FUSION, iou: float = 0.55, batch_size: int = 8,
                   reader: str | Path | None = DEFAULT_READER, multi_scale: bool = False,
                   number_reader: str | Path | None = DEFAULT_SEQUENCE,
-                  proposer: str | Path | None = DEFAULT_PROPOSER) -> Detector | Ensemble:
+                  proposer: str | Path | None = DEFAULT_PROPOSER, precision: str | None = None) -> Detector | Ensemble:
     """One name gives a :class:`Detector`; several give an :class:`Ensemble` fused by ``fusion``
     (members share one digit ``reader`` and ``number_reader`` with its ``proposer``; ``multi_scale``
-    applies to each); all ready for inference, as :meth:`Detector.load`."""
-    shared = optional_reader(reader)
-    lines = optional_number_reader(number_reader, proposer)
-    detectors = [Detector.load(n, reader=None, number_reader=None) for n in names]
+    applies to each); all ready for inference in ``precision``, as :meth:`Detector.load`."""
+    shared = optional_reader(reader, precision)
+    lines = optional_number_reader(number_reader, proposer, precision)
+    detectors = [Detector.load(n, reader=None, number_reader=None, precision=precision) for n in names]
     detectors = [Detector(d.model, d.meta, batch_size=batch_size, reader=shared, multi_scale=multi_scale,
                           number_reader=lines) for d in detectors]
     return detectors[0] if len(detectors) == 1 else Ensemble(detectors, fusion, iou)

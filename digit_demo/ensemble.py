@@ -135,14 +135,15 @@ def vote_fusion(dets: list[Detections], iou: float = 0.55, weights: list[float] 
 
 
 def ensemble_key(models: list[str] | tuple[str, ...], fusion: str, reader: bool = True, multi_scale: bool = False,
-                 number_reader: bool = True, proposer: bool = True) -> str:
+                 number_reader: bool = True, proposer: bool = True, fp32: bool = False) -> str:
     """The name of a model or an ensemble, as benchmarks, sweeps and the app use it; without the
     second-stage readers it is marked ``(detector only)``, with the digit reader alone ``(no number
     reader)``, with the number reader but not its proposer ``(no proposer)``, read at two input sizes
-    ``(multi-scale)``."""
+    ``(multi-scale)``, run in float32 where the default precision is another ``(fp32)``."""
     key = models[0] if len(models) == 1 else f"ensemble[{fusion}]({'+'.join(models)})"
     marks = (["detector only"] * (not reader) + ["no number reader"] * (reader and not number_reader)
-             + ["no proposer"] * (reader and number_reader and not proposer) + ["multi-scale"] * multi_scale)
+             + ["no proposer"] * (reader and number_reader and not proposer) + ["multi-scale"] * multi_scale
+             + ["fp32"] * fp32)
     return f"{key} ({', '.join(marks)})" if marks else key
 
 

@@ -62,6 +62,8 @@ class DigitReader(nn.Module):
     so dark-on-light and light-on-dark plates differ only in sign. With ``box_head`` it also says
     where the digit sits in the crop (x1, y1, x2, y2 as fractions of the crop's side)."""
 
+    bfloat16_parts = ("net.0", "net.1", "net.2", "net.3")  # the conv blocks (:func:`digit_demo.models.in_bfloat16`)
+
     def __init__(self, width: int = 32, classes: int = READER_CLASSES, box_head: bool = False, verify: float = 0.0):
         super().__init__()
         self.width = width
@@ -170,8 +172,8 @@ def load_reader(name_or_path: str | Path = DEFAULT_READER) -> DigitReader:
     return load_module(name_or_path, READER_ARCHITECTURE, build, "digit reader")
 
 
-def optional_reader(name: str | Path | None = DEFAULT_READER) -> DigitReader | None:
-    """The reader to use, ready for inference (:func:`digit_demo.models.for_inference`): none for
-    ``None`` or where the default one is not shipped; any other name must load."""
+def optional_reader(name: str | Path | None = DEFAULT_READER, precision: str | None = None) -> DigitReader | None:
+    """The reader to use, ready for inference in ``precision`` (:func:`digit_demo.models.for_inference`):
+    none for ``None`` or where the default one is not shipped; any other name must load."""
     path = resolve_optional(name, DEFAULT_READER)
-    return for_inference(load_reader(path)) if path else None
+    return for_inference(load_reader(path), precision) if path else None

@@ -78,6 +78,8 @@ class NumberReader(nn.Module):
 
     ``backbone`` "crnn" is a small CNN of its own; "reader" is the digit reader's (:func:`reader_trunk`)."""
 
+    bfloat16_parts = ("cnn",)  # :func:`digit_demo.models.in_bfloat16`
+
     def __init__(self, width: int = 32, hidden: int = 128, backbone: str = "crnn"):
         super().__init__()
         if backbone not in BACKBONES:
@@ -191,8 +193,9 @@ def load_sequence(name_or_path: str | Path = DEFAULT_SEQUENCE) -> NumberReader:
 
 
 def optional_number_reader(name: str | Path | None = DEFAULT_SEQUENCE,
-                           proposer: str | Path | None = DEFAULT_PROPOSER) -> NumberReader | None:
-    """The number reader to use, with its ``proposer``, ready for inference
+                           proposer: str | Path | None = DEFAULT_PROPOSER,
+                           precision: str | None = None) -> NumberReader | None:
+    """The number reader to use, with its ``proposer``, ready for inference in ``precision``
     (:func:`digit_demo.models.for_inference`): none for ``None`` or where the default one is not
     shipped; any other name must load."""
     path = resolve_optional(name, DEFAULT_SEQUENCE)
@@ -202,4 +205,4 @@ def optional_number_reader(name: str | Path | None = DEFAULT_SEQUENCE,
     other = resolve_optional(proposer, DEFAULT_PROPOSER)
     if other:
         model.proposer = load_sequence(other)
-    return for_inference(model)
+    return for_inference(model, precision)

@@ -7,10 +7,10 @@ import sys
 from .conftest import FIXTURES, ROOT
 
 
-def cli(*args, cwd=ROOT):
+def cli(*args, cwd=ROOT, **env):
     return subprocess.run([sys.executable, "-m", "digit_demo", *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                               "PYTHONPATH": str(ROOT)}, timeout=300)
+                               "PYTHONPATH": str(ROOT), **env}, timeout=300)
 
 
 def test_predict_plain_form_writes_hw2_files(tmp_path, default_detector):
@@ -80,6 +80,23 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path):
     bad.write_bytes(b"not a png")
     r = cli("predict", bad, "--out", tmp_path / "o", "-q")
     assert r.returncode == 1 and "not a readable image" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_predict_in_float32_on_request(tmp_path):
+    from digit_demo.assemble import assemble
+    from digit_demo.card import best_threshold
+    from digit_demo.detect import Detector
+
+    images = sorted((FIXTURES / "valid").glob("*.png"))
+    threshold = best_threshold(["resnet18_fpn"])
+    expected = {int(p.stem): assemble(d, threshold).label for p, d in zip(images, Detector.load(precision="fp32")(images))}
+    for flags, env in ((["--precision", "fp32"], {}), ([], {"DIGIT_DEMO_PRECISION": "fp32"})):
+        r = cli("predict", FIXTURES / "valid", "--out", tmp_path / "o", "-q", *flags, **env)
+        assert r.returncode == 0, r.stderr
+        with open(tmp_path / "o" / "pred.csv") as f:
+            assert {int(row["image_id"]): int(row["pred_label"]) for row in csv.DictReader(f)} == expected
+    r = cli("predict", FIXTURES / "valid", "--out", tmp_path / "o", "-q", DIGIT_DEMO_PRECISION="half")
+    assert r.returncode != 0 and "unknown precision 'half'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_models_lists_the_default():

@@ -6,7 +6,9 @@ from digit_demo.checkpoints import load_checkpoint
 from digit_demo.detect import Detector, to_tensor
 from digit_demo.ensemble import ensemble_key
 from digit_demo.images import load_image
-from digit_demo.models import ChannelsLastMaxPool2d, at_input_size, fast_pools, for_inference, multi_scale_views, set_test_size
+from digit_demo.assemble import assemble
+from digit_demo.models import (PRECISION_ENV, Bfloat16, ChannelsLastMaxPool2d, at_input_size, fast_pools, for_inference,
+                                has_amx, inference_precision, multi_scale_views, set_test_size)
 
 from .conftest import FIXTURES
 
@@ -62,6 +64,8 @@ def test_fast_pools_pool_exactly_as_max_pool2d():
         out = net(x)
         torch.testing.assert_close(out, torch.nn.MaxPool2d(**kw)(torch.nn.MaxPool2d(**kw)(x)), rtol=0, atol=0)
         assert out.is_contiguous()
+    pool = ChannelsLastMaxPool2d(3, 2, 1)  # and a channels-last input stays channels-last
+    assert pool(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
@@ -71,7 +75,7 @@ def test_inference_preparation_keeps_every_models_outputs():
 
     images = [to_tensor(load_image(p)) for p in IMAGES[:4]]
     for name in ("resnet18_fpn", "mobilenet_v3_fpn"):
-        plain, folded = load_checkpoint(name)[0], for_inference(load_checkpoint(name)[0])
+        plain, folded = load_checkpoint(name)[0], for_inference(load_checkpoint(name)[0], "fp32")
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
         for a, b in zip(plain(images), folded(images)):
             assert len(a["boxes"]) == len(b["boxes"]) > 0
@@ -80,8 +84,45 @@ def test_inference_preparation_keeps_every_models_outputs():
     crops = torch.rand(3, 3, 32, 128, generator=torch.Generator().manual_seed(0))
     for load, name, x in ((load_reader, "digit_reader", crops[..., :32]), (load_sequence, "number_reader", crops),
                           (load_sequence, "number_proposer", crops)):
-        fast = for_inference(load(name))
+        fast = for_inference(load(name), "fp32")
         assert not any(type(m) is torch.nn.MaxPool2d for m in fast.modules())
         torch.testing.assert_close(fast(x), load(name)(x), atol=1e-4, rtol=1e-4)
-    body = Detector.load().model.backbone.body  # what the library loads
+    body = Detector.load(precision="fp32").model.backbone.body  # what the library loads
     assert isinstance(body.bn1, torch.nn.Identity) and isinstance(body.maxpool, ChannelsLastMaxPool2d)
+
+
+def test_inference_precision_follows_the_argument_then_the_environment(monkeypatch):
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+    assert inference_precision() == inference_precision("auto") == ("bf16" if has_amx() else "fp32")
+    assert inference_precision("fp32") == "fp32" and inference_precision("bf16") == "bf16"
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
+    assert inference_precision() == "fp32" and inference_precision("bf16") == "bf16"
+    monkeypatch.setenv(PRECISION_ENV, "half")
+    try:
+        inference_precision()
+        raise AssertionError("an unknown precision must be refused")
+    except ValueError as e:
+        assert "auto, fp32, bf16" in str(e)
+
+
+@torch.inference_mode()
+def test_bfloat16_inference_reads_like_float32():
+    """In bfloat16 the heavy parts run in bfloat16 behind float32 inputs and outputs, and the pipeline
+    finds the same digits with close scores and reads the same numbers."""
+    fp32, bf16 = Detector.load(precision="fp32"), Detector.load(precision="bf16")
+    wrapped = [bf16.model.backbone, bf16.model.rpn.head, bf16.model.roi_heads.box_head, bf16.reader.net[0],
+               bf16.number_reader.cnn, bf16.number_reader.proposer.cnn]
+    assert all(isinstance(m, Bfloat16) for m in wrapped)
+    assert {p.dtype for m in wrapped for p in m.parameters()} == {torch.bfloat16}
+    assert bf16.model.roi_heads.box_predictor.cls_score.weight.dtype == torch.float32
+    assert not any(isinstance(m, Bfloat16) for m in fp32.model.modules())
+    same = 0
+    for a, b in zip(fp32(IMAGES), bf16(IMAGES)):
+        assert b.scores.dtype == np.float32 and b.line is not None and b.line.dtype == np.float32
+        top_a, top_b = a.above(0.5), b.above(0.5)
+        assert sorted(top_a.digits.tolist()) == sorted(top_b.digits.tolist())
+        order_a, order_b = np.argsort(top_a.boxes[:, 0]), np.argsort(top_b.boxes[:, 0])
+        assert np.abs(top_a.boxes[order_a] - top_b.boxes[order_b]).max(initial=0) < 2.0  # pixels
+        assert np.abs(top_a.scores[order_a] - top_b.scores[order_b]).max(initial=0) < 0.05
+        same += assemble(a, 0.35).text == assemble(b, 0.35).text
+    assert same == len(IMAGES)

@@ -196,11 +196,15 @@ def test_reader_backbone_starts_from_the_digit_reader_and_round_trips(tmp_path):
     assert loaded(torch.rand(2, 3, HEIGHT, WIDTH)).shape == (2, WIDTH // 4, BLANK + 1)
 
 
-def test_an_ensemble_keeps_its_lead_members_reading_unless_the_line_prefers_the_fused_one():
+def test_an_ensemble_keeps_its_lead_members_reading_unless_another_member_and_the_line_prefer_the_fused_one():
     fused = Detections(np.array([[10, 10, 20, 30], [21, 10, 31, 30]], np.float32), np.array([0.9, 0.8], np.float32),
-                       np.array([1, 7]), line_for("17"))
+                       np.array([1, 7]), line_for("17"), others=("17",))  # another member read 17 alone
     lead = assemble(Detections(fused.boxes[:1], fused.scores[:1], np.array([4])), 0.5)
     assert assemble(replace(fused, lead=lead), 0.5).text == "17"  # the line is sure of the fused reading
+    # no other member read the fused number on its own: the lead member's reading stands, however sure the line
+    assert assemble(replace(fused, lead=lead, others=("1",)), 0.5).text == "4"
+    assert assemble(replace(fused, lead=lead, others=()), 0.5).text == "4"
+    assert fused.above(0.85).others == ("17",)  # carried through thresholds
     assert assemble(replace(fused, line=line_for("4"), lead=lead), 0.5).text == "4"
     unsure = np.logaddexp(line_for("17"), line_for("4"))  # as likely either way: the lead member's reading stands
     assert assemble(replace(fused, line=unsure, lead=lead), 0.5).text == "4"
@@ -223,6 +227,8 @@ def test_an_ensemble_carries_its_most_accurate_members_own_reading(fixture_gt, f
     assert lead.meta["metrics"]["valid"]["accuracy"] > ens.members[0].meta["metrics"]["valid"]["accuracy"]
     readings = [assemble(o, lead.meta["threshold"]) for o in lead(paths)]
     assert any(r.text for r in readings)
-    for d, r in zip(ens(paths), readings):
-        assert d.line is not None and d.lead.text == r.text
+    other = ens.members[0]
+    seconds = [assemble(o, other.meta["threshold"]).text for o in other(paths)]
+    for d, r, second in zip(ens(paths), readings, seconds):
+        assert d.line is not None and d.lead.text == r.text and d.others == (second,)
         assert np.array_equal(d.lead.digits.boxes, r.digits.boxes)

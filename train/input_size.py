@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     gt = load_coco(args.data / "valid.json")
     loader = torch.utils.data.DataLoader(DigitDataset(args.data / "valid", args.data / "valid.json", eval_transforms()),
                                          batch_size=8, collate_fn=collate)
-    reader = optional_reader(args.reader)
+    reader = optional_reader(args.reader, "fp32")  # as the shipped sizes were chosen
     results = size_sweep(model, loader, gt, args.sizes, reader)
     top = max(results, key=lambda r: (round(r["accuracy"], 4), round(r["mAP"], 4)))
     set_test_size(model, top["size"], top["max_size"])

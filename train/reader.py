@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     val_boxes = make_crops(val_samples, torch.Generator().manual_seed(1))  # jittered, for the box head
     mined = val_spots = None
     if args.hard_negatives:
-        detector = Detector.load(args.hard_negatives, reader=None, number_reader=None)
+        detector = Detector.load(args.hard_negatives, reader=None, number_reader=None, precision="fp32")  # as shipped
         mined = mine(detector, samples, quiet=args.quiet)
         val_mined = mine(detector, val_samples, quiet=args.quiet)
         val_spots = (torch.cat([crop_digits(im.float().div(255), m[0]) for (im, _, _), m in zip(val_samples, val_mined)]),

@@ -78,7 +78,7 @@ def self_labels(detector: str, folder: Path, min_confidence: float, skip: set[st
                 limit: int | None = None, quiet: bool = False) -> list[Sample]:
     """Photos of ``folder`` (``unlabeled/``, but those named in ``skip``) labelled with the numbers
     ``detector`` (with the digit reader) reads at its best threshold with at least ``min_confidence``."""
-    det = Detector.load(detector, number_reader=None)
+    det = Detector.load(detector, number_reader=None, precision="fp32")  # as the shipped reader was trained
     threshold = best_threshold([det.name])
     out = []
     paths = [p for p in sorted(folder.glob("*.png")) if p.name not in skip][:limit]
