@@ -62,15 +62,15 @@ class DigitReader(nn.Module):
     so dark-on-light and light-on-dark plates differ only in sign. With ``box_head`` it also says
     where the digit sits in the crop (x1, y1, x2, y2 as fractions of the crop's side)."""
 
-    bfloat16_parts = ("net.0", "net.1", "net.2", "net.3")  # the conv blocks (:func:`digit_demo.models.in_bfloat16`)
-
     def __init__(self, width: int = 32, classes: int = READER_CLASSES, box_head: bool = False, verify: float = 0.0):
         super().__init__()
         self.width = width
         self.verify = verify  # how far :func:`refine` trusts the reader's background class over the detector
+        blocks = trunk(width)
         self.net = nn.Sequential(
-            *trunk(width), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(8 * width, classes),
+            *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(8 * width, classes),
         )
+        self.bfloat16_parts = tuple(f"net.{i}" for i in range(len(blocks)))  # :func:`digit_demo.models.in_bfloat16`
         self.box = nn.Linear(8 * width, 4) if box_head else None
 
     def read(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
