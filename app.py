@@ -3,31 +3,28 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
 from pathlib import Path
 
 import gradio as gr
 
-from digit_demo.card import best_threshold, measured_key, model_label, sweep_curves
+from digit_demo.calibration import measured_key, sweep_curves, threshold_for
+from digit_demo.card import model_label
 from digit_demo.checkpoints import DEFAULT_MODEL, available
-from digit_demo.detect import Detector, Ensemble, set_threads, to_tensor
+from digit_demo.detect import set_threads
 from digit_demo.ensemble import DEFAULT_FUSION
 from digit_demo.evaluation import best, plot_sweep
-from digit_demo.images import ImageError, load_image
-from digit_demo.io import image_id_for
-from digit_demo.reader import optional_reader
-from digit_demo.sequence import optional_number_reader
-from digit_demo.session import Item, Session, write_downloads
+from digit_demo.pipeline import DEFAULT_CACHE, Pipeline, PipelineConfig
+from digit_demo.session import Session, write_downloads
 
-EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "examples").glob("*.png"))
+EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "examples").iterdir() if p.suffix in (".png", ".jpg"))
 MAX_IMAGES = 32
 THREADS = int(os.environ.get("DIGIT_DEMO_THREADS", "2"))
+# Serving policy: two readings at a time (this CPU has two cores), and a queue long enough that a burst
+# of visitors waits instead of being refused (benchmark.py --load-test measures the wait).
+CONCURRENCY = 2
+QUEUE_SIZE = int(os.environ.get("DIGIT_DEMO_QUEUE", "512"))
 set_threads(THREADS)
-
-_detectors: dict[str, Detector] = {}
-_lock = threading.Lock()
-READER = optional_reader()  # the shipped second-stage digit reader, if any
-NUMBER_READER = optional_number_reader()  # and the whole-number reader, which works with it
+READER = DEFAULT_CACHE.digit_reader(PipelineConfig().digit_reader, PipelineConfig().precision)  # shipped, if any
 
 
 def reading_with_reader(use_reader: bool) -> bool:
@@ -35,17 +32,17 @@ def reading_with_reader(use_reader: bool) -> bool:
     return bool(use_reader) and READER is not None
 
 
-def detector_for(models: tuple[str, ...], fusion: str, use_reader: bool = True, multi_scale: bool = False):
-    """Models load once and are shared by every visitor; the second-stage readers (each digit, then
-    the whole number) and multi-scale reading are applied on request."""
-    with _lock:
-        for m in models:
-            if m not in _detectors:
-                _detectors[m] = Detector.load(m, reader=None, number_reader=None)
-    reader, lines = (READER, NUMBER_READER) if use_reader else (None, None)
-    members = [Detector(_detectors[m].model, _detectors[m].meta, reader=reader, multi_scale=multi_scale,
-                        number_reader=lines) for m in models]
-    return members[0] if len(members) == 1 else Ensemble(members, fusion)
+def config_for(models, fusion: str, use_reader: bool = True, multi_scale: bool = False) -> PipelineConfig:
+    """The pipeline the page's settings describe; without the digit reader the number readers are off too."""
+    base = PipelineConfig()
+    return PipelineConfig(tuple(models or [DEFAULT_MODEL]), fusion or DEFAULT_FUSION,
+                          digit_reader=base.digit_reader if reading_with_reader(use_reader) else None,
+                          multi_scale=bool(multi_scale))
+
+
+def pipeline_for(models, fusion: str, use_reader: bool = True, multi_scale: bool = False) -> Pipeline:
+    """Networks load once and are shared by every visitor (:data:`DEFAULT_CACHE`)."""
+    return Pipeline(config_for(models, fusion, use_reader, multi_scale))
 
 
 def _paths(files) -> list[str]:
@@ -61,55 +58,56 @@ NUMBER_HTML = """<div style="text-align:center;padding:8px 0">
 
 
 def _outputs(session: Session, threshold: float, selected: int = 0):
-    readings = session.render(threshold)
+    rendered = session.render(threshold)
     note = "\n".join(f"⚠️ {e}" for e in session.errors)
-    if not readings:
+    if not rendered:
         empty = NUMBER_HTML.format(number="–", detail="no image yet" if not session.errors else "no readable image")
-        return session, None, empty, [], [], [], None, note
-    r = readings[min(selected, len(readings) - 1)]
+        return session, None, empty, [], [], [], None, note, gr.update(value=None, visible=False), []
+    r = rendered[min(selected, len(rendered) - 1)]
     n = r.number
-    detail = (f"{r.item.name} · confidence {n.confidence:.2f} · {len(n.digits)} digit(s) at threshold {threshold:.2f}"
-              if n.text else f"{r.item.name} · no digit above threshold {threshold:.2f}")
+    detail = (f"{r.name} · confidence {n.confidence:.2f} · {len(n.digits)} digit(s) at threshold {threshold:.2f}"
+              if n.text else f"{r.name} · no digit above threshold {threshold:.2f}")
     html = NUMBER_HTML.format(number=n.text or "?", detail=detail)
     digits = [[int(d), round(float(s), 3), [round(float(v), 1) for v in b]]
               for b, s, d in zip(n.digits.boxes, n.digits.scores, n.digits.digits)]
-    gallery = [(x.annotated, f"{x.item.name}: {x.number.text or '–'}") for x in readings]
-    table = [[x.item.name, x.item.image_id, x.number.text or "-1", round(x.number.confidence, 3)] for x in readings]
-    files = [str(p) for p in write_downloads(readings, threshold)]
-    return session, r.annotated, html, digits, gallery, table, files, note
+    gallery = [(x.annotated, f"{x.name}: {x.number.text or '–'}") for x in rendered]
+    table = [[x.name, x.image_id, x.number.text or "-1", round(x.number.confidence, 3)] for x in rendered]
+    files = [str(p) for p in write_downloads(rendered, threshold)]
+    regions = [[x.name, n.text or "-1", round(n.confidence, 3),
+                "whole image" if g is None else [round(float(v), 1) for v in g.box]]
+               for x in rendered for g, n in x.reading.numbers(threshold)]
+    whole = gr.update(value=r.whole, visible=r.whole is not None)
+    return session, r.annotated, html, digits, gallery, table, files, note, whole, regions
 
 
 def read_numbers(files, webcam, models, fusion, threshold, use_reader=True, multi_scale=False):
-    """Run the chosen model(s) once on the uploads and cache the raw detections."""
-    models = tuple(models or [DEFAULT_MODEL])
-    session = Session(models=models, fusion=fusion)
-    images, names = [], []
-    paths = _paths(files)
-    if len(paths) > MAX_IMAGES:
-        session.errors.append(f"only the first {MAX_IMAGES} of {len(paths)} images are read")
-        paths = paths[:MAX_IMAGES]
-    for p in paths:
-        name = Path(p).name
-        try:
-            images.append(load_image(p, name=name))
-            names.append(name)
-        except ImageError as e:
-            session.errors.append(str(e))
-    if webcam is not None:
-        try:
-            images.append(load_image(webcam, name="camera"))
+    """Run the chosen pipeline once on the uploads and keep its raw readings in the session; any
+    failure becomes a message on the page, never Gradio's hidden error."""
+    session = Session()
+    try:
+        paths = _paths(files)
+        if len(paths) > MAX_IMAGES:
+            session.errors.append(f"only the first {MAX_IMAGES} of {len(paths)} images are read")
+            paths = paths[:MAX_IMAGES]
+        sources, names = list(paths), [Path(p).name for p in paths]
+        if webcam is not None:
+            sources.append(webcam)
             names.append("camera.png")
-        except ImageError as e:
-            session.errors.append(str(e))
-    if images:
-        try:
-            detector = detector_for(models, fusion, use_reader, multi_scale)
-        except Exception as e:  # a broken or missing checkpoint: say so, don't crash the page
-            session.errors.append(f"could not load {', '.join(models)}: {e}")
-            return _outputs(session, threshold)
-        raw = detector.detect_tensors([to_tensor(im) for im in images])
-        session.items = [Item(n, image_id_for(Path(n), k), im, d) for k, (n, im, d) in enumerate(zip(names, images, raw), 1)]
-    return _outputs(session, threshold)
+        if sources:
+            try:
+                pipe = pipeline_for(models, fusion, use_reader, multi_scale)
+            except Exception as e:  # a broken or missing checkpoint: say so, don't crash the page
+                session.errors.append(f"could not load {', '.join(models or [DEFAULT_MODEL])}: {e}")
+                return _outputs(session, threshold)
+            session.key = pipe.name
+            readings = pipe.read(sources, names)
+            session.readings = list(readings)
+            session.errors += readings.errors
+        return _outputs(session, threshold)
+    except Exception as e:  # anything else: one readable line
+        session.readings = []
+        session.errors.append(f"could not read the images ({e.__class__.__name__}: {e})")
+        return _outputs(session, threshold)
 
 
 def rethreshold(session: Session | None, threshold: float):
@@ -126,7 +124,7 @@ def explorer_plot(models: list[str] | None, fusion: str, use_reader: bool = True
     models = models or [DEFAULT_MODEL]
     reader = reading_with_reader(use_reader)
     groups = [[m] for m in models] + ([models] if len(models) > 1 else [])
-    keys = [k for g in groups if (k := measured_key(g, fusion, reader, multi_scale, curves))]
+    keys = [k for g in groups if (k := measured_key(config_for(g, fusion, reader, multi_scale), curves))]
     shown = {k: curves[k] for k in (keys or list(curves))}
     rows = [[k, r.threshold, round(r.mAP, 4), round(r.AP50, 4), round(r.accuracy, 4)] for k, v in shown.items()
             for r in [best(v)]]
@@ -136,7 +134,7 @@ def explorer_plot(models: list[str] | None, fusion: str, use_reader: bool = True
 
 def model_changed(models, fusion, use_reader=True, multi_scale=False):
     fig, rows = explorer_plot(models, fusion, use_reader, multi_scale)
-    threshold = best_threshold(models, fusion, reading_with_reader(use_reader), multi_scale)
+    threshold = threshold_for(config_for(models, fusion, use_reader, multi_scale))
     return gr.update(value=threshold), fig, rows
 
 
@@ -154,9 +152,9 @@ def build_demo() -> gr.Blocks:
     choices = model_choices(READER is not None)
     default = [DEFAULT_MODEL] if DEFAULT_MODEL in names else names[:1]
     with gr.Blocks(title="House-number reader") as demo:
-        gr.Markdown("# House-number reader\nDrop street photos of house numbers: every digit is boxed and the whole "
-                    "number read out. Models are Faster R-CNN detectors trained from scratch on SVHN; metrics are on "
-                    "300 validation images.")
+        gr.Markdown("# House-number reader\nDrop photos of house numbers, crops or whole street photos: the number is "
+                    "found, every digit boxed and the whole number read out. Models are trained from scratch on SVHN; "
+                    "metrics are on 300 validation images.")
         session = gr.State(Session())
         with gr.Tab("Read numbers"):
             with gr.Row():
@@ -172,19 +170,24 @@ def build_demo() -> gr.Blocks:
                     use_reader = gr.Checkbox(READER is not None, visible=READER is not None,
                                              label="Re-read each digit, then the whole number, with the second-stage readers (more accurate)")
                     multi_scale = gr.Checkbox(False, label="Multi-scale: also read at a larger size (finds more digits, ~2x slower)")
-                    threshold = gr.Slider(0.05, 0.95, value=best_threshold(default, reader=READER is not None), step=0.01,
+                    threshold = gr.Slider(0.05, 0.95, value=threshold_for(config_for(default, DEFAULT_FUSION)), step=0.01,
                                           label="Confidence threshold", elem_id="threshold")
                     run = gr.Button("Read numbers", variant="primary")
                     if EXAMPLES:
-                        gr.Examples(EXAMPLES, inputs=[files], label="Real SVHN examples (click one)")
+                        gr.Examples(EXAMPLES, inputs=[files], label="Examples: SVHN crops, and a whole photo (click one)")
                 with gr.Column(scale=3):
                     number = gr.HTML(NUMBER_HTML.format(number="–", detail="no image yet"), elem_id="number")
-                    annotated = gr.Image(label="Detected digits", type="pil", interactive=False, height=320)
+                    annotated = gr.Image(label="Detected digits (in a whole photo: the number's region, zoomed in)",
+                                         type="pil", interactive=False, height=320)
+                    whole = gr.Image(label="Whole photo: the numbers found", type="pil", interactive=False, height=320,
+                                     visible=False)
                     message = gr.Markdown(elem_id="message")
                     digits = gr.Dataframe(headers=["digit", "score", "box [x1, y1, x2, y2]"], label="Digits, left to right",
                                           interactive=False)
             gallery = gr.Gallery(label="All images (click to inspect)", columns=6, height=240, object_fit="contain")
             results = gr.Dataframe(headers=["file", "image_id", "number", "confidence"], label="Results", interactive=False)
+            found = gr.Dataframe(headers=["file", "number", "confidence", "region [x1, y1, x2, y2]"],
+                                 label="Every number found (a whole photo may hold several)", interactive=False)
             downloads = gr.File(label="Downloads: pred.json, pred.csv, annotated.zip", file_count="multiple")
         with gr.Tab("Threshold explorer"):
             gr.Markdown("Whole-number accuracy (solid) and COCO mAP (dashed) on the validation set at each threshold; "
@@ -192,7 +195,7 @@ def build_demo() -> gr.Blocks:
             plot = gr.Plot()
             best_table = gr.Dataframe(headers=["model", "best threshold", "mAP", "AP50", "accuracy"], interactive=False)
 
-        outs = [session, annotated, number, digits, gallery, results, downloads, message]
+        outs = [session, annotated, number, digits, gallery, results, downloads, message, whole, found]
         inputs = [files, webcam, models, fusion, threshold, use_reader, multi_scale]
         settings = [models, fusion, use_reader, multi_scale]
         run.click(read_numbers, inputs, outs, api_name="read_numbers")
@@ -211,7 +214,7 @@ def build_demo() -> gr.Blocks:
 
 
 demo = build_demo()
-demo.queue(default_concurrency_limit=2, max_size=32)
+demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)

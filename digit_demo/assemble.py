@@ -1,61 +1,13 @@
 """From digit detections to a whole house number."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.ops import nms
 
-BLANK = 10  # the number reader's CTC blank (its classes 0-9 are the digits)
-
-
-@dataclass
-class Detections:
-    """Detections of one image: ``boxes`` xyxy in original pixels, ``scores``, ``digits`` 0-9, the
-    number reader's reading of the line they sit on (``line``: T x 11 log-probabilities, blank last)
-    and the number its proposer reads there (``proposal``: digits placed on the line, scored by
-    their peak probability); both None without them (:func:`digit_demo.sequence.read_line`). An
-    ensemble's detections also carry its lead member's own reading (``lead``) and the numbers its
-    other members read on their own (``others``; :func:`digit_demo.detect.fuse_members`)."""
-
-    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
-    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    digits: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    line: np.ndarray | None = None
-    proposal: "Detections | None" = None
-    lead: "HouseNumber | None" = None
-    others: tuple[str, ...] = ()
-    # the numbers read at each of LINE_THRESHOLDS and the line's log-probability of each (see assemble)
-    _readings: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    # the number read from each set of detections a threshold keeps (see _assemble)
-    _numbers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    def select(self, keep) -> "Detections":
-        return Detections(self.boxes[keep], self.scores[keep], self.digits[keep], self.line, self.proposal, self.lead,
-                          self.others)
-
-    def above(self, threshold: float) -> "Detections":
-        return self.select(self.scores >= threshold)
-
-
-@dataclass
-class HouseNumber:
-    """An assembled number: its text ("" when nothing was read), the digits used, in reading order."""
-
-    text: str
-    digits: Detections
-    confidence: float
-
-    @property
-    def label(self) -> int:
-        """The number as ``pred.csv`` writes it: -1 when no digit was found."""
-        return int(self.text) if self.text else -1
-
+from .ensemble import prefer_lead
+from .number_reader import LINE_MARGIN, line_log_prob
+from .types import Detections, HouseNumber
 
 # Distinct digits barely overlap: in train.json, 99.7% of multi-digit images have no two digit boxes
 # with IoU above 0.3 (99th percentile 0.24). Boxes overlapping more are one digit read twice.
@@ -130,36 +82,11 @@ def reading_order(dets: Detections) -> Detections:
     return dets.select(np.argsort(key, kind="stable"))
 
 
-def ctc_nll(log_probs: torch.Tensor, texts: list[str], **kwargs) -> torch.Tensor:
-    """CTC negative log-likelihood of ``texts`` (digit strings) under T x N x 11 ``log_probs``, one
-    column per text, every time step used; ``kwargs`` go to :func:`torch.nn.functional.ctc_loss`."""
-    targets = torch.tensor([int(c) for t in texts for c in t], dtype=torch.long)
-    return F.ctc_loss(log_probs, targets, torch.full((len(texts),), log_probs.shape[0], dtype=torch.long),
-                      torch.tensor([len(t) for t in texts], dtype=torch.long), blank=BLANK, **kwargs)
-
-
-def line_log_prob(line: np.ndarray, texts: list[str]) -> np.ndarray:
-    """log p(text) for each of ``texts`` under a number reader's T x 11 ``line`` log-probabilities
-    (CTC: summed over every alignment; the empty text is the all-blank path)."""
-    lp = torch.from_numpy(line).float()[:, None].expand(-1, len(texts), -1)
-    return (-ctc_nll(lp, texts, reduction="none")).detach().numpy()
-
-
-# With the number reader, another reading replaces the one at the chosen threshold when the reader
-# finds it more likely by this many nats. On valid (resnet18_fpn + digit reader, threshold 0.30),
-# margins of 2-6 all read more numbers than none; 3 is inside that range.
-LINE_MARGIN = 3.0
-# An ensemble's fused reading replaces its lead member's when another member reads it on its own and the
-# fused line finds it more likely by this many nats. On valid (bfloat16 readings), over the 24 shipped
-# ensembles (one size and two), the margin alone (4) kept 21 of them at or above their best member (3
-# were 1-3 numbers short), and they read 15 more numbers than their best members in all; with the other
-# member's agreement, margins 4 / 5 / 6 keep all 24 and read 19 / 10 / 8 more (never replacing: 6 more).
-LEAD_MARGIN = 4.0
 LINE_THRESHOLDS = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2).tolist())
 
 
 def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = DEDUPE_IOU, strays: bool = True,
-             max_gap: float | None = MAX_GAP, line_margin: float | None = LINE_MARGIN) -> HouseNumber:
+             max_gap: float | None = MAX_GAP, judge: bool = True) -> HouseNumber:
     """Read the house number from raw detections at a confidence ``threshold``.
 
     Digits on the same spot are deduplicated, strays dropped (``strays``), the rest read in order,
@@ -169,29 +96,22 @@ def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = DEDUP
 
     Where the detections carry the number reader's ``line``, the numbers read at the other
     thresholds of ``LINE_THRESHOLDS``, and the proposer's reading (:func:`proposed`), are its
-    alternatives: one the line reading finds more likely by ``line_margin`` nats replaces it
-    (``None``: never). So the number reader judges how many digits the number has, and which, and a
+    alternatives: one the line reading finds more likely by ``dets.line_margin`` nats (the number
+    reader's tuned margin, default LINE_MARGIN) replaces it (unless ``judge`` is False). So the number reader judges how many digits the number has, and which, and a
     second model with its own backbone proposes what the detector missed.
 
-    An ensemble's detections carry its most accurate member's reading (``lead``): that reading stands
-    unless the one above, from the fused detections, is what another member reads on its own
-    (``others``) and is found more likely by ``LEAD_MARGIN`` nats. So fusing can add a digit the lead
-    missed where another member saw it, but not trade the best member's right reading for a worse one
-    (the reference's NMS ensemble read fewer numbers than its members).
+    An ensemble's detections carry its most accurate member's reading (``lead``), which stands
+    unless :func:`digit_demo.ensemble.prefer_lead` finds the fused reading better.
     """
     number = _assemble(dets, threshold, dedupe_iou, strays, max_gap)
-    if dets.line is not None and line_margin is not None:
+    if dets.line is not None and judge:
+        margin = LINE_MARGIN if dets.line_margin is None else dets.line_margin
         others, scores = _line_readings(dets, dedupe_iou, strays, max_gap)
         base = scores[number.text] if number.text in scores else float(line_log_prob(dets.line, [number.text])[0])
         best = max((t for t in others if t != number.text), key=scores.get, default=None)
-        if best is not None and scores[best] - base > line_margin:
+        if best is not None and scores[best] - base > margin:
             number = others[best]
-    if dets.lead is None or dets.lead.text in ("", number.text):
-        return number
-    if not number.text or dets.line is None or line_margin is None or number.text not in dets.others:
-        return dets.lead
-    fused, lead = line_log_prob(dets.line, [number.text, dets.lead.text])
-    return number if fused - lead > LEAD_MARGIN else dets.lead
+    return number if dets.lead is None else prefer_lead(number, dets, judge)
 
 
 def _line_readings(dets: Detections, dedupe_iou: float, strays: bool, max_gap: float | None

@@ -2,27 +2,37 @@
 from __future__ import annotations
 
 import json
-from itertools import permutations
 from pathlib import Path
 
-from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, CheckpointError, available, read_sidecar, resolve
-from .ensemble import DEFAULT_FUSION, ensemble_key
+from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, available, read_sidecar
 from .models import ModelConfig
 
 HEADER = """# Shipped checkpoints
 
-Generated from the JSON sidecars by `python -m digit_demo models --write-card`; do not edit by hand.
+Generated from the JSON sidecars by the release step (`python -m digit_demo release`, or
+`python -m digit_demo models --write-card` for the card alone); do not edit by hand.
+
+**Intended use.** Reading house numbers from photos where the number fills most of the frame (SVHN-style
+crops: a door plate, a mailbox, a cropped facade), in the `digit_demo` app, CLI and library, on a CPU,
+offline. Research and demonstration only: the training data (SVHN) is licensed for non-commercial use.
+
+**Limitations.** Whole street photos in which the number is small are read poorly (the models have no
+locate stage yet and were trained only on crops); vertical numbers are read without the whole-number reader; digits
+other than 0-9 (letters such as "12A") are not read. Every threshold, margin, input size and fusion weight
+was chosen on the same 300 `valid` images the metrics below report, so they are slightly optimistic for
+photos no one tuned on.
+
 Every model is a torchvision Faster R-CNN trained **from scratch** (no pretrained weights) on the SVHN
-photos in `../shared/data/svhn` (non-commercial licence), 11 classes (background + digits 0-9,
-`category_id = digit + 1`). Weights are fp16 safetensors. They run in float32, or, where the CPU has Intel
-AMX (`DIGIT_DEMO_PRECISION=auto`, the default), with the backbone, heads and readers' convolutions in
-bfloat16; "in fp32" gives the accuracy and p50 of the same reading in float32. Metrics are measured on the
-300 `valid` images (exact SVHN labels) at the checkpoint's chosen threshold (re-measured on the shipped
-weights by `benchmark.py`, which also gives the CPU latency: batch 1, 2 threads, on an AMX machine). Input sizes list the
-short sides used in (multi-scale) training; inference uses the last one, or the size after the arrow,
-chosen on `valid` by `python -m train.input_size`. Every detector runs with the second-stage digit reader
-(below) unless told not to; "detector only" is the accuracy without it, "multi-scale" the accuracy (with
-the reader) when each photo is also read at a 1.15x larger input size (`--multi-scale`, about twice the time).
+photos in `../shared/data/svhn`, 11 classes (background + digits 0-9, `category_id = digit + 1`). Weights
+are fp16 safetensors. They run in float32, or, where the CPU has Intel AMX (`DIGIT_DEMO_PRECISION=auto`,
+the default), with the backbone, heads and readers' convolutions in bfloat16; "in fp32" gives the accuracy
+and p50 of the same reading in float32 where it was measured apart. Metrics are measured on the 300 `valid`
+images (exact SVHN labels) at the checkpoint's chosen threshold, on the shipped weights, by `benchmark.py`
+(which also gives the CPU latency: batch 1, 2 threads). Input sizes list the short sides used in
+(multi-scale) training; inference uses the last one, or the size after the arrow, chosen on `valid` by
+`python -m train.input_size`. Every detector runs with the second-stage digit reader (below) unless told
+not to; "detector only" is the accuracy without it, "multi-scale" the accuracy (with the reader) when each
+photo is also read at a 1.15x larger input size (`--multi-scale`, about twice the time).
 
 | name | architecture | input (short/long side) | valid mAP | AP50 | whole-number accuracy | detector only | multi-scale | threshold | p50 ms | in fp32 | epochs | training |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|
@@ -141,7 +151,7 @@ def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
                 notes.append(f"- **{meta['name']}** training stages, each fine-tuning the one before:\n{_stages(meta)}")
     out = directory / "README.md"
     out.write_text("".join(lines) + ("\n" + "".join(notes) if notes else "") + _reader_section(directory)
-                   + _number_reader_section(directory))
+                   + _number_reader_section(directory) + _locator_section(directory))
     return out
 
 
@@ -164,19 +174,19 @@ def _sequence_training(meta: dict) -> str:
     return (f"Alone, on crops around the true `valid` boxes, it reads "
             f"{meta['metrics']['valid_number_accuracy_true_boxes']:.3f} of the numbers. Trained on "
             f"`train`{extra}: {tr.get('epochs_run', '?')} epochs on {tr.get('device', '?')}, "
-            f"{_duration(tr.get('train_seconds', 0))} (`python -m train.sequence`); recipe "
+            f"{_duration(tr.get('train_seconds', 0))} (`python -m train.number_reader`); recipe "
             f"`{json.dumps(meta.get('recipe', {}))}`.")
 
 
 def _number_reader_section(directory: Path) -> str:
     """The whole-number reader's entry (and its proposer's), if one is shipped."""
-    from .assemble import LINE_MARGIN
-    from .sequence import DEFAULT_PROPOSER, DEFAULT_SEQUENCE, REGION_THRESHOLD
+    from .number_reader import DEFAULT_NUMBER_READER, DEFAULT_PROPOSER, LINE_MARGIN, REGION_THRESHOLD
 
-    meta = reader_sidecar(directory, DEFAULT_SEQUENCE)
+    meta = reader_sidecar(directory, DEFAULT_NUMBER_READER)
     if meta is None:
         return ""
-    cfg = meta["config"]
+    cfg, tuned = meta["config"], meta.get("tuned", {})
+    region, margin = tuned.get("region_threshold", REGION_THRESHOLD), tuned.get("line_margin", LINE_MARGIN)
     proposer = reader_sidecar(directory, DEFAULT_PROPOSER)
     proposal = "" if proposer is None else (
         f"\n\nIts proposer (`{proposer['name']}`) is a second CRNN (the same GRU and CTC head) whose CNN is the digit reader's "
@@ -187,8 +197,8 @@ def _number_reader_section(directory: Path) -> str:
     return (f"\n## Whole-number reader (`{meta['name']}`)\n\n"
             f"A CRNN (`{meta['architecture']}`: CNN width {cfg['width']}, bidirectional GRU {cfg['hidden']}, CTC) that "
             f"reads the whole number from a {cfg['height']} x {cfg['crop_width']} crop around the digits found at "
-            f"threshold {REGION_THRESHOLD:g}. The numbers read at the other thresholds are the alternatives; one it "
-            f"finds more likely than the chosen threshold's by {LINE_MARGIN:g} nats replaces it "
+            f"threshold {region:g}. The numbers read at the other thresholds are the alternatives; one it "
+            f"finds more likely than the chosen threshold's by {margin:g} nats replaces it "
             "(`digit_demo.assemble.assemble`), so it judges how many digits a number has, and which. "
             f"{_sequence_training(meta)}{proposal}\n")
 
@@ -238,22 +248,11 @@ def _box_head(meta: dict) -> str:
     m = meta.get("metrics", {})
     if not meta["config"].get("box_head") or "valid_refined_box_iou" not in m:
         return ""
-    return (f" Its box head also says where the digit sits in the crop, and each spot's box moves {BOX_BLEND:.0%} of the "
+    blend = meta.get("tuned", {}).get("box_blend", BOX_BLEND)
+    return (f" Its box head also says where the digit sits in the crop, and each spot's box moves {blend:.0%} of the "
             "way there: on "
             f"`valid` digit boxes jittered as a detector's are, mean IoU with the true box {m['valid_jittered_box_iou']:.3f} "
             f"→ {m['valid_refined_box_iou']:.3f}.")
-
-
-def sweep_curves(directory: Path = CHECKPOINT_DIR) -> dict:
-    """Validation sweeps: each checkpoint's own (from training), overridden by ``sweeps.json``
-    (written by ``benchmark.py``, which also holds ensembles)."""
-    from .evaluation import Metrics
-
-    curves = {m["name"]: [Metrics(**r) for r in m["sweep"]] for m in card_rows(directory) if m.get("sweep")}
-    path = directory / "sweeps.json"
-    if path.is_file():
-        curves.update({k: [Metrics(**r) for r in rows] for k, rows in json.loads(path.read_text()).items()})
-    return curves
 
 
 def model_label(name: str, directory: Path = CHECKPOINT_DIR, reader: bool = True) -> str:
@@ -272,31 +271,35 @@ def model_label(name: str, directory: Path = CHECKPOINT_DIR, reader: bool = True
     return " · ".join(parts)
 
 
-def measured_key(models: list[str] | tuple[str, ...], fusion: str, reader: bool, multi_scale: bool,
-                 curves: dict[str, list]) -> str | None:
-    """The sweep of a model or ensemble with these settings, its members named in any order (fusion
-    depends on it only through exact ties); a multi-scale reading that was not measured falls back to
-    its single-size sweep (None when neither was measured)."""
-    keys = [ensemble_key(list(order), fusion, reader, size)
-            for size in dict.fromkeys((multi_scale, False)) for order in permutations(models)]
-    return next((k for k in keys if k in curves), None)
+def _locator_section(directory: Path) -> str:
+    """The locate stage's entry, if a locator is shipped."""
+    from .locator import DEFAULT_LOCATOR, MIN_PHOTO_SIDE
+
+    meta = reader_sidecar(directory, DEFAULT_LOCATOR)
+    if meta is None:
+        return ""
+    cfg, tuned, tr = meta["config"], meta.get("tuned", {}), meta.get("training", {})
+    tune = meta.get("metrics", {}).get("tune_scenes", {})
+    return (f"\n## Locator (`{meta['name']}`)\n\n"
+            f"A small fully convolutional network (`{meta['architecture']}`, width {cfg['width']}) that finds house "
+            f"numbers in whole photos: it reads the photo at {cfg['input_side']} px on its long side (a JPEG decoded at a "
+            f"reduced scale) and predicts, on a grid of stride {cfg['stride']}, each number region's centre and size "
+            f"(the union of its digits' boxes). Each region scoring at least {tuned.get('min_score', 0.3):g} is cropped "
+            f"from the full-resolution photo, padded by {tuned.get('pad', [0.5, 0.25])[0]:g} / "
+            f"{tuned.get('pad', [0.5, 0.25])[1]:g} of its height sideways / above and below, and read by the stages "
+            f"above; photos under {MIN_PHOTO_SIDE} px on their short side are read whole, as crops. Trained from scratch "
+            f"on synthetic scenes (`python -m train.locator`: `train` crops pasted into the training backgrounds of "
+            f"`train.scenes`, {tr.get('steps_run', '?')} steps, {_duration(tr.get('train_seconds', 0))} on "
+            f"{tr.get('device', '?')}). The checkpoint was chosen on tuning scenes (held-back `train` crops, never pasted in "
+            f"training): at score {tune.get('min_score', float('nan')):g} it finds {tune.get('recall', float('nan')):.3f} "
+            f"of the numbers (IoU >= 0.5) with precision {tune.get('precision', float('nan')):.3f}. The score threshold "
+            f"and the fallback (where no region reaches it, the best one scoring at least "
+            f"{tuned.get('fallback_score') if tuned.get('fallback_score') is not None else '-'} is read) were chosen by "
+            f"what the default pipeline reads on {meta.get('locate_tuning', {}).get('scenes', '?')} full-size tuning "
+            f"scenes: {_tuning(meta)}. Recipe `{json.dumps(meta.get('recipe', {}))}`.\n")
 
 
-def best_threshold(models: list[str] | tuple[str, ...] | None = None, fusion: str = DEFAULT_FUSION,
-                   reader: bool = True, multi_scale: bool = False) -> float:
-    """The best validation threshold of a model or ensemble, with or without the digit reader, read
-    at one or two input sizes (an unmeasured multi-scale reading takes the single-size one; 0.5 for
-    an unmeasured model)."""
-    from .evaluation import best
-
-    models = list(models or [DEFAULT_MODEL])
-    curves = sweep_curves()
-    key = measured_key(models, fusion, reader, multi_scale, curves)
-    if key:
-        return best(curves[key]).threshold
-    if len(models) == 1 and reader:
-        try:
-            return float(read_sidecar(resolve(models[0])).get("threshold", 0.5))
-        except CheckpointError:  # nothing to go by: the caller reports the missing model when it loads it
-            return 0.5
-    return 0.5
+def _tuning(meta: dict) -> str:
+    rows = meta.get("locate_tuning", {}).get("rows", [])
+    return "; ".join(f"{r['min_score']:g}{' + fallback' if r['fallback_score'] is not None else ''}: "
+                     f"{r['accuracy']:.3f}" for r in rows) or "not measured"

@@ -6,13 +6,13 @@ import json
 import sys
 from pathlib import Path
 
-from .assemble import assemble
 from .checkpoints import DEFAULT_MODEL, CheckpointError
 from .ensemble import DEFAULT_FUSION, FUSIONS
 from .images import ImageError, load_image
-from .models import PRECISION_ENV, PRECISIONS
+from .inference import PRECISION_ENV, PRECISIONS
 from .reader import DEFAULT_READER
-from .sequence import DEFAULT_PROPOSER, DEFAULT_SEQUENCE
+from .locator import DEFAULT_LOCATOR
+from .number_reader import DEFAULT_PROPOSER, DEFAULT_NUMBER_READER
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -26,67 +26,90 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "about 1.4x faster at the same accuracy on valid; fp32 elsewhere)")
     p.add_argument("--reader", default=DEFAULT_READER, help=f"second-stage digit reader checkpoint (default {DEFAULT_READER})")
     p.add_argument("--no-reader", dest="reader", action="store_const", const=None, help="use the detector's own digit scores")
-    p.add_argument("--number-reader", default=DEFAULT_SEQUENCE,
-                   help=f"whole-number reader checkpoint that settles how many digits a number has (default {DEFAULT_SEQUENCE})")
+    p.add_argument("--number-reader", default=DEFAULT_NUMBER_READER,
+                   help=f"whole-number reader checkpoint that settles how many digits a number has (default {DEFAULT_NUMBER_READER})")
     p.add_argument("--no-number-reader", dest="number_reader", action="store_const", const=None,
                    help="read the number from the digits above the threshold alone")
     p.add_argument("--proposer", default=DEFAULT_PROPOSER,
                    help=f"second whole-number reader whose reading joins the alternatives (default {DEFAULT_PROPOSER})")
     p.add_argument("--no-proposer", dest="proposer", action="store_const", const=None,
                    help="judge only the numbers the detections allow (it is asked where the readings disagree: 1-2 ms at the median)")
+    p.add_argument("--locator", default=DEFAULT_LOCATOR,
+                   help=f"the locator that finds the numbers in whole photos (default {DEFAULT_LOCATOR})")
+    p.add_argument("--no-locator", dest="locator", action="store_const", const=None,
+                   help="read every photo whole, as a crop")
     p.add_argument("--multi-scale", action="store_true",
                    help="also read each image at a larger input size and merge (more digits found, ~2x slower)")
 
 
-def _threshold(detector, given: float | None, fusion: str) -> float:
-    """The given threshold, else the model's (or ensemble's) best on the validation sweep."""
-    if given is not None:
-        return given
-    from .card import best_threshold
+def _config(args):
+    """The :class:`digit_demo.pipeline.PipelineConfig` the command's options describe."""
+    from .pipeline import PipelineConfig
 
-    members = getattr(detector, "members", [detector])
-    return best_threshold([m.name for m in members], fusion, reader=members[0].reader is not None,
-                          multi_scale=members[0].multi_scale)
+    return PipelineConfig(tuple(args.model or [DEFAULT_MODEL]), args.fusion, args.fusion_iou, args.reader,
+                          args.number_reader, args.proposer, args.multi_scale, args.precision,
+                          getattr(args, "threshold", None), args.batch_size, args.locator)
 
 
-def _load(args):
-    from .detect import load_detector, set_threads
+def _pipeline(args):
+    from .detect import set_threads
+    from .pipeline import Pipeline
 
     set_threads(args.threads)
-    return load_detector(args.model or [DEFAULT_MODEL], args.fusion, args.fusion_iou, args.batch_size, args.reader,
-                         args.multi_scale, args.number_reader, args.proposer, args.precision)
+    return Pipeline(_config(args))
 
 
 def cmd_predict(args) -> int:
-    from .detect import detect_paths
-    from .draw import draw_detections
+    from tqdm import tqdm
+
     from .images import expand_paths
+    from .session import annotate
     from .io import image_id_for, write_pred_csv, write_pred_json
 
     paths = expand_paths(args.paths)
     if not paths:
         raise FileNotFoundError("no images found in " + " ".join(args.paths))
-    detector = _load(args)
-    threshold = _threshold(detector, args.threshold, args.fusion)
-    found, errors = detect_paths(detector, paths, args.batch_size, progress=not args.quiet)
-    ids = {p: image_id_for(p, k) for k, p in enumerate(paths, 1)}
+    pipe = _pipeline(args)
+    threshold = pipe.threshold
     args.out.mkdir(parents=True, exist_ok=True)
-    kept = {ids[p]: d.above(threshold) for p, d in found.items()}
-    numbers = {p: assemble(d, threshold) for p, d in found.items()}
-    write_pred_json(args.out / "pred.json", kept)
-    write_pred_csv(args.out / "pred.csv", {ids[p]: (numbers[p].label if p in numbers else -1) for p in paths})
     if args.annotate:
         (args.out / "annotated").mkdir(exist_ok=True)
-        for p, n in numbers.items():
-            draw_detections(load_image(p), n.digits).save(args.out / "annotated" / f"{p.stem}.png")
-    for p, msg in errors.items():
-        print(f"skipped {msg}", file=sys.stderr)
+    kept, labels, lines, read = {}, {}, [], 0
+    regions = args.regions.open("w") if args.regions else None
+    readings = pipe.read_iter(paths, [str(p) for p in paths], keep_images=args.annotate)
+    for k, (p, reading) in enumerate(zip(paths, tqdm(readings, total=len(paths), unit="img", disable=args.quiet)), 1):
+        image_id = image_id_for(p, k)
+        if reading.error:
+            tqdm.write(f"skipped {reading.error}", file=sys.stderr)
+            labels[image_id] = -1
+            lines.append(f"{p}\t-1\terror")
+            continue
+        read += 1
+        number = reading.number(threshold)
+        kept[image_id], labels[image_id] = reading.kept(threshold), number.label
+        if regions:
+            regions.write(json.dumps({"file": str(p), "image_id": image_id, "numbers": [
+                {"text": n.text, "confidence": round(n.confidence, 4),
+                 "region": None if g is None else [round(float(v), 1) for v in g.box],
+                 "region_score": None if g is None else round(g.score, 4),
+                 "digits": [{"digit": int(d), "score": round(float(sc), 4), "box": [round(float(v), 1) for v in b]}
+                            for b, sc, d in zip(n.digits.boxes, n.digits.scores, n.digits.digits)]}
+                for g, n in reading.numbers(threshold)]}) + "\n")
+        lines.append(f"{p}\t{number.text or '-1'}\t{number.confidence:.3f}")
+        drawn = annotate(reading, threshold) if args.annotate else None
+        if drawn:
+            drawn[1].save(args.out / "annotated" / f"{p.stem}.png")
+            if drawn[2] is not None:  # a whole photo: also the photo with every number found marked
+                drawn[2].save(args.out / "annotated" / f"{p.stem}_photo.png")
+    if regions:
+        regions.close()
+    write_pred_json(args.out / "pred.json", kept)
+    write_pred_csv(args.out / "pred.csv", labels)
     if not args.quiet:
-        for p in paths:
-            n = numbers.get(p)
-            print(f"{p}\t{n.text or '-1'}\t{n.confidence:.3f}" if n else f"{p}\t-1\terror")
-    print(f"wrote {args.out / 'pred.json'} and {args.out / 'pred.csv'} ({len(found)} images, threshold {threshold:.2f})", file=sys.stderr)
-    return 0 if found else 1
+        print("\n".join(lines))
+    print(f"wrote {args.out / 'pred.json'} and {args.out / 'pred.csv'} ({read} of {len(paths)} images read, "
+          f"threshold {threshold:.2f}, {pipe.name})", file=sys.stderr)
+    return 0 if read else 1
 
 
 def _ground_truth(args):
@@ -103,29 +126,36 @@ def _ground_truth(args):
     return gt, images
 
 
-def _detections_for_gt(args, detector, gt, images):
+def _detections_for_gt(args, pipe, gt, images):
     """Raw detections per member (each with its own line reading) and, for an ensemble, fused
-    (:meth:`Ensemble.combine`, reusing the members' lines), keyed by image id; each photo is
-    loaded once."""
+    (:meth:`Pipeline.combine`, reusing the members' lines), keyed by image id; each photo is loaded once."""
     from tqdm import tqdm
 
     from .detect import to_tensor
 
-    members = getattr(detector, "members", [detector])
-    per_member = {m.name: {} for m in members}
-    fused = {} if len(members) > 1 else None
+    per_member = {m.name: {} for m in pipe.members}
+    fused = {} if len(pipe.members) > 1 else None
     with tqdm(total=len(gt["images"]), unit="img", disable=args.quiet) as bar:
         for i in range(0, len(gt["images"]), args.batch_size):
             chunk = gt["images"][i : i + args.batch_size]
             ids = [im["id"] for im in chunk]
             tensors = [to_tensor(load_image(images / im["file_name"])) for im in chunk]
-            found = [m.detect_tensors(tensors) for m in members]
-            for m, dets in zip(members, found):
+            found = [pipe.with_lines(tensors, m.detect_tensors(tensors)) for m in pipe.members]
+            for m, dets in zip(pipe.members, found):
                 per_member[m.name].update(zip(ids, dets))
             if fused is not None:
-                fused.update(zip(ids, detector.combine(tensors, found)))
+                fused.update(zip(ids, pipe.combine(tensors, found)))
             bar.update(len(chunk))
     return per_member, fused
+
+
+def _member_threshold(pipe, name: str, given: float | None) -> float:
+    """``given``, else the threshold calibrated for one member read alone with the same stages."""
+    from dataclasses import replace
+
+    from .calibration import threshold_for
+
+    return given if given is not None else threshold_for(replace(pipe.config, models=(name,)))
 
 
 def cmd_evaluate(args) -> int:
@@ -145,13 +175,13 @@ def cmd_evaluate(args) -> int:
         print(json.dumps({k: round(v, 4) for k, v in out.items()}))
         return 0
     gt, images = _ground_truth(args)
-    detector = _load(args)
-    per_member, fused = _detections_for_gt(args, detector, gt, images)
-    # each model at its own best threshold on the validation sweep, unless one is given for all
-    members = getattr(detector, "members", [detector])
-    rows = {m.name: evaluate(gt, per_member[m.name], _threshold(m, args.threshold, args.fusion)) for m in members}
+    pipe = _pipeline(args)
+    per_member, fused = _detections_for_gt(args, pipe, gt, images)
+    # each model at its own calibrated threshold, unless one is given for all
+    rows = {m.name: evaluate(gt, per_member[m.name], _member_threshold(pipe, m.name, args.threshold))
+            for m in pipe.members}
     if fused is not None:
-        rows[detector.name] = evaluate(gt, fused, _threshold(detector, args.threshold, args.fusion))
+        rows[pipe.name] = evaluate(gt, fused, pipe.threshold)
     for name, r in rows.items():
         print(json.dumps({"model": name, **{k: round(v, 4) for k, v in r.__dict__.items()}}))
     return 0
@@ -161,11 +191,11 @@ def cmd_sweep(args) -> int:
     from .evaluation import best, plot_sweep, sweep, write_table
 
     gt, images = _ground_truth(args)
-    detector = _load(args)
-    per_member, fused = _detections_for_gt(args, detector, gt, images)
+    pipe = _pipeline(args)
+    per_member, fused = _detections_for_gt(args, pipe, gt, images)
     curves = {name: sweep(gt, d) for name, d in per_member.items()}
     if fused is not None:
-        curves[detector.name] = sweep(gt, fused)
+        curves[pipe.name] = sweep(gt, fused)
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {}
     for name, rows in curves.items():
@@ -175,8 +205,8 @@ def cmd_sweep(args) -> int:
         summary[name] = {k: round(v, 4) for k, v in b.__dict__.items()}
     plot_sweep(curves, args.out / "sweep.png")
     if fused is not None:
-        top = max((summary[m.name] for m in detector.members), key=lambda r: r["accuracy"])
-        ens = summary[detector.name]
+        top = max((summary[m.name] for m in pipe.members), key=lambda r: r["accuracy"])
+        ens = summary[pipe.name]
         summary["ensemble_beats_best_member"] = {"accuracy": ens["accuracy"] >= top["accuracy"], "mAP": ens["mAP"] >= top["mAP"]}
     (args.out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
@@ -200,7 +230,11 @@ def cmd_models(args) -> int:
         m = meta.get("metrics", {})
         print(json.dumps({"name": meta["name"], "architecture": meta["architecture"], "role": "second-stage digit reader",
                           "valid_digit_accuracy": round(m.get("valid_digit_accuracy", 0), 4)}))
-    roles = {DEFAULT_SEQUENCE: "whole-number reader", DEFAULT_PROPOSER: "whole-number reader's proposer"}
+    roles = {DEFAULT_NUMBER_READER: "whole-number reader", DEFAULT_PROPOSER: "whole-number reader's proposer"}
+    meta = reader_sidecar(name=DEFAULT_LOCATOR)
+    if meta is not None:  # finds the numbers in whole photos unless --no-locator
+        print(json.dumps({"name": meta["name"], "architecture": meta["architecture"], "role": "locator",
+                          "tune_scenes": meta.get("metrics", {}).get("tune_scenes")}))
     for name, role in roles.items():  # read the whole line unless --no-number-reader / --no-proposer
         meta = reader_sidecar(name=name)
         if meta is not None:
@@ -218,6 +252,14 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_release(args) -> int:
+    from .release import release
+
+    for path in release(args.results):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m digit_demo", description="Read house numbers in street photos.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -227,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, default=Path("out"))
     pr.add_argument("-t", "--threshold", type=float, help="confidence threshold (default: the model's best on valid)")
     pr.add_argument("--annotate", action="store_true", help="also write annotated images to OUT/annotated/")
+    pr.add_argument("--regions", type=Path, help="also write every number found (in a whole photo: each located "
+                                                 "region) as JSON lines to this file")
     pr.add_argument("-q", "--quiet", action="store_true")
     _model_args(pr)
     pr.set_defaults(func=cmd_predict)
@@ -257,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--write-card", action="store_true", help="regenerate checkpoints/README.md")
     m.add_argument("-v", "--verbose", action="store_true")
     m.set_defaults(func=cmd_models)
+
+    r = sub.add_parser("release", help="write benchmark.py's measurements into checkpoints/ (calibration, metrics, card)")
+    r.add_argument("--results", type=Path, default=Path("out/benchmark"), help="benchmark.py's output folder")
+    r.set_defaults(func=cmd_release)
     return p
 
 

@@ -1,23 +1,35 @@
-"""Running detectors on images: one model or an ensemble, raw detections out."""
+"""The detect stage: one Faster R-CNN checkpoint finds digits in images, and the digit reader
+(:mod:`digit_demo.reader`) re-reads each spot it found."""
 from __future__ import annotations
 
-from dataclasses import replace
+import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from .assemble import Detections, assemble
 from .checkpoints import DEFAULT_MODEL, load_checkpoint
-from .ensemble import DEFAULT_FUSION, ensemble_key, fuse, member_threshold, member_weights, nms_fusion
+from .ensemble import nms_fusion
 from .images import ImageInput, load_image
-from .models import for_inference, multi_scale_views
-from .reader import DEFAULT_READER, DigitReader, optional_reader, refine
-from .sequence import DEFAULT_PROPOSER, DEFAULT_SEQUENCE, NumberReader, optional_number_reader, read_line
+from .inference import for_inference
+from .models import multi_scale_views
+from .reader import DigitReader, refine
+from .types import Detections
+
+# Photos whose long side exceeds this many times their short side are read in overlapping tiles, each
+# of the detector's own input aspect (long-side cap / short side, about 2.8), so each is read at the
+# scale the detector reads a photo (:func:`tiles`); where that would take more than MAX_TILES, the photo
+# is letterboxed instead (:func:`letterbox`). SVHN's photos stay under 5.2 (train) and 4.9 (valid), so
+# none is touched; a 20000 x 8 strip would otherwise shrink to under one pixel in the detector's resize
+# and stop it.
+MAX_ASPECT = 8.0
+MAX_TILES = 32
+TILE_OVERLAP = 0.25
 
 
 def set_threads(threads: int | None) -> None:
@@ -27,6 +39,7 @@ def set_threads(threads: int | None) -> None:
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
+    """A PIL image as a float CHW tensor in [0, 1]."""
     return pil_to_tensor(img).float().div_(255)
 
 
@@ -42,149 +55,126 @@ def outputs_to_detections(outputs: list[dict]) -> list[Detections]:
     ]
 
 
+def tiles(length: int, side: int, aspect: float, overlap: float = TILE_OVERLAP) -> list[int]:
+    """Start offsets along a strip's long side (``length`` px; its short side ``side`` px) of windows
+    ``aspect`` x ``side`` long, overlapping by ``overlap`` of a window, the last ending at the end."""
+    window = max(1, int(aspect * side))
+    if length <= window:
+        return [0]
+    step = max(1, int(window * (1 - overlap)))
+    starts = list(range(0, length - window, step))
+    return starts + [length - window]
+
+
+def letterbox(image: torch.Tensor, long_side: int, max_aspect: float = MAX_ASPECT) -> tuple[torch.Tensor, float]:
+    """A float CHW ``image`` as the detector should see it, and the scale from its pixels to the
+    image's: unchanged (scale 1) unless its aspect ratio exceeds ``max_aspect``; then resized so its
+    long side is ``long_side`` and padded with zeros (right or bottom) to ``max_aspect``, so boxes
+    found on it map back by dividing by the scale."""
+    h, w = image.shape[-2:]
+    if max(h, w) <= max_aspect * min(h, w):
+        return image, 1.0
+    scale = long_side / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    small = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    short = int(np.ceil(long_side / max_aspect))
+    pad = (0, max(0, short - size[1]), 0, max(0, short - size[0]))  # (left, right, top, bottom)
+    return F.pad(small, pad), scale
+
+
 class Detector:
-    """A loaded checkpoint: ``detector(images)`` returns raw detections (score >= the model's floor),
-    re-read by the second-stage ``reader`` when one is given (:func:`digit_demo.reader.refine`).
+    """One loaded detector checkpoint: ``detector.detect_tensors(tensors)`` returns each image's raw
+    detections (score >= the model's floor, boxes xyxy in the image's pixels), re-read by the digit
+    ``reader`` when one is given (:func:`digit_demo.reader.refine`).
 
     With ``multi_scale`` each image is also read at a larger input size
     (:func:`digit_demo.models.multi_scale_views`) and the two readings are merged by class-aware NMS:
-    digits one size misses the other may find, for about twice the time. With a ``number_reader``
-    the detections also carry its reading of the whole line (:func:`digit_demo.sequence.read_line`).
-    """
+    digits one size misses the other may find, for about twice the time. Photos of extreme aspect
+    ratio are letterboxed first (:func:`letterbox`). :class:`digit_demo.pipeline.Pipeline` runs the
+    stages after this one."""
 
     def __init__(self, model: nn.Module, meta: dict, batch_size: int = 8, reader: DigitReader | None = None,
-                 multi_scale: bool = False, number_reader: NumberReader | None = None):
+                 multi_scale: bool = False):
         self.model = model.eval()
         self.meta = meta
         self.name = meta.get("name", "model")
         self.batch_size = batch_size
         self.reader = reader
         self.multi_scale = multi_scale
-        self.number_reader = number_reader
         self.views = multi_scale_views(self.model) if multi_scale else [self.model]
+        cfg = self.model.digit_config
+        self.long_side = int(cfg.test_max_size or cfg.max_size)
+        self.tile_aspect = self.long_side / (cfg.test_size or cfg.train_size)
 
     @classmethod
-    def load(cls, name_or_path: str | Path = DEFAULT_MODEL, reader: str | Path | None = DEFAULT_READER,
-             number_reader: str | Path | None = DEFAULT_SEQUENCE, precision: str | None = None, **kwargs) -> "Detector":
-        """Load a detector checkpoint and (unless None) the digit reader and the number reader, ready for
-        inference in ``precision`` (:func:`digit_demo.models.for_inference`)."""
+    def load(cls, name_or_path: str | Path = DEFAULT_MODEL, reader: DigitReader | None = None,
+             precision: str | None = None, **kwargs) -> "Detector":
+        """Load a detector checkpoint ready for inference in ``precision``
+        (:func:`digit_demo.inference.for_inference`), with the digit ``reader`` given (or none)."""
         model, meta = load_checkpoint(name_or_path)
-        return cls(for_inference(model, precision), meta, reader=optional_reader(reader, precision),
-                   number_reader=optional_number_reader(number_reader, precision=precision), **kwargs)
+        return cls(for_inference(model, precision), meta, reader=reader, **kwargs)
+
+    def _input_shape(self, view: nn.Module, image: torch.Tensor) -> tuple[int, int]:
+        """The padded size ``view``'s transform gives ``image`` (torchvision's resize, then the batch's
+        ``size_divisible`` padding)."""
+        tr = view.transform
+        lo, hi = (tr.test_size, tr.test_max_size or tr.max_size) if getattr(tr, "test_size", None) else (tr.min_size[-1], tr.max_size)
+        h, w = image.shape[-2:]
+        scale = min(lo / min(h, w), hi / max(h, w))
+        d = tr.size_divisible
+        return math.ceil(math.floor(h * scale) / d) * d, math.ceil(math.floor(w * scale) / d) * d
+
+    def _forward(self, view: nn.Module, images: list[torch.Tensor]) -> list[Detections]:
+        """``view`` on each image, batched only with images it pads to the same size, so an image reads
+        exactly as it does alone (torchvision pads a batch to its largest image, which moves proposals)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for k, image in enumerate(images):
+            groups.setdefault(self._input_shape(view, image), []).append(k)
+        out: list[Detections | None] = [None] * len(images)
+        for members in groups.values():
+            for i in range(0, len(members), self.batch_size):
+                chunk = members[i : i + self.batch_size]
+                for k, d in zip(chunk, outputs_to_detections(view([images[k] for k in chunk]))):
+                    out[k] = d
+        return out
 
     def _read(self, view: nn.Module, tensors: Sequence[torch.Tensor]) -> list[Detections]:
+        """Each image's detections by ``view``; strips read in tiles (:func:`tiles`) or letterboxed."""
+        inputs: list[torch.Tensor] = []
+        plan: list[list[tuple[int, int, float]]] = []  # per image: (input index, offset along it, scale)
+        for t in tensors:
+            h, w = t.shape[-2:]
+            starts = tiles(max(h, w), min(h, w), self.tile_aspect)
+            if max(h, w) <= MAX_ASPECT * min(h, w) or len(starts) > MAX_TILES:
+                image, scale = letterbox(t, self.long_side)
+                plan.append([(len(inputs), 0, scale)])
+                inputs.append(image)
+                continue
+            window = max(1, int(self.tile_aspect * min(h, w)))
+            plan.append([])
+            for start in starts:
+                plan[-1].append((len(inputs), start, 1.0))
+                inputs.append(t[:, :, start : start + window] if w > h else t[:, start : start + window, :])
+        found = self._forward(view, inputs)
         out: list[Detections] = []
-        for i in range(0, len(tensors), self.batch_size):
-            out += outputs_to_detections(view(list(tensors[i : i + self.batch_size])))
+        for t, parts in zip(tensors, plan):
+            h, w = t.shape[-2:]
+            pieces = []
+            for index, start, scale in parts:
+                d = found[index]
+                shift = np.array([start, 0, start, 0] if w > h else [0, start, 0, start], np.float32)
+                boxes = np.clip(d.boxes / scale + shift, 0, [w, h, w, h]).astype(np.float32)
+                pieces.append(Detections(boxes, d.scores, d.digits))
+            out.append(pieces[0] if len(pieces) == 1 else nms_fusion(pieces, iou=0.5))
         if self.reader is not None:
             out = [refine(self.reader, t, d) for t, d in zip(tensors, out)]
         return out
 
     @torch.inference_mode()
-    def spot_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
-        """The digits found, without the number reader's reading."""
+    def detect_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
+        """The digits found in each of ``tensors`` (float CHW in [0, 1])."""
         readings = [self._read(view, tensors) for view in self.views]
         return readings[0] if len(readings) == 1 else [nms_fusion(list(d)) for d in zip(*readings)]
 
-    def detect_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
-        return with_lines(self.number_reader, tensors, self.spot_tensors(tensors))
-
     def __call__(self, images: Iterable[ImageInput]) -> list[Detections]:
         return self.detect_tensors([to_tensor(load_image(im)) for im in images])
-
-
-class Ensemble:
-    """Several detectors whose detections are fused per image: ``vote`` (class-agnostic clusters,
-    weighted digit vote on calibrated scores), ``wbf`` (weighted box fusion) or ``nms`` (the
-    reference's class-aware NMS). Members weigh by their validation accuracy."""
-
-    def __init__(self, members: Sequence[Detector], method: str = DEFAULT_FUSION, iou: float = 0.55):
-        if not members:
-            raise ValueError("an ensemble needs at least one member")
-        self.members = list(members)
-        self.method = method
-        self.iou = iou
-        self.weights = member_weights([m.meta for m in members])
-        self.thresholds = [member_threshold(m.meta, m.multi_scale) for m in members]
-        self.name = ensemble_key([m.name for m in members], method, members[0].reader is not None,
-                                 members[0].multi_scale)
-        self.number_reader = members[0].number_reader  # reads the fused digits' line once
-
-    def combine(self, tensors: Sequence[torch.Tensor], per_member: Sequence[Sequence[Detections]]) -> list[Detections]:
-        """Fuse members' detections of ``tensors``, given as ``per_member[m][i]`` for image ``i``
-        (:func:`fuse_members`)."""
-        return fuse_members(tensors, per_member, self.method, self.iou, self.weights, self.thresholds,
-                            self.number_reader)
-
-    def detect_tensors(self, tensors: Sequence[torch.Tensor]) -> list[Detections]:
-        return self.combine(tensors, [m.spot_tensors(tensors) for m in self.members])
-
-    def __call__(self, images: Iterable[ImageInput]) -> list[Detections]:
-        return self.detect_tensors([to_tensor(load_image(im)) for im in images])
-
-
-def with_lines(number_reader: NumberReader | None, tensors: Sequence[torch.Tensor],
-               found: list[Detections]) -> list[Detections]:
-    """Each image's detections with ``number_reader``'s reading of their line (unchanged without one,
-    or where a line has been read already)."""
-    if number_reader is None:
-        return found
-    return [read_line(number_reader, t, d) if d.line is None else d for t, d in zip(tensors, found)]
-
-
-def fuse_members(tensors: Sequence[torch.Tensor], per_member: Sequence[Sequence[Detections]], method: str,
-                 iou: float, weights: list[float], thresholds: list[float | None],
-                 number_reader: NumberReader | None) -> list[Detections]:
-    """Each image's fused detections (``per_member[m][i]`` for image ``i`` of ``tensors``, fused by
-    ``method``), with ``number_reader``'s reading of the fused digits' line, the number the lead
-    member (the largest weight: the most accurate on valid) reads alone at its own threshold
-    (``Detections.lead``) and the numbers the other members read alone (``Detections.others``);
-    :func:`digit_demo.assemble.assemble` weighs them. Members' lines are read here unless their
-    detections carry them already (as :meth:`Detector.detect_tensors` gives them)."""
-    fused = with_lines(number_reader, tensors, [fuse(list(d), method, iou, weights, thresholds)
-                                                for d in zip(*per_member)])
-    alone = [[assemble(d, **({} if t is None else {"threshold": t}))
-              for d in with_lines(number_reader, tensors, list(found))] for found, t in zip(per_member, thresholds)]
-    lead = int(np.argmax(weights))
-    rest = [a for m, a in enumerate(alone) if m != lead]
-    return [replace(f, lead=alone[lead][i], others=tuple(r[i].text for r in rest)) for i, f in enumerate(fused)]
-
-
-def load_detector(names: Sequence[str | Path], fusion: str = DEFAULT_FUSION, iou: float = 0.55, batch_size: int = 8,
-                  reader: str | Path | None = DEFAULT_READER, multi_scale: bool = False,
-                  number_reader: str | Path | None = DEFAULT_SEQUENCE,
-                  proposer: str | Path | None = DEFAULT_PROPOSER, precision: str | None = None) -> Detector | Ensemble:
-    """One name gives a :class:`Detector`; several give an :class:`Ensemble` fused by ``fusion``
-    (members share one digit ``reader`` and ``number_reader`` with its ``proposer``; ``multi_scale``
-    applies to each); all ready for inference in ``precision``, as :meth:`Detector.load`."""
-    shared = optional_reader(reader, precision)
-    lines = optional_number_reader(number_reader, proposer, precision)
-    detectors = [Detector.load(n, reader=None, number_reader=None, precision=precision) for n in names]
-    detectors = [Detector(d.model, d.meta, batch_size=batch_size, reader=shared, multi_scale=multi_scale,
-                          number_reader=lines) for d in detectors]
-    return detectors[0] if len(detectors) == 1 else Ensemble(detectors, fusion, iou)
-
-
-def detect_paths(detector: Detector | Ensemble, paths: Sequence[Path], batch_size: int = 8, progress: bool = False
-                 ) -> tuple[dict[Path, Detections], dict[Path, str]]:
-    """Detect digits in image files, in batches; unreadable files are reported, not raised."""
-    from tqdm import tqdm
-
-    from .images import ImageError
-
-    results: dict[Path, Detections] = {}
-    errors: dict[Path, str] = {}
-    bar = tqdm(total=len(paths), unit="img", disable=not progress)
-    for i in range(0, len(paths), batch_size):
-        chunk, tensors = [], []
-        for p in paths[i : i + batch_size]:
-            try:
-                tensors.append(to_tensor(load_image(p)))
-                chunk.append(p)
-            except ImageError as e:
-                errors[p] = str(e)
-        if tensors:
-            results.update(zip(chunk, detector.detect_tensors(tensors)))
-        bar.update(len(paths[i : i + batch_size]))
-    bar.close()
-    return results, errors

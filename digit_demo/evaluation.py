@@ -12,7 +12,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .assemble import Detections, assemble
+from .assemble import assemble
+from .types import Detections
 from .data import gt_numbers
 from .io import coco_results
 

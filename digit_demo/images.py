@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -46,17 +47,31 @@ def _from_array(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr.astype(np.uint8))
 
 
-def load_image(src: ImageInput, name: str | None = None) -> Image.Image:
+@dataclass
+class Decoded:
+    """An upright RGB ``image``, the ``size`` (width, height) of the whole upright photo, and whether the
+    image was decoded at a reduced scale (``reduced``: a JPEG's DCT scaling, PIL's ``draft``)."""
+
+    image: Image.Image
+    size: tuple[int, int]
+    reduced: bool = False
+
+
+def decode(src: ImageInput, name: str | None = None, draft_side: int | None = None) -> Decoded:
     """Open ``src`` (path, bytes, PIL image or array) as an upright RGB image.
 
     Applies EXIF orientation, flattens transparency onto white, scales 16-bit to 8-bit, and raises
-    :class:`ImageError` with a readable message for anything that is not a usable image.
-    """
+    :class:`ImageError` with a readable message for anything that is not a usable image. With
+    ``draft_side``, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose long side is
+    still at least that, without decoding it whole."""
     label = name or (str(src) if isinstance(src, (str, Path)) else type(src).__name__)
+    reduced = False
     if isinstance(src, np.ndarray):
         img = _from_array(src)
+        full = img.size
     elif isinstance(src, Image.Image):
         img = src
+        full = img.size
     else:
         if isinstance(src, (str, Path)):
             path = Path(src)
@@ -73,8 +88,13 @@ def load_image(src: ImageInput, name: str | None = None) -> Image.Image:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(io.BytesIO(data))
+                full = img.size
                 if img.width * img.height > MAX_PIXELS:
                     raise ImageError(f"{label}: image is {img.width}x{img.height}, more than {MAX_PIXELS:,} pixels")
+                if draft_side and img.format == "JPEG" and max(full) > draft_side:
+                    scale = draft_side / max(full)
+                    img.draft("RGB", (int(np.ceil(full[0] * scale)), int(np.ceil(full[1] * scale))))
+                    reduced = img.size != full
                 img.load()
         except ImageError:
             raise
@@ -87,10 +107,17 @@ def load_image(src: ImageInput, name: str | None = None) -> Image.Image:
     if img.width * img.height > MAX_PIXELS:
         raise ImageError(f"{label}: image is {img.width}x{img.height}, more than {MAX_PIXELS:,} pixels")
     try:
-        img = ImageOps.exif_transpose(img)
+        upright = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block should not make the pixels unusable
-        pass
-    return _to_rgb(img)
+        upright = img
+    if upright.size != img.size:  # turned a quarter: so is the whole photo
+        full = full[::-1]
+    return Decoded(_to_rgb(upright), full, reduced)
+
+
+def load_image(src: ImageInput, name: str | None = None) -> Image.Image:
+    """``src`` as an upright RGB PIL image at full size (:func:`decode`)."""
+    return decode(src, name).image
 
 
 def expand_paths(items: list[str]) -> list[Path]:

@@ -5,7 +5,7 @@ import csv
 import json
 from pathlib import Path
 
-from .assemble import Detections
+from .types import Detections
 
 
 def coco_results(dets: dict[int, Detections]) -> list[dict]:

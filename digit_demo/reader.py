@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou, nms, roi_align
 
-from .assemble import Detections
+from .types import Detections
 from .checkpoints import load_module, resolve_optional, write_weights
-from .models import for_inference
+from .inference import for_inference
 
 CROP = 32
 CONTEXT = 1.2  # crop side = CONTEXT x the box's longer side
@@ -62,9 +62,11 @@ class DigitReader(nn.Module):
     so dark-on-light and light-on-dark plates differ only in sign. With ``box_head`` it also says
     where the digit sits in the crop (x1, y1, x2, y2 as fractions of the crop's side)."""
 
-    def __init__(self, width: int = 32, classes: int = READER_CLASSES, box_head: bool = False, verify: float = 0.0):
+    def __init__(self, width: int = 32, classes: int = READER_CLASSES, box_head: bool = False, verify: float = 0.0,
+                 box_blend: float = BOX_BLEND):
         super().__init__()
         self.width = width
+        self.box_blend = box_blend  # how far :func:`refine` moves a box to where the box head sees the digit
         self.verify = verify  # how far :func:`refine` trusts the reader's background class over the detector
         blocks = trunk(width)
         self.net = nn.Sequential(
@@ -123,7 +125,7 @@ def spots(dets: Detections, min_score: float = 0.05) -> tuple[np.ndarray, np.nda
 
 @torch.inference_mode()
 def refine(reader: DigitReader, image: torch.Tensor, dets: Detections, min_score: float = 0.05,
-           top_k: int = 2, box_blend: float = BOX_BLEND, verify: float | None = None) -> Detections:
+           top_k: int = 2, box_blend: float | None = None, verify: float | None = None) -> Detections:
     """Let ``reader`` say which digit sits at each :func:`spot <spots>` the detector found.
 
     The reader reads a crop around the spot's box: digit ``d`` scores
@@ -137,6 +139,7 @@ def refine(reader: DigitReader, image: torch.Tensor, dets: Detections, min_score
     if not len(boxes):
         return Detections()
     verify = reader.verify if verify is None else verify
+    box_blend = reader.box_blend if box_blend is None else box_blend
     logits, where = reader.read(crop_digits(image, torch.from_numpy(boxes)))
     p = logits.softmax(1).numpy()
     digit = p[:, :BACKGROUND].sum(1, keepdims=True)
@@ -158,6 +161,7 @@ def save_reader(model: DigitReader, path: str | Path, meta: dict) -> Path:
                    "verify": model.verify},
         "classes": {str(d): str(d) for d in range(10)} | {str(BACKGROUND): "background"},
         "normalisation": "per crop: zero mean, unit variance",
+        "tuned": {"box_blend": model.box_blend, "chosen_on": "valid"},
     }
     return write_weights(model, path, READER_ARCHITECTURE, fields, meta)
 
@@ -167,7 +171,8 @@ def load_reader(name_or_path: str | Path = DEFAULT_READER) -> DigitReader:
     def build(meta: dict) -> DigitReader:
         config = meta["config"]
         return DigitReader(int(config.get("width", 32)), box_head=bool(config.get("box_head")),
-                           verify=float(config.get("verify", 0.0)))
+                           verify=float(config.get("verify", 0.0)),
+                           box_blend=float(meta.get("tuned", {}).get("box_blend", BOX_BLEND)))
 
     return load_module(name_or_path, READER_ARCHITECTURE, build, "digit reader")
 

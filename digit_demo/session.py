@@ -1,4 +1,4 @@
-"""Per-user reading session: raw detections computed once, re-thresholded on demand.
+"""Per-visitor reading session: the pipeline's raw readings kept, re-thresholded on demand.
 
 The Gradio app keeps a :class:`Session` in ``gr.State``; moving the threshold calls
 :meth:`Session.render`, which never runs a model.
@@ -13,53 +13,76 @@ from pathlib import Path
 
 from PIL import Image
 
-from .assemble import Detections, HouseNumber, assemble
-from .draw import draw_detections
-from .ensemble import DEFAULT_FUSION
-from .io import write_pred_csv, write_pred_json
+from .draw import draw_detections, draw_regions
+from .io import image_id_for, write_pred_csv, write_pred_json
+from .pipeline import Reading
+from .types import HouseNumber
 
 
 @dataclass
-class Item:
-    name: str
+class Rendered:
+    """One image's reading at a threshold: its HW2 ``image_id``, the number, the drawn digits
+    (``annotated``: the whole crop, or in a whole photo the most confident number's region zoomed in)
+    and, for a whole photo, the photo with every located number marked (``whole``)."""
+
+    reading: Reading
     image_id: int
-    image: Image.Image
-    raw: Detections
-
-
-@dataclass
-class Reading:
-    item: Item
     number: HouseNumber
     annotated: Image.Image
+    threshold: float
+    whole: Image.Image | None = None
+
+    @property
+    def name(self) -> str:
+        return self.reading.name
 
 
 @dataclass
 class Session:
-    models: tuple[str, ...] = ()
-    fusion: str = DEFAULT_FUSION
-    items: list[Item] = field(default_factory=list)
+    """What a visitor has read: the configuration's key, each image's reading (with its decoded image)
+    and the messages for the images that could not be read."""
+
+    key: str = ""
+    readings: list[Reading] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
-    def render(self, threshold: float) -> list[Reading]:
-        """Re-filter the cached detections at ``threshold`` and draw them."""
+    def render(self, threshold: float) -> list[Rendered]:
+        """The readable images' numbers at ``threshold``, drawn."""
         out = []
-        for item in self.items:
-            number = assemble(item.raw, threshold)
-            out.append(Reading(item, number, draw_detections(item.image, number.digits)))
+        for k, r in enumerate(self.readings, 1):
+            drawn = annotate(r, threshold)
+            if drawn is not None:
+                out.append(Rendered(r, image_id_for(Path(r.name), k), *drawn[:2], threshold, drawn[2]))
         return out
 
 
-def write_downloads(readings: list[Reading], threshold: float, folder: str | Path | None = None) -> list[Path]:
+def annotate(reading: Reading, threshold: float) -> tuple[HouseNumber, Image.Image, Image.Image | None] | None:
+    """A reading at ``threshold`` drawn: its number, the image with the number's digits boxed (for a
+    whole photo, the number's region zoomed in) and, for a whole photo, the photo with every located
+    number marked (else None); None where the image was not read or not kept."""
+    if reading.error or reading.image is None:
+        return None
+    found = reading.numbers(threshold)
+    if not found:
+        return None
+    region, number = found[0]
+    if region is None:
+        return number, draw_detections(reading.image, number.digits), None
+    x1, y1 = region.crop[:2]
+    zoomed = draw_detections(reading.image.crop(region.crop), number.digits.shifted(-x1, -y1))
+    return number, zoomed, draw_regions(reading.image, [g.box for g, _ in found], [n.text for _, n in found])
+
+
+def write_downloads(rendered: list[Rendered], threshold: float, folder: str | Path | None = None) -> list[Path]:
     """``pred.json``, ``pred.csv`` and ``annotated.zip`` for the readings, in a fresh folder."""
     folder = Path(folder or tempfile.mkdtemp(prefix="digits_"))
     folder.mkdir(parents=True, exist_ok=True)
-    pj = write_pred_json(folder / "pred.json", {r.item.image_id: r.item.raw.above(threshold) for r in readings})
-    pc = write_pred_csv(folder / "pred.csv", {r.item.image_id: r.number.label for r in readings})
+    pj = write_pred_json(folder / "pred.json", {r.image_id: r.reading.kept(threshold) for r in rendered})
+    pc = write_pred_csv(folder / "pred.csv", {r.image_id: r.number.label for r in rendered})
     zp = folder / "annotated.zip"
     with zipfile.ZipFile(zp, "w", zipfile.ZIP_STORED) as z:
-        for r in readings:
+        for r in rendered:
             buf = io.BytesIO()
             r.annotated.save(buf, "PNG", compress_level=1)
-            z.writestr(f"{Path(r.item.name).stem}_annotated.png", buf.getvalue())
+            z.writestr(f"{Path(r.name).stem}_annotated.png", buf.getvalue())
     return [pj, pc, zp]

@@ -23,8 +23,25 @@ def fixture_images() -> Path:
 
 
 @pytest.fixture(scope="session")
-def default_detector():
-    """The shipped default checkpoint (a real, trained model)."""
-    from digit_demo.detect import Detector
+def default_pipeline():
+    """The shipped default pipeline (real, trained models)."""
+    from digit_demo.pipeline import Pipeline
 
-    return Detector.load()
+    return Pipeline()
+
+
+def raw_detections(config=None, paths=()) -> list:
+    """The raw detections a pipeline of ``config`` (default: the shipped default) finds in ``paths``."""
+    from digit_demo.pipeline import Pipeline
+
+    return Pipeline(config).read(paths).raw
+
+
+def measured_threshold(*keys: str) -> float:
+    """The best threshold of a configuration, read straight from the shipped sweeps (the first of
+    ``keys`` measured): the highest accuracy, then mAP, then the lowest threshold."""
+    import json
+
+    sweeps = json.loads((ROOT / "checkpoints" / "sweeps.json").read_text())
+    rows = sweeps[next(k for k in keys if k in sweeps)]
+    return min(rows, key=lambda r: (-round(r["accuracy"], 6), -round(r["mAP"], 6), r["threshold"]))["threshold"]

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import FIXTURES, ROOT
+from .conftest import FIXTURES, ROOT, measured_threshold, raw_detections
+
+pytestmark = pytest.mark.slow
 
 IMAGES = sorted((FIXTURES / "valid").glob("*.png"))
 
@@ -53,6 +55,22 @@ def client(server):
     return Client(server, verbose=False)
 
 
+def open_page(playwright, url: str):
+    """Debian's chromium on the app's page (Playwright never downloads a browser here)."""
+    browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    return browser, page
+
+
+def wait_for_reading(page) -> None:
+    """Until the page shows a number: neither the empty state nor Gradio's progress."""
+    page.wait_for_function("() => { const t = document.querySelector('#number').innerText;"
+                           " return !t.includes('no image yet') && !t.includes('processing'); }", timeout=60000)
+
+
 def read_all(client, paths, models=("resnet18_fpn",), fusion="vote", threshold=0.5, use_reader=True, multi_scale=False):
     from gradio_client import handle_file
 
@@ -65,15 +83,15 @@ def test_every_event_has_an_api_name(client):
     assert {"/read_numbers", "/rethreshold", "/model_settings", "/reader_settings", "/explorer"} <= set(api)
 
 
-def test_read_rethreshold_and_download(client, default_detector):
+def test_read_rethreshold_and_download(client):
     from digit_demo.assemble import assemble
 
     out = read_all(client, IMAGES[:3], threshold=0.5)
-    image, html, digits, gallery, table, files, message = out  # gr.State is not part of the API
+    image, html, digits, gallery, table, files, message, whole, found = out  # gr.State is not part of the API
     rows = table["data"]
     assert [r[0] for r in rows] == [p.name for p in IMAGES[:3]]
     # the app reads the same numbers as the library at that threshold
-    raw = default_detector(IMAGES[:3])
+    raw = raw_detections(None, IMAGES[:3])
     assert [r[2] for r in rows] == [assemble(d, 0.5).text or "-1" for d in raw]
     assert len(gallery) == 3 and Path(image).is_file()
     by_name = {Path(f).name: f for f in files}
@@ -86,7 +104,7 @@ def test_read_rethreshold_and_download(client, default_detector):
     assert all(set(p) == {"image_id", "bbox", "score", "category_id"} and p["score"] >= 0.5 for p in preds)
 
     # the slider re-filters cached detections: a high threshold keeps fewer digits
-    _, _, digits_hi, _, table_hi, files_hi, _ = client.predict(0.95, api_name="/rethreshold")
+    _, _, digits_hi, _, table_hi, files_hi, _, _, _ = client.predict(0.95, api_name="/rethreshold")
     expected = [assemble(d, 0.95).text or "-1" for d in raw]
     assert [r[2] for r in table_hi["data"]] == expected
     assert len(digits_hi["data"]) <= len(digits["data"])
@@ -106,46 +124,55 @@ def test_ensemble_and_bad_uploads(client, tmp_path):
 
 
 def test_threshold_default_comes_from_the_sweep(client):
-    from digit_demo.card import best_threshold
-
     for use_reader, name in ((True, "resnet18_fpn"), (False, "resnet18_fpn (detector only)")):
         slider, fig, rows = client.predict(["resnet18_fpn"], "wbf", use_reader, False, api_name="/model_settings")
-        expected = best_threshold(["resnet18_fpn"], reader=use_reader)
+        expected = measured_threshold(name)
         assert slider["value"] == pytest.approx(expected) if isinstance(slider, dict) else slider == pytest.approx(expected)
         assert rows["data"][0][0] == name
     # an ensemble's sweep is found whatever order its members are named in
-    from digit_demo.card import sweep_curves
-    from digit_demo.evaluation import best
+    measured = measured_threshold("ensemble[vote](mobilenet_v3_fpn+resnet18_fpn)")
+    assert measured != 0.5
+    for models in (["resnet18_fpn", "mobilenet_v3_fpn"], ["mobilenet_v3_fpn", "resnet18_fpn"]):
+        slider = client.predict(models, "vote", True, False, api_name="/model_settings")[0]
+        assert slider["value"] == pytest.approx(measured)
 
-    measured = best(sweep_curves()["ensemble[vote](mobilenet_v3_fpn+resnet18_fpn)"]).threshold
-    assert best_threshold(["resnet18_fpn", "mobilenet_v3_fpn"], "vote") == measured != 0.5
-    assert best_threshold(["mobilenet_v3_fpn", "resnet18_fpn"], "vote") == measured
 
-
-def test_reader_checkbox_switches_the_second_stages(client, default_detector):
+def test_reader_checkbox_switches_the_second_stages(client):
     from digit_demo.assemble import assemble
-    from digit_demo.detect import Detector
+    from digit_demo.pipeline import PipelineConfig
 
-    plain = Detector.load(reader=None, number_reader=None)  # the checkbox turns off both readers
-    for use_reader, det in ((True, default_detector), (False, plain)):
+    for use_reader, config in ((True, None), (False, PipelineConfig(digit_reader=None))):  # off: both readers off
         table = read_all(client, IMAGES[:4], threshold=0.4, use_reader=use_reader)[4]
-        assert [r[2] for r in table["data"]] == [assemble(d, 0.4).text or "-1" for d in det(IMAGES[:4])]
+        assert [r[2] for r in table["data"]] == [assemble(d, 0.4).text or "-1" for d in raw_detections(config, IMAGES[:4])]
 
 
-def test_multi_scale_checkbox_reads_at_two_sizes(client, default_detector):
+def test_multi_scale_checkbox_reads_at_two_sizes(client):
     from digit_demo.assemble import assemble
-    from digit_demo.card import best_threshold
     from digit_demo.checkpoints import read_sidecar, resolve
-    from digit_demo.detect import Detector
+    from digit_demo.pipeline import PipelineConfig
 
-    both = Detector(default_detector.model, default_detector.meta, reader=default_detector.reader, multi_scale=True,
-                    number_reader=default_detector.number_reader)
     table = read_all(client, IMAGES, threshold=0.4, multi_scale=True)[4]
-    assert [r[2] for r in table["data"]] == [assemble(d, 0.4).text or "-1" for d in both(IMAGES)]
+    both = raw_detections(PipelineConfig(multi_scale=True), IMAGES)
+    assert [r[2] for r in table["data"]] == [assemble(d, 0.4).text or "-1" for d in both]
     slider, _, rows = client.predict(["resnet18_fpn"], "wbf", True, True, api_name="/model_settings")
     assert rows["data"][0][0] == "resnet18_fpn (multi-scale)"
     measured = read_sidecar(resolve("resnet18_fpn"))["metrics"]["valid_multi_scale"]["threshold"]  # the two-size sweep's best
-    assert slider["value"] == best_threshold(["resnet18_fpn"], multi_scale=True) == measured
+    assert slider["value"] == measured_threshold("resnet18_fpn (multi-scale)") == measured
+
+
+def test_odd_uploads_get_a_readable_message_and_the_rest_are_read(client, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    strip, tall = tmp_path / "strip.png", tmp_path / "tall.png"
+    Image.fromarray(np.full((8, 20000, 3), 200, np.uint8)).save(strip)
+    Image.fromarray(np.full((20000, 8, 3), 200, np.uint8)).save(tall)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff" + b"\0" * 50)
+    out = read_all(client, [strip, IMAGES[0], broken, tall], threshold=0.5)
+    table, message = out[4], out[6]
+    assert [r[0] for r in table["data"]] == ["strip.png", IMAGES[0].name, "tall.png"]  # read, not rejected
+    assert "broken.jpg" in message and "Traceback" not in message and message.count("⚠️") == 1
 
 
 def test_model_labels_follow_the_reader_checkbox(client):
@@ -164,19 +191,13 @@ def test_real_browser_upload_slider_and_number(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     from digit_demo.assemble import assemble
-    from digit_demo.detect import Detector
 
-    det = Detector.load()
-    raw = det([IMAGES[0]])[0]
+    raw = raw_detections(None, [IMAGES[0]])[0]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(server)
+        browser, page = open_page(p, server)
         page.locator("input[type=file]").first.set_input_files(str(IMAGES[0]))
         number = page.locator("#number")
-        page.wait_for_function("() => !document.querySelector('#number').innerText.includes('no image yet')", timeout=60000)
+        wait_for_reading(page)
         shown = number.inner_text().split("\n")[0].strip()
         slider_value = float(page.locator("#threshold input[type=number]").input_value())
         assert shown == (assemble(raw, slider_value).text or "?")
@@ -190,4 +211,61 @@ def test_real_browser_upload_slider_and_number(server, tmp_path):
         page.wait_for_function(f"() => document.querySelector('#number').innerText.split('\\n')[0].trim() === '{expected}'",
                                timeout=30000)
         page.screenshot(path=str(ROOT / "tests" / "artifacts" / "browser_slider.png"), full_page=True)
+        browser.close()
+
+
+SCENES = FIXTURES / "scenes"
+LOCATOR = (ROOT / "checkpoints" / "locator.safetensors").is_file()
+
+
+@pytest.mark.skipif(not LOCATOR, reason="no locator shipped")
+def test_a_whole_photo_returns_its_regions_and_number(client):
+    from digit_demo.pipeline import Pipeline
+
+    truth = json.loads((SCENES / "scenes.json").read_text())
+    pipe = Pipeline()
+    paths = [SCENES / im["file_name"] for im in truth["images"]]
+    out = read_all(client, paths, threshold=0.35)
+    image, html, digits, gallery, table, files, message, whole, found = out
+    expected = [r.number(0.35).text or "-1" for r in pipe.read(paths)]  # the library, at the same threshold
+    assert [r[2] for r in table["data"]] == expected
+    rows = found["data"]
+    assert {r[0] for r in rows} == {p.name for p in paths}
+    two = [r for r in rows if r[0] == "scene3.jpg"]
+    assert len(two) >= 2 and all(isinstance(r[3], list) and len(r[3]) == 4 for r in two)  # each number's region
+    assert Path(_file(whole)).is_file()  # the photo with the regions marked
+    assert max(_image_size(_file(image))) >= 320  # the first photo's region, zoomed in
+
+
+def _file(value) -> str:
+    """The file path in what the API returns for an image (a path, or an update holding one)."""
+    while isinstance(value, dict):
+        value = value.get("value") or value.get("path")
+    return value
+
+
+def _image_size(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+@pytest.mark.skipif(not LOCATOR or not shutil.which("chromium"), reason="no locator shipped, or no chromium")
+def test_real_browser_reads_a_whole_photo(server):
+    from playwright.sync_api import sync_playwright
+
+    from digit_demo.pipeline import Pipeline
+
+    photo = SCENES / "scene1.jpg"
+    pipe = Pipeline()
+    with sync_playwright() as p:
+        browser, page = open_page(p, server)
+        page.locator("input[type=file]").first.set_input_files(str(photo))
+        wait_for_reading(page)
+        shown = page.locator("#number").inner_text().split("\n")[0].strip()
+        slider_value = float(page.locator("#threshold input[type=number]").input_value())
+        assert shown == (pipe.read([photo])[0].number(slider_value).text or "?")
+        (ROOT / "tests" / "artifacts").mkdir(exist_ok=True)
+        page.screenshot(path=str(ROOT / "tests" / "artifacts" / "browser_scene.png"), full_page=True)
         browser.close()

@@ -4,7 +4,19 @@ import json
 import subprocess
 import sys
 
-from .conftest import FIXTURES, ROOT
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import FIXTURES, ROOT, measured_threshold, raw_detections
+
+pytestmark = pytest.mark.slow
+IMAGES = sorted((FIXTURES / "valid").glob("*.png"))
+
+
+def labels(csv_path) -> dict[int, int]:
+    with open(csv_path) as f:
+        return {int(r["image_id"]): int(r["pred_label"]) for r in csv.DictReader(f)}
 
 
 def cli(*args, cwd=ROOT, **env):
@@ -13,7 +25,7 @@ def cli(*args, cwd=ROOT, **env):
                                "PYTHONPATH": str(ROOT), **env}, timeout=300)
 
 
-def test_predict_plain_form_writes_hw2_files(tmp_path, default_detector):
+def test_predict_plain_form_writes_hw2_files(tmp_path):
     from digit_demo.assemble import assemble
 
     r = cli("predict", FIXTURES / "valid", "--out", tmp_path / "out", "--annotate", "-q")
@@ -21,11 +33,9 @@ def test_predict_plain_form_writes_hw2_files(tmp_path, default_detector):
     with open(tmp_path / "out" / "pred.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["image_id", "pred_label"] and len(rows) == 8
-    images = sorted((FIXTURES / "valid").glob("*.png"))
-    from digit_demo.card import best_threshold
-
-    threshold = best_threshold(["resnet18_fpn"])
-    expected = {int(p.stem): assemble(d, threshold).label for p, d in zip(images, default_detector(images))}
+    images = IMAGES
+    threshold = measured_threshold("resnet18_fpn")
+    expected = {int(p.stem): assemble(d, threshold).label for p, d in zip(images, raw_detections(None, images))}
     assert {int(r["image_id"]): int(r["pred_label"]) for r in rows} == expected
     preds = json.loads((tmp_path / "out" / "pred.json").read_text())
     assert all(p["image_id"] in expected and 1 <= p["category_id"] <= 10 and len(p["bbox"]) == 4 for p in preds)
@@ -57,8 +67,6 @@ def test_ensemble_sweep_reports_comparison(tmp_path):
 
 
 def test_ensemble_evaluate_scores_each_member_as_alone(tmp_path):
-    from digit_demo.card import best_threshold
-
     args = ("evaluate", "--gt", FIXTURES / "valid.json", "--images", FIXTURES / "valid", "-q")
     r = cli(*args, "-m", "mobilenet_v3_fpn", "-m", "resnet18_fpn", "--fusion", "vote")
     assert r.returncode == 0, r.stderr
@@ -66,9 +74,9 @@ def test_ensemble_evaluate_scores_each_member_as_alone(tmp_path):
     assert list(rows) == ["mobilenet_v3_fpn", "resnet18_fpn", "ensemble[vote](mobilenet_v3_fpn+resnet18_fpn)"]
     alone = json.loads(cli(*args, "-m", "resnet18_fpn").stdout)
     assert rows["resnet18_fpn"] == {k: v for k, v in alone.items() if k != "model"}  # its own threshold and numbers
-    assert rows["mobilenet_v3_fpn"]["threshold"] == best_threshold(["mobilenet_v3_fpn"])
-    assert rows["ensemble[vote](mobilenet_v3_fpn+resnet18_fpn)"]["threshold"] == best_threshold(
-        ["mobilenet_v3_fpn", "resnet18_fpn"], "vote")
+    assert rows["mobilenet_v3_fpn"]["threshold"] == measured_threshold("mobilenet_v3_fpn")
+    key = "ensemble[vote](mobilenet_v3_fpn+resnet18_fpn)"
+    assert rows[key]["threshold"] == measured_threshold(key)
 
 
 def test_errors_are_one_line_with_nonzero_exit(tmp_path):
@@ -84,17 +92,15 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path):
 
 def test_predict_in_float32_on_request(tmp_path):
     from digit_demo.assemble import assemble
-    from digit_demo.card import best_threshold
-    from digit_demo.detect import Detector
+    from digit_demo.pipeline import PipelineConfig
 
-    images = sorted((FIXTURES / "valid").glob("*.png"))
-    threshold = best_threshold(["resnet18_fpn"])
-    expected = {int(p.stem): assemble(d, threshold).label for p, d in zip(images, Detector.load(precision="fp32")(images))}
+    threshold = measured_threshold(PipelineConfig(precision="fp32").key, "resnet18_fpn")  # fp32 where measured apart
+    raw = raw_detections(PipelineConfig(precision="fp32"), IMAGES)
+    expected = {int(p.stem): assemble(d, threshold).label for p, d in zip(IMAGES, raw)}
     for flags, env in ((["--precision", "fp32"], {}), ([], {"DIGIT_DEMO_PRECISION": "fp32"})):
         r = cli("predict", FIXTURES / "valid", "--out", tmp_path / "o", "-q", *flags, **env)
         assert r.returncode == 0, r.stderr
-        with open(tmp_path / "o" / "pred.csv") as f:
-            assert {int(row["image_id"]): int(row["pred_label"]) for row in csv.DictReader(f)} == expected
+        assert labels(tmp_path / "o" / "pred.csv") == expected
     r = cli("predict", FIXTURES / "valid", "--out", tmp_path / "o", "-q", DIGIT_DEMO_PRECISION="half")
     assert r.returncode != 0 and "unknown precision 'half'" in r.stderr and "Traceback" not in r.stderr
 
@@ -108,46 +114,69 @@ def test_models_lists_the_default():
     assert roles["number_reader"] == "whole-number reader" and roles["number_proposer"] == "whole-number reader's proposer"
 
 
-def test_predict_with_and_without_the_reader(tmp_path):
+@pytest.mark.parametrize("flags, key", [
+    ((), "resnet18_fpn"),
+    (("--no-proposer",), "resnet18_fpn (no proposer)"),
+    (("--no-number-reader",), "resnet18_fpn (no number reader)"),
+    (("--no-reader",), "resnet18_fpn (detector only)"),
+    (("--multi-scale",), "resnet18_fpn (multi-scale)"),
+])
+def test_each_variant_is_read_at_its_own_measured_threshold(tmp_path, flags, key):
     from digit_demo.assemble import assemble
-    from digit_demo.card import best_threshold
-    from digit_demo.detect import Detector
+    from digit_demo.pipeline import PipelineConfig
 
-    image = FIXTURES / "valid" / "10848.png"
-    for flag, reader in (("--reader", "digit_reader"), ("--no-reader", None)):
-        out = tmp_path / flag
-        args = ("predict", image, "--out", out, "-q") + ((flag, reader) if reader else (flag,))
-        assert cli(*args).returncode == 0
-        expected = assemble(Detector.load(reader=reader)([image])[0], best_threshold(reader=reader is not None))
-        assert (out / "pred.csv").read_text().splitlines()[1] == f"10848,{expected.label}"
-
-
-def test_predict_multi_scale(tmp_path, default_detector):
-    from digit_demo.assemble import assemble
-    from digit_demo.card import best_threshold
-    from digit_demo.detect import Detector
-
-    r = cli("predict", FIXTURES / "valid", "--out", tmp_path, "--multi-scale", "-q")
+    r = cli("predict", FIXTURES / "valid", "--out", tmp_path, "-q", *flags)
     assert r.returncode == 0, r.stderr
-    both = Detector(default_detector.model, default_detector.meta, reader=default_detector.reader, multi_scale=True,
-                    number_reader=default_detector.number_reader)
-    threshold = best_threshold(multi_scale=True)
-    images = sorted((FIXTURES / "valid").glob("*.png"))
-    expected = {int(p.stem): assemble(d, threshold).label for p, d in zip(images, both(images))}
-    with open(tmp_path / "pred.csv") as f:
-        assert {int(r["image_id"]): int(r["pred_label"]) for r in csv.DictReader(f)} == expected
+    threshold = measured_threshold(key)
+    assert f"threshold {threshold:.2f}, {key}" in r.stderr
+    fields = {"--no-proposer": {"proposer": None}, "--no-number-reader": {"number_reader": None},
+              "--no-reader": {"digit_reader": None}, "--multi-scale": {"multi_scale": True}}
+    config = PipelineConfig(**(fields[flags[0]] if flags else {}))
+    expected = {int(p.stem): assemble(d, threshold).label for p, d in zip(IMAGES, raw_detections(config, IMAGES))}
+    assert labels(tmp_path / "pred.csv") == expected
 
 
-def test_predict_without_the_proposer(tmp_path):
+def _odd_images(folder):
+    """A folder of good photos, one corrupt file and two extreme strips (20000 x 8 and 8 x 20000)."""
+    folder.mkdir()
+    for p in IMAGES[:2]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "900.png").write_bytes(IMAGES[0].read_bytes()[:300])  # truncated
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (8, 20000, 3), dtype=np.uint8)).save(folder / "901.png")
+    Image.fromarray(rng.integers(0, 255, (20000, 8, 3), dtype=np.uint8)).save(folder / "902.png")
+    return folder
+
+
+def test_one_odd_image_never_stops_the_batch(tmp_path):
     from digit_demo.assemble import assemble
-    from digit_demo.card import best_threshold
-    from digit_demo.detect import load_detector
 
-    r = cli("predict", FIXTURES / "valid", "--out", tmp_path, "--no-proposer", "-q")
+    folder = _odd_images(tmp_path / "in")
+    r = cli("predict", folder, "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
-    det = load_detector(["resnet18_fpn"], proposer=None)
-    assert det.number_reader is not None and det.number_reader.proposer is None
-    images = sorted((FIXTURES / "valid").glob("*.png"))
-    expected = {int(p.stem): assemble(d, best_threshold()).label for p, d in zip(images, det(images))}
-    with open(tmp_path / "pred.csv") as f:
-        assert {int(r["image_id"]): int(r["pred_label"]) for r in csv.DictReader(f)} == expected
+    assert "Traceback" not in r.stderr
+    skipped = [line for line in r.stderr.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 1 and "900.png" in skipped[0] and "corrupt or truncated" in skipped[0]
+    got = labels(tmp_path / "out" / "pred.csv")
+    assert set(got) == {int(p.stem) for p in IMAGES[:2]} | {900, 901, 902} and got[900] == -1
+    threshold = measured_threshold("resnet18_fpn")
+    for p, d in zip(IMAGES[:2], raw_detections(None, IMAGES[:2])):  # the good ones read as they do alone
+        assert got[int(p.stem)] == assemble(d, threshold).label
+    preds = json.loads((tmp_path / "out" / "pred.json").read_text())
+    for pred in preds:  # boxes of the strips stay inside them
+        if pred["image_id"] in (901, 902):
+            x, y, w, h = pred["bbox"]
+            W, H = (20000, 8) if pred["image_id"] == 901 else (8, 20000)
+            assert -0.01 <= x and x + w <= W + 0.01 and -0.01 <= y and y + h <= H + 0.01
+
+
+def test_exit_codes(tmp_path):
+    folder = _odd_images(tmp_path / "in")
+    assert cli("predict", folder / "900.png", "--out", tmp_path / "a", "-q").returncode == 1  # nothing readable
+    assert cli("predict", folder / "901.png", "--out", tmp_path / "b", "-q").returncode == 0
+    assert cli("predict", tmp_path / "nothing_here", "--out", tmp_path / "c").returncode == 2
+    assert cli("predict", folder, "--fusion", "maybe").returncode == 2  # argparse
+    r = cli("predict", folder, "-m", "digit_reader", "--out", tmp_path / "d")  # a checkpoint of another kind
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    r = cli("release", "--results", tmp_path / "no_results")
+    assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -1,14 +1,16 @@
 """Running detectors: input-size views and multi-scale reading with the shipped default checkpoint."""
 import numpy as np
+import pytest
 import torch
 
 from digit_demo.checkpoints import load_checkpoint
-from digit_demo.detect import Detector, to_tensor
+from digit_demo.detect import MAX_ASPECT, Detector, letterbox, tiles, to_tensor
 from digit_demo.ensemble import ensemble_key
 from digit_demo.images import load_image
+from digit_demo.pipeline import Pipeline, PipelineConfig
 from digit_demo.assemble import assemble
-from digit_demo.models import (PRECISION_ENV, Bfloat16, ChannelsLastMaxPool2d, at_input_size, fast_pools, for_inference,
-                                has_amx, inference_precision, multi_scale_views, set_test_size)
+from digit_demo.models import at_input_size, multi_scale_views, set_test_size
+from digit_demo.inference import PRECISION_ENV, Bfloat16, ChannelsLastMaxPool2d, fast_pools, for_inference, has_amx, inference_precision
 
 from .conftest import FIXTURES
 
@@ -36,13 +38,14 @@ def test_a_size_view_shares_weights_and_leaves_the_model_alone():
                for a, b in zip(model_out, out_view))
 
 
-def test_multi_scale_merges_the_readings_at_two_sizes(default_detector):
-    views = multi_scale_views(default_detector.model)
-    size = default_detector.model.digit_config.test_size
+def test_multi_scale_merges_the_readings_at_two_sizes(default_pipeline):
+    one = default_pipeline.members[0]
+    views = multi_scale_views(one.model)
+    size = one.model.digit_config.test_size
     assert [v.transform.test_size for v in views] == [size, 8 * round(size * 1.15 / 8)]
-    both = Detector(default_detector.model, default_detector.meta, reader=default_detector.reader, multi_scale=True)
+    both = Detector(one.model, one.meta, reader=one.reader, multi_scale=True)
     merged = both(IMAGES)
-    readings = [Detector(v, default_detector.meta, reader=default_detector.reader)(IMAGES) for v in views]
+    readings = [Detector(v, one.meta, reader=one.reader)(IMAGES) for v in views]
     for m, small, large in zip(merged, *readings):
         pool = np.concatenate([small.boxes, large.boxes])
         for box, score in zip(m.boxes, m.scores):  # every merged box is one of the two readings' own boxes
@@ -71,7 +74,7 @@ def test_fast_pools_pool_exactly_as_max_pool2d():
 @torch.inference_mode()
 def test_inference_preparation_keeps_every_models_outputs():
     from digit_demo.reader import load_reader
-    from digit_demo.sequence import load_sequence
+    from digit_demo.number_reader import load_number_reader
 
     images = [to_tensor(load_image(p)) for p in IMAGES[:4]]
     for name in ("resnet18_fpn", "mobilenet_v3_fpn"):
@@ -82,8 +85,8 @@ def test_inference_preparation_keeps_every_models_outputs():
             torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=1e-4)
             torch.testing.assert_close(a["scores"], b["scores"], atol=1e-4, rtol=1e-4)
     crops = torch.rand(3, 3, 32, 128, generator=torch.Generator().manual_seed(0))
-    for load, name, x in ((load_reader, "digit_reader", crops[..., :32]), (load_sequence, "number_reader", crops),
-                          (load_sequence, "number_proposer", crops)):
+    for load, name, x in ((load_reader, "digit_reader", crops[..., :32]), (load_number_reader, "number_reader", crops),
+                          (load_number_reader, "number_proposer", crops)):
         fast = for_inference(load(name), "fp32")
         assert not any(type(m) is torch.nn.MaxPool2d for m in fast.modules())
         torch.testing.assert_close(fast(x), load(name)(x), atol=1e-4, rtol=1e-4)
@@ -109,15 +112,16 @@ def test_inference_precision_follows_the_argument_then_the_environment(monkeypat
 def test_bfloat16_inference_reads_like_float32():
     """In bfloat16 the heavy parts run in bfloat16 behind float32 inputs and outputs, and the pipeline
     finds the same digits with close scores and reads the same numbers."""
-    fp32, bf16 = Detector.load(precision="fp32"), Detector.load(precision="bf16")
-    wrapped = [bf16.model.backbone, bf16.model.rpn.head, bf16.model.roi_heads.box_head, bf16.reader.net[0],
+    fp32, bf16 = Pipeline(PipelineConfig(precision="fp32")), Pipeline(PipelineConfig(precision="bf16"))
+    model = bf16.members[0].model
+    wrapped = [model.backbone, model.rpn.head, model.roi_heads.box_head, bf16.digit_reader.net[0],
                bf16.number_reader.cnn, bf16.number_reader.proposer.cnn]
     assert all(isinstance(m, Bfloat16) for m in wrapped)
     assert {p.dtype for m in wrapped for p in m.parameters()} == {torch.bfloat16}
-    assert bf16.model.roi_heads.box_predictor.cls_score.weight.dtype == torch.float32
-    assert not any(isinstance(m, Bfloat16) for m in fp32.model.modules())
+    assert model.roi_heads.box_predictor.cls_score.weight.dtype == torch.float32
+    assert not any(isinstance(m, Bfloat16) for m in fp32.members[0].model.modules())
     same = 0
-    for a, b in zip(fp32(IMAGES), bf16(IMAGES)):
+    for a, b in zip(fp32.read(IMAGES).raw, bf16.read(IMAGES).raw):
         assert b.scores.dtype == np.float32 and b.line is not None and b.line.dtype == np.float32
         top_a, top_b = a.above(0.5), b.above(0.5)
         assert sorted(top_a.digits.tolist()) == sorted(top_b.digits.tolist())
@@ -126,3 +130,40 @@ def test_bfloat16_inference_reads_like_float32():
         assert np.abs(top_a.scores[order_a] - top_b.scores[order_b]).max(initial=0) < 0.05
         same += assemble(a, 0.35).text == assemble(b, 0.35).text
     assert same == len(IMAGES)
+
+
+def test_letterbox_leaves_ordinary_photos_alone_and_fits_strips():
+    photo = torch.rand(3, 60, 60 * 4)  # as wide as SVHN's widest
+    same, scale = letterbox(photo, 341)
+    assert same is photo and scale == 1.0
+    strip = torch.rand(3, 8, 20000)
+    boxed, scale = letterbox(strip, 341)
+    assert scale == pytest.approx(341 / 20000)
+    assert boxed.shape[2] == 341 and boxed.shape[1] == int(np.ceil(341 / MAX_ASPECT))  # padded to the widest aspect kept
+    assert boxed[:, 1:].abs().max() == 0  # the padding is zeros, below the resized strip
+    tall, _ = letterbox(torch.rand(3, 20000, 8), 341)
+    assert tall.shape[1:] == (341, int(np.ceil(341 / MAX_ASPECT)))
+
+
+def test_tiles_cover_the_strip_with_overlap():
+    starts = tiles(1000, 10, 30)  # windows of 300 px
+    assert starts[0] == 0 and starts[-1] == 700 and all(b - a <= 225 for a, b in zip(starts, starts[1:]))
+    assert tiles(250, 10, 30) == [0]
+
+
+@torch.inference_mode()
+def test_strips_are_read_and_boxes_come_back_in_their_own_pixels(default_pipeline):
+    """A photo at the left end of a 40 x 1 black strip is read in tiles as it is read alone, its boxes
+    in the strip's pixels; strips too long to tile are letterboxed, and read without an error."""
+    one = default_pipeline.members[0]
+    image = to_tensor(load_image(IMAGES[0]))
+    h, w = image.shape[1:]
+    strip = torch.zeros(3, h, 40 * h)
+    strip[:, :, :w] = image
+    got, alone = one.detect_tensors([strip, image])
+    top = got.above(0.3).boxes
+    assert len(top) and (top[:, [0, 2]] <= w + 1).all()  # on the photo, not in the black
+    assert assemble(got, 0.3).text == assemble(alone, 0.3).text != ""  # read in tiles as it reads alone
+    for tall in (torch.zeros(3, 20000, 8), torch.zeros(3, 8, 20000)):
+        found = one.detect_tensors([tall])[0]  # no digit, and no error
+        assert found.boxes.shape[1] == 4

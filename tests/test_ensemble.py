@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from digit_demo.assemble import Detections
+from digit_demo.types import Detections
 from digit_demo.ensemble import calibrate, fuse, nms_fusion, vote_fusion, weighted_box_fusion
 
 
@@ -57,16 +57,16 @@ def test_weights_follow_measured_accuracy():
 
 def test_members_are_read_at_their_own_best_threshold_for_how_they_run():
     from digit_demo.checkpoints import read_sidecar, resolve
-    from digit_demo.detect import load_detector
     from digit_demo.ensemble import member_threshold
+    from digit_demo.pipeline import Pipeline, PipelineConfig
 
     meta = {"threshold": 0.5, "metrics": {"valid_multi_scale": {"threshold": 0.35}}}
     assert member_threshold(meta) == 0.5 and member_threshold(meta, multi_scale=True) == 0.35
     assert member_threshold({"threshold": 0.4}, multi_scale=True) == 0.4 and member_threshold({}) is None
     shipped = read_sidecar(resolve("resnet34_fpn"))
     for multi_scale in (False, True):
-        ens = load_detector(["resnet18_fpn", "resnet34_fpn"], reader=None, number_reader=None, multi_scale=multi_scale)
-        assert ens.thresholds[1] == member_threshold(shipped, multi_scale) is not None
+        ens = Pipeline(PipelineConfig(("resnet18_fpn", "resnet34_fpn"), digit_reader=None, multi_scale=multi_scale))
+        assert ens.member_thresholds[1] == member_threshold(shipped, multi_scale) is not None
 
 
 def test_calibration_maps_each_models_best_threshold_to_one_half():

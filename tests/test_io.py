@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 
-from digit_demo.assemble import Detections
+from digit_demo.types import Detections
 from digit_demo.io import coco_results, read_pred_csv, read_pred_json, write_pred_csv, write_pred_json
 
 

@@ -9,7 +9,8 @@ from PIL import Image
 from digit_demo.assemble import Detections, assemble
 from digit_demo.checkpoints import CheckpointError, available, load_checkpoint, read_sidecar, resolve
 from digit_demo.data import annotations_by_image, clipped_boxes, gt_numbers
-from digit_demo.detect import Detector, load_detector, to_tensor
+from digit_demo.detect import Detector, to_tensor
+from digit_demo.pipeline import Pipeline, PipelineConfig
 from digit_demo.reader import (BACKGROUND, DEFAULT_READER, DigitReader, crop_digits, crop_fractions,
                                from_crop_fractions, load_reader, optional_reader, refine, save_reader, square_boxes)
 from train.reader import background_boxes, main, mine
@@ -101,7 +102,7 @@ def test_mined_spots_are_labelled_by_the_true_boxes(fixture_gt):
     from torchvision.ops import box_iou
 
     samples = [(image.mul(255).to(torch.uint8), boxes, digits) for _, image, boxes, digits in fixture_samples(fixture_gt)]
-    mined = mine(Detector.load("resnet18_fpn", reader=None), samples, quiet=True)
+    mined = mine(Detector.load("resnet18_fpn"), samples, quiet=True)
     assert len(mined) == len(samples) and sum(len(m[1]) for m in mined) >= len(samples)
     for (_, boxes, digits), (spots, labels, truth) in zip(samples, mined):
         if not len(spots):
@@ -115,17 +116,17 @@ def test_mined_spots_are_labelled_by_the_true_boxes(fixture_gt):
 
 
 def test_detector_uses_the_shipped_reader_unless_told_not_to(fixture_gt, fixture_images):
-    with_reader, plain = Detector.load(), Detector.load(reader=None)
-    assert with_reader.reader is not None and plain.reader is None
+    with_reader, plain = Pipeline(PipelineConfig(number_reader=None)), Pipeline(PipelineConfig(digit_reader=None))
+    assert with_reader.digit_reader is not None and plain.digit_reader is None and plain.number_reader is None
     paths = [fixture_images / im["file_name"] for im in fixture_gt["images"]]
-    a, b = with_reader(paths), plain(paths)
+    a, b = with_reader.read(paths).raw, plain.read(paths).raw
     assert any(len(x) != len(y) or not np.allclose(x.scores[:1], y.scores[:1]) for x, y in zip(a, b))
     truth = gt_numbers(fixture_gt)  # eight hard photos: the detector alone reads four
 
     def read(found):
         return sum(assemble(d, 0.4).text == truth[im["id"]] for d, im in zip(found, fixture_gt["images"]))
     assert read(a) >= max(4, read(b))
-    ens = load_detector(["resnet18_fpn", "mobilenet_v3_fpn"], reader=None)
+    ens = Pipeline(PipelineConfig(("resnet18_fpn", "mobilenet_v3_fpn"), digit_reader=None))
     assert all(m.reader is None for m in ens.members)
 
 

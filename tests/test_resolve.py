@@ -7,6 +7,7 @@ import shutil
 import pytest
 from PIL import Image
 
+from digit_demo.checkpoints import load_checkpoint
 from digit_demo.data import DigitDataset, annotations_by_image, load_coco
 from digit_demo.detect import to_tensor
 from train.resolve import pick, read_records, resolve, score_records
@@ -26,8 +27,8 @@ def wrong_digits(record: list) -> list:
 
 
 @pytest.fixture(scope="module")
-def model(default_detector):
-    return default_detector.model
+def model():
+    return load_checkpoint("resnet18_fpn")[0]
 
 
 def test_true_record_beats_same_boxes_with_other_digits(model, fixture_gt):

@@ -5,9 +5,10 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from digit_demo.assemble import Detections
+from digit_demo.types import Detections
 from digit_demo.draw import PALETTE, draw_detections
-from digit_demo.session import Item, Session, write_downloads
+from digit_demo.pipeline import Reading
+from digit_demo.session import Session, write_downloads
 
 from .conftest import FIXTURES
 
@@ -16,12 +17,12 @@ def item():
     img = Image.open(FIXTURES / "valid" / "1108.png").convert("RGB")
     raw = Detections(np.array([[10, 10, 40, 90], [50, 12, 80, 92]], np.float32), np.array([0.9, 0.4], np.float32),
                      np.array([4, 9]))
-    return Item("1108.png", 1108, img, raw)
+    return Reading("1108.png", raw, img)
 
 
 def test_render_rethresholds_cached_detections(tmp_path):
-    s = Session(models=("m",), items=[item()])
-    assert s.render(0.3)[0].number.text == "49"
+    s = Session("m", [item(), Reading("bad.png", error="bad.png: not a readable image")])
+    assert len(s.render(0.3)) == 1 and s.render(0.3)[0].number.text == "49"  # the unreadable one is not drawn
     low, high = s.render(0.3)[0], s.render(0.5)[0]
     assert high.number.text == "4" and high.annotated.size == low.annotated.size
     files = write_downloads(s.render(0.5), 0.5, tmp_path)
@@ -37,3 +38,12 @@ def test_draw_uses_the_digit_colour():
     out = draw_detections(img, d, min_side=50)
     colour = tuple(int(PALETTE[3][i : i + 2], 16) for i in (1, 3, 5))
     assert out.getpixel((25, 44)) == colour  # bottom edge of the box
+
+
+def test_drawing_stays_a_sensible_size_for_any_shape():
+    d = Detections(np.array([[0, 0, 4, 8]], np.float32), np.array([0.9], np.float32), np.array([1]))
+    for size in ((20000, 8), (8, 20000), (4000, 3000), (30, 20)):
+        out = draw_detections(Image.new("RGB", size, "white"), d)
+        assert max(out.size) <= 2048 and min(out.size) >= 1
+        if min(size) < 320 and max(size) * 320 / min(size) <= 2048:  # small photos: enlarged to a 320 px short side
+            assert min(out.size) == 320

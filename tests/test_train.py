@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from digit_demo.card import write_model_card
 from digit_demo.checkpoints import load_checkpoint
 from digit_demo.detect import Detector
 from digit_demo.data import load_coco
@@ -14,6 +15,16 @@ from train import engine
 from train.cli import main, parse_args, recipe
 
 from .conftest import FIXTURES
+
+pytestmark = pytest.mark.slow
+
+
+def card(folder: Path) -> str:
+    """The model card the release step would write for ``folder`` (training writes none itself)."""
+    assert not (folder / "README.md").exists()
+    text = write_model_card(folder).read_text()
+    (folder / "README.md").unlink()
+    return text
 
 
 def run(tmp_path, *extra):
@@ -34,13 +45,13 @@ def test_short_run_lowers_loss_and_exports_a_loadable_checkpoint(tmp_path):
     assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     model, meta = load_checkpoint(tmp_path / "ck" / "tiny")
     assert meta["recipe"]["lr"] == 0.01 and meta["data"]["train_images"] == 8
-    card = (tmp_path / "ck" / "README.md").read_text()  # the best epoch is exported: it may come before the last
-    assert meta["training"]["device"] == "cpu" and f"| cpu {meta['training']['epochs_run']} ep, " in card
+    text = card(tmp_path / "ck")  # the best epoch is exported: it may come before the last
+    assert meta["training"]["device"] == "cpu" and f"| cpu {meta['training']['epochs_run']} ep, " in text
     ips = [(float(r["images_per_s"]), float(r["seconds"])) for r in log]
     assert math.isclose(engine.mean_throughput(tmp_path / "run" / "log.csv"),
                         sum(a * b for a, b in ips) / sum(b for _, b in ips))
     assert set(meta["metrics"]["valid"]) >= {"mAP", "AP50", "accuracy", "threshold"}
-    assert (tmp_path / "ck" / "README.md").read_text().count("| tiny") == 1
+    assert text.count("| tiny") == 1
     dets = Detector(model, meta)([FIXTURES / "valid" / "172.png"])
     assert len(dets) == 1 and dets[0].boxes.shape[1] == 4
 
@@ -53,7 +64,7 @@ def test_short_run_lowers_loss_and_exports_a_loadable_checkpoint(tmp_path):
     after = load_checkpoint(tmp_path / "ck" / "tiny")[1]
     assert ((tmp_path / "ck" / "tiny.safetensors").read_bytes() != before) == beaten
     assert ("init_from" in after["recipe"]) == beaten
-    assert ("| 4 + 1 |" in (tmp_path / "ck" / "README.md").read_text()) == beaten  # the card counts parent epochs
+    assert ("| 4 + 1 |" in card(tmp_path / "ck")) == beaten  # the card counts parent epochs
 
     # a parent measured with the digit reader is beaten or not by its detector-alone result
     side = tmp_path / "ck" / "tiny.json"
@@ -161,4 +172,4 @@ def test_extra_json_adds_resolved_images_to_the_training_set(tmp_path):
     # a shipped config names its extra labels; they are plain paths, not inside --data
     args = parse_args(["--config", "train/configs/resnet18_fpn_selftrain.json"])
     assert [str(p) for p in args.extra_json] == ["runs/pseudo/unlabeled_m8.json"] and args.init_from == "resnet18_fpn"
-    assert "also trained on 2 `valid/` images labelled by `python -m train.resolve`" in (tmp_path / "ck" / "README.md").read_text()
+    assert "also trained on 2 `valid/` images labelled by `python -m train.resolve`" in card(tmp_path / "ck")

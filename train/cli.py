@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from digit_demo.card import write_model_card
-from digit_demo.checkpoints import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+from digit_demo.checkpoints import load_checkpoint, save_checkpoint
 from digit_demo.data import DigitDataset, collate, load_coco
 from digit_demo.models import ARCHITECTURES, default_config, build_model
 
@@ -69,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--out-dir", type=Path, help="run folder: state, log, plots (default runs/NAME)")
-    p.add_argument("--export-dir", type=Path, default=CHECKPOINT_DIR, help="where the best epoch is exported")
+    p.add_argument("--export-dir", type=Path, help="where the best epoch is exported (default: the run folder); "
+                   "checkpoints/ takes it by copying, then benchmark.py and python -m digit_demo release")
     p.add_argument("--init-from", help="start from this checkpoint's weights (fine-tuning); it is only replaced if beaten")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a state")
     p.add_argument("--seed", type=int, default=0)
@@ -87,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--model is required (or a --config that sets it)")
     args.name = args.name or args.model.replace("fasterrcnn_", "")
     args.out_dir = args.out_dir or Path("runs") / args.name
+    args.export_dir = args.export_dir or args.out_dir
     return args
 
 
@@ -212,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
                                  "device": device_name},
                     "sweep": [r.__dict__ for r in rows]}
             path = save_checkpoint(model, args.export_dir / args.name, meta)
-            write_model_card(args.export_dir)
             print(f"exported {path} (epoch {epoch}: accuracy {top.accuracy:.4f}, mAP {top.mAP:.4f})", file=sys.stderr)
         engine.save_state(state_path, model, optimizer, scheduler, epoch, best_row, {k: str(v) for k, v in vars(args).items()})
         if out_of_time:

@@ -4,7 +4,8 @@ Models here train on small multi-scale inputs (e.g. short sides 80-112) and torc
 the last training size; reading a little larger can be better, and with the second-stage digit reader
 (used unless ``--no-reader``) a smaller, faster input may read as well. Each candidate short side
 (long-side cap scaled alike) gets a full threshold sweep; the best whole-number accuracy (then mAP)
-wins, like the threshold. The sidecar keeps every size's result; the weights are untouched.
+wins. The sidecar keeps the chosen size and every size's result (its threshold and metrics are the
+release step's to write: benchmark.py, then python -m digit_demo release); the weights are untouched.
 
     python -m train.input_size --checkpoint resnet18_fpn --sizes 96 112 120 128 136
 """
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from digit_demo.card import write_model_card
 from digit_demo.checkpoints import load_checkpoint
 from digit_demo.data import DigitDataset, collate, load_coco
 from digit_demo.detect import set_threads
@@ -64,14 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     sidecar = json.loads(side.read_text())
     sidecar["config"] = model.digit_config.to_dict()
     sidecar["input_size"].update(test_size=top["size"], test_max_size=top["max_size"])
-    sidecar["metrics"]["valid"].update({k: top[k] for k in ("threshold", "mAP", "AP50", "AP75", "accuracy")})
-    sidecar["metrics"]["valid"]["reader"] = reader.meta["name"] if reader else None
-    sidecar["threshold"] = top["threshold"]
-    sidecar["sweep"] = top["sweep"]
     sidecar["input_size_sweep"] = [{k: r[k] for k in ("size", "max_size", "threshold", "mAP", "AP50", "accuracy")}
                                    for r in results]
     side.write_text(json.dumps(sidecar, indent=2) + "\n")
-    write_model_card(side.parent)
     print(f"{side}: inference short side {top['size']} (accuracy {top['accuracy']:.4f}, mAP {top['mAP']:.4f})",
           file=sys.stderr)
     return 0

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
-from digit_demo.checkpoints import CHECKPOINT_DIR
 from digit_demo.data import DigitDataset, load_coco
 from digit_demo.detect import Detector, set_threads, to_tensor
 from digit_demo.evaluation import best as best_row
@@ -190,7 +189,8 @@ def add_run_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N train images (tests)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=CHECKPOINT_DIR / default_out, help="checkpoint path to export to")
+    p.add_argument("--out", type=Path, default=Path("runs") / default_out / default_out,
+                   help="checkpoint path to export to (checkpoints/ takes it by copying, then the release step)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     val_boxes = make_crops(val_samples, torch.Generator().manual_seed(1))  # jittered, for the box head
     mined = val_spots = None
     if args.hard_negatives:
-        detector = Detector.load(args.hard_negatives, reader=None, number_reader=None, precision="fp32")  # as shipped
+        detector = Detector.load(args.hard_negatives, precision="fp32")  # as shipped
         mined = mine(detector, samples, quiet=args.quiet)
         val_mined = mine(detector, val_samples, quiet=args.quiet)
         val_spots = (torch.cat([crop_digits(im.float().div(255), m[0]) for (im, _, _), m in zip(val_samples, val_mined)]),

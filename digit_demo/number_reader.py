@@ -8,21 +8,24 @@ the number a second such model (the proposer, built on the digit reader's backbo
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from .assemble import BLANK, LINE_THRESHOLDS, Detections, assemble, is_column
 from .checkpoints import load_module, resolve_optional, write_weights
-from .models import for_inference
+from .inference import for_inference
 from .reader import DigitReader, trunk
+from .types import Detections
+
+BLANK = 10  # the CTC blank (classes 0-9 are the digits)
 
 HEIGHT, WIDTH = 32, 128  # the crop; WIDTH / 4 = 32 time steps
-SEQUENCE_ARCHITECTURE = "number_reader_crnn"
-DEFAULT_SEQUENCE = "number_reader"
+NUMBER_READER_ARCHITECTURE = "number_reader_crnn"
+DEFAULT_NUMBER_READER = "number_reader"
 DEFAULT_PROPOSER = "number_proposer"
 PAD_X, PAD_Y = 0.4, 0.15  # region padding around the digits, in digit heights
 
@@ -93,6 +96,8 @@ class NumberReader(nn.Module):
         self.rnn = nn.GRU(8 * w, hidden, batch_first=True, bidirectional=True)
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(2 * hidden, BLANK + 1))
         self.proposer: NumberReader | None = None  # a second reader whose reading joins the alternatives
+        # tuned with this reader (its sidecar's ``tuned``): where it reads, and how sure it must be to overrule
+        self.region_threshold, self.line_margin = REGION_THRESHOLD, LINE_MARGIN
 
     def init_from_reader(self, reader: DigitReader) -> None:
         """Start the "reader" backbone from a trained digit reader's convolutional blocks."""
@@ -145,64 +150,84 @@ def place(log_probs: torch.Tensor, crop: torch.Tensor, digit_boxes: torch.Tensor
 
 
 # The region the number reader reads: around the number assembled at this threshold (or, where none
-# is, at the lowest), before the reader's own choice.
+# is, at the lowest), before the reader's own choice (:func:`digit_demo.pipeline.read_number_line`).
 REGION_THRESHOLD = 0.3
+# Another reading replaces the one at the chosen threshold when the reader finds it more likely by this
+# many nats (:func:`digit_demo.assemble.assemble`). On valid (resnet18_fpn + digit reader, threshold 0.30),
+# margins of 2-6 all read more numbers than none; 3 is inside that range.
+LINE_MARGIN = 3.0
 
 
 @torch.inference_mode()
-def read_line(model: NumberReader, image: torch.Tensor, dets: Detections) -> Detections:
-    """``dets`` with ``model``'s reading of the line the digits sit on (``line``) and, where it has a
-    proposer, the number that reads there (``proposal``, :func:`place`), which
-    :func:`digit_demo.assemble.assemble` then uses; unchanged where no digit is found or the digits
-    stand in a column (the reader reads rows).
+def read_region(model: NumberReader, image: torch.Tensor, digit_boxes: torch.Tensor, text: str
+                ) -> tuple[np.ndarray, Detections | None]:
+    """``model``'s reading of the line around xyxy ``digit_boxes`` (N x 4) of a float CHW ``image``,
+    on which the detections read ``text``: the T x 11 log-probabilities, and, where ``model`` has a
+    proposer, the number that reads there (:func:`place`; else None).
 
-    The proposer is asked only where ``model``'s own greedy reading differs from the number the
-    detections read at REGION_THRESHOLD: where the two agree (about 72% of the valid images with
-    resnet18_fpn) its proposal changed no reading, so its time is saved."""
-    number = assemble(dets, REGION_THRESHOLD, line_margin=None)
-    if not number.text:
-        number = assemble(dets, min(LINE_THRESHOLDS), line_margin=None)
-    if not number.text or is_column(number.digits.boxes):
-        return dets
-    digit_boxes = torch.from_numpy(number.digits.boxes).float()
+    The proposer is asked only where ``model``'s own greedy reading differs from ``text``: where the
+    two agree (about 72% of the valid images with resnet18_fpn) its proposal changed no reading, so
+    its time is saved."""
     crop = crop_boxes(number_region(digit_boxes)[None])
     x = crop_at(image, crop)
     line = model(x)[0]
     proposal = None
-    if model.proposer is not None and decode(line[None])[0] != number.text:
+    if model.proposer is not None and decode(line[None])[0] != text:
         proposal = place(model.proposer(x)[0], crop[0], digit_boxes)
-    return replace(dets, line=line.numpy(), proposal=proposal)
+    return line.numpy(), proposal
 
 
-def save_sequence(model: NumberReader, path: str | Path, meta: dict) -> Path:
+def ctc_nll(log_probs: torch.Tensor, texts: list[str], **kwargs) -> torch.Tensor:
+    """CTC negative log-likelihood of ``texts`` (digit strings) under T x N x 11 ``log_probs``, one
+    column per text, every time step used; ``kwargs`` go to :func:`torch.nn.functional.ctc_loss`."""
+    targets = torch.tensor([int(c) for t in texts for c in t], dtype=torch.long)
+    return F.ctc_loss(log_probs, targets, torch.full((len(texts),), log_probs.shape[0], dtype=torch.long),
+                      torch.tensor([len(t) for t in texts], dtype=torch.long), blank=BLANK, **kwargs)
+
+
+def line_log_prob(line: np.ndarray, texts: list[str]) -> np.ndarray:
+    """log p(text) for each of ``texts`` under a number reader's T x 11 ``line`` log-probabilities
+    (CTC: summed over every alignment; the empty text is the all-blank path)."""
+    lp = torch.from_numpy(line).float()[:, None].expand(-1, len(texts), -1)
+    return (-ctc_nll(lp, texts, reduction="none")).detach().numpy()
+
+
+
+def save_number_reader(model: NumberReader, path: str | Path, meta: dict) -> Path:
     """Write the number reader as fp16 safetensors plus its JSON sidecar."""
     fields = {"config": {"width": model.width, "hidden": model.hidden, "backbone": model.backbone,
                          "height": HEIGHT, "crop_width": WIDTH,
                          "pad": [PAD_X, PAD_Y]},
               "classes": {str(d): str(d) for d in range(10)} | {str(BLANK): "blank"},
-              "normalisation": "per crop: zero mean, unit variance"}
-    return write_weights(model, path, SEQUENCE_ARCHITECTURE, fields, meta)
+              "normalisation": "per crop: zero mean, unit variance",
+              "tuned": {"region_threshold": model.region_threshold, "line_margin": model.line_margin, "chosen_on": "valid"}}
+    return write_weights(model, path, NUMBER_READER_ARCHITECTURE, fields, meta)
 
 
-def load_sequence(name_or_path: str | Path = DEFAULT_SEQUENCE) -> NumberReader:
+def load_number_reader(name_or_path: str | Path = DEFAULT_NUMBER_READER) -> NumberReader:
     """Load a number reader (fp32, eval mode); :class:`CheckpointError` when it is not one."""
-    return load_module(name_or_path, SEQUENCE_ARCHITECTURE,
-                       lambda meta: NumberReader(int(meta["config"]["width"]), int(meta["config"]["hidden"]),
-                                                 str(meta["config"].get("backbone", "crnn"))),
-                       "number reader")
+    def build(meta: dict) -> NumberReader:
+        model = NumberReader(int(meta["config"]["width"]), int(meta["config"]["hidden"]),
+                             str(meta["config"].get("backbone", "crnn")))
+        tuned = meta.get("tuned", {})
+        model.region_threshold = float(tuned.get("region_threshold", REGION_THRESHOLD))
+        model.line_margin = float(tuned.get("line_margin", LINE_MARGIN))
+        return model
+
+    return load_module(name_or_path, NUMBER_READER_ARCHITECTURE, build, "number reader")
 
 
-def optional_number_reader(name: str | Path | None = DEFAULT_SEQUENCE,
+def optional_number_reader(name: str | Path | None = DEFAULT_NUMBER_READER,
                            proposer: str | Path | None = DEFAULT_PROPOSER,
                            precision: str | None = None) -> NumberReader | None:
     """The number reader to use, with its ``proposer``, ready for inference in ``precision``
     (:func:`digit_demo.models.for_inference`): none for ``None`` or where the default one is not
     shipped; any other name must load."""
-    path = resolve_optional(name, DEFAULT_SEQUENCE)
+    path = resolve_optional(name, DEFAULT_NUMBER_READER)
     if not path:
         return None
-    model = load_sequence(path)
+    model = load_number_reader(path)
     other = resolve_optional(proposer, DEFAULT_PROPOSER)
     if other:
-        model.proposer = load_sequence(other)
+        model.proposer = load_number_reader(other)
     return for_inference(model, precision)

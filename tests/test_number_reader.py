@@ -7,17 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from digit_demo.assemble import BLANK, LEAD_MARGIN, LINE_MARGIN, Detections, assemble, line_log_prob
+from digit_demo.assemble import LINE_MARGIN, assemble
 from digit_demo.checkpoints import CheckpointError
 from digit_demo.data import annotations_by_image, clipped_boxes, gt_numbers
-from digit_demo.detect import Detector, load_detector, to_tensor
+from digit_demo.detect import to_tensor
+from digit_demo.ensemble import LEAD_MARGIN
 from digit_demo.images import load_image
+from digit_demo.number_reader import (BLANK, HEIGHT, REGION_THRESHOLD, WIDTH, NumberReader, crop_boxes, crop_numbers,
+                                      decode, line_log_prob, load_number_reader, number_region, optional_number_reader,
+                                      place)
+from digit_demo.pipeline import Pipeline, PipelineConfig, read_number_line
 from digit_demo.reader import load_reader
-from digit_demo.sequence import (HEIGHT, REGION_THRESHOLD, WIDTH, NumberReader, crop_boxes, crop_numbers, decode,
-                                 load_sequence, number_region, optional_number_reader, place, read_line)
-from train.sequence import main
+from digit_demo.types import Detections
+from train.number_reader import main
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, raw_detections
 
 
 def line_for(text: str, steps: int = 8, sure: float = 0.98) -> np.ndarray:
@@ -60,7 +64,7 @@ def test_the_line_reading_settles_how_many_digits_the_number_has():
     with_line = Detections(dets.boxes, dets.scores, dets.digits, line_for("41"))
     read = assemble(with_line, 0.5)
     assert read.text == "41" and len(read.digits) == 2  # the faint "1" is back, with its box
-    assert assemble(with_line, 0.5, line_margin=None).text == "4"
+    assert assemble(with_line, 0.5, judge=False).text == "4"
     assert assemble(Detections(dets.boxes, dets.scores, dets.digits, line_for("4")), 0.2).text == "4"  # and it drops one
     unsure = Detections(dets.boxes, dets.scores, dets.digits, line_for("41", sure=0.5))
     assert assemble(unsure, 0.5).text == "4"  # a weak preference does not overrule the threshold
@@ -95,7 +99,7 @@ def test_a_proposal_restores_a_digit_the_detector_missed_and_keeps_the_detected_
     assert np.array_equal(read.digits.boxes, np.stack([dets.boxes[0], proposal.boxes[1], dets.boxes[1]]))
     assert np.allclose(read.digits.scores, [0.9, 0.6, 0.8])  # detected digits keep the detector's scores
     assert assemble(dets, 0.5).text == "46"  # the line alone cannot add a digit nothing detected
-    assert assemble(replace(dets, proposal=proposal), 0.5, line_margin=None).text == "46"
+    assert assemble(replace(dets, proposal=proposal), 0.5, judge=False).text == "46"
     swapped = Detections(proposal.boxes[[0, 2]], np.array([0.95, 0.7], np.float32), np.array([4, 5]))
     read = assemble(replace(dets, line=line_for("45"), proposal=swapped), 0.5)
     assert read.text == "45" and np.array_equal(read.digits.boxes, dets.boxes)
@@ -112,7 +116,7 @@ def test_a_proposal_restores_a_digit_the_detector_missed_and_keeps_the_detected_
 
 @pytest.fixture(scope="module")
 def number_reader():
-    return load_sequence()
+    return load_number_reader()
 
 
 def test_shipped_number_reader_reads_real_fixture_numbers(number_reader, fixture_gt):
@@ -132,12 +136,12 @@ def test_shipped_number_reader_reads_real_fixture_numbers(number_reader, fixture
 def test_detector_reads_the_line_with_the_shipped_number_reader(fixture_gt, fixture_images):
     names = {im["id"]: im["file_name"] for im in fixture_gt["images"]}
     paths = [fixture_images / n for n in names.values()]
-    with_line = Detector.load()(paths)
-    without = Detector.load(number_reader=None)(paths)
+    with_line = raw_detections(None, paths)
+    without = raw_detections(PipelineConfig(number_reader=None), paths)
     assert all(d.line is not None and d.line.shape == (WIDTH // 4, BLANK + 1) for d in with_line)
     assert all(d.line is None and d.proposal is None for d in without)
     # the shipped reader comes with its proposer, asked where its own reading and the detections' disagree
-    asked = [decode(torch.from_numpy(d.line)[None])[0] != assemble(b, REGION_THRESHOLD, line_margin=None).text
+    asked = [decode(torch.from_numpy(d.line)[None])[0] != assemble(b, REGION_THRESHOLD, judge=False).text
              for d, b in zip(with_line, without)]
     assert any(asked) and [d.proposal is not None for d in with_line] == asked
     for a, b in zip(with_line, without):  # the same digits, only the reading of the line is added
@@ -145,12 +149,12 @@ def test_detector_reads_the_line_with_the_shipped_number_reader(fixture_gt, fixt
     numbers = gt_numbers(fixture_gt)  # hard photos: the default reads 4 of the 8 without the line reader
     right = sum(assemble(d, 0.3).text == numbers[i] for i, d in zip(names, with_line))
     assert right >= max(4, sum(assemble(d, 0.3).text == numbers[i] for i, d in zip(names, without)))
-    assert read_line(optional_number_reader(), torch.rand(3, 40, 60), Detections()).line is None  # nothing to read
+    assert read_number_line(optional_number_reader(), torch.rand(3, 40, 60), Detections()).line is None  # nothing to read
 
 
 def test_wrong_checkpoints_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="not a number reader"):
-        load_sequence("resnet18_fpn")
+        load_number_reader("resnet18_fpn")
     assert optional_number_reader(None) is None
     assert optional_number_reader(proposer=None).proposer is None
     assert optional_number_reader().proposer.backbone == "reader"
@@ -166,7 +170,7 @@ def test_short_training_run_exports_a_loadable_number_reader(tmp_path):
             "--width", "8", "--hidden", "16", "--batch-size", "4", "--quiet", "--out", str(out),
             "--self-train", "resnet18_fpn", "--extra-images", "valid", "--limit", "4", "--min-confidence", "0.5"]
     assert main(args) == 0
-    model = load_sequence(out)
+    model = load_number_reader(out)
     meta = json.loads(out.with_suffix(".json").read_text())
     assert model.width == 8 and model.hidden == 16 and meta["recipe"]["epochs"] == 2
     assert meta["data"]["train_images"] == 4 and 1 <= meta["data"]["self_labelled"]["count"] <= 4
@@ -191,7 +195,7 @@ def test_reader_backbone_starts_from_the_digit_reader_and_round_trips(tmp_path):
             "--hidden", "16", "--batch-size", "4", "--quiet", "--out", str(out), "--limit", "4",
             "--backbone", "reader", "--init-reader", "digit_reader"]
     assert main(args) == 0
-    loaded = load_sequence(out)
+    loaded = load_number_reader(out)
     assert loaded.backbone == "reader" and json.loads(out.with_suffix(".json").read_text())["recipe"]["init_reader"]
     assert loaded(torch.rand(2, 3, HEIGHT, WIDTH)).shape == (2, WIDTH // 4, BLANK + 1)
 
@@ -222,13 +226,12 @@ def test_an_ensemble_keeps_its_lead_members_reading_unless_another_member_and_th
 
 def test_an_ensemble_carries_its_most_accurate_members_own_reading(fixture_gt, fixture_images):
     paths = [fixture_images / im["file_name"] for im in fixture_gt["images"]]
-    ens = load_detector(["mobilenet_v3_fpn", "resnet18_fpn"])
-    lead = ens.members[1]
-    assert lead.meta["metrics"]["valid"]["accuracy"] > ens.members[0].meta["metrics"]["valid"]["accuracy"]
-    readings = [assemble(o, lead.meta["threshold"]) for o in lead(paths)]
+    ens = Pipeline(PipelineConfig(("mobilenet_v3_fpn", "resnet18_fpn")))
+    lead, other = ens.members[1], ens.members[0]
+    assert lead.meta["metrics"]["valid"]["accuracy"] > other.meta["metrics"]["valid"]["accuracy"]
+    readings = [assemble(o, lead.meta["threshold"]) for o in raw_detections(PipelineConfig(("resnet18_fpn",)), paths)]
     assert any(r.text for r in readings)
-    other = ens.members[0]
-    seconds = [assemble(o, other.meta["threshold"]).text for o in other(paths)]
-    for d, r, second in zip(ens(paths), readings, seconds):
+    seconds = [assemble(o, other.meta["threshold"]).text for o in raw_detections(PipelineConfig(("mobilenet_v3_fpn",)), paths)]
+    for d, r, second in zip(ens.read(paths).raw, readings, seconds):
         assert d.line is not None and d.lead.text == r.text and d.others == (second,)
         assert np.array_equal(d.lead.digits.boxes, r.digits.boxes)

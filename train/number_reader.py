@@ -1,11 +1,11 @@
-"""Train the whole-number reader (:mod:`digit_demo.sequence`).
+"""Train the whole-number reader (:mod:`digit_demo.number_reader`).
 
 Each epoch crops every number of ``train.json`` (plus ``--extra-json`` images) around its digit
 boxes, padded and shifted at random, as boxes a detector finds would be; the model learns the digit
 string with CTC. Validated on ``valid`` (number crops around the true boxes) each epoch; the best
 epoch is exported (fp16 safetensors + sidecar).
 
-    python -m train.sequence --epochs 30 --extra-json runs/pseudo/unlabeled_r4_m8.json
+    python -m train.number_reader --epochs 30 --extra-json runs/pseudo/unlabeled_r4_m8.json
 """
 from __future__ import annotations
 
@@ -19,14 +19,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from digit_demo.assemble import Detections, assemble, ctc_nll, reading_order
-from digit_demo.card import best_threshold
+from digit_demo.assemble import assemble, reading_order
+from digit_demo.calibration import threshold_for
 from digit_demo.data import load_coco
-from digit_demo.detect import Detector, to_tensor
+from digit_demo.detect import to_tensor
 from digit_demo.images import load_image
+from digit_demo.pipeline import Pipeline, PipelineConfig
+from digit_demo.types import Detections
 from digit_demo.reader import load_reader
-from digit_demo.sequence import (BACKBONES, DEFAULT_SEQUENCE, HEIGHT, WIDTH, NumberReader, crop_at, crop_boxes,
-                                 crop_numbers, decode, number_region, save_sequence)
+from digit_demo.number_reader import (BACKBONES, DEFAULT_NUMBER_READER, HEIGHT, WIDTH, NumberReader, crop_at, crop_boxes,
+                                      crop_numbers, ctc_nll, decode, number_region, save_number_reader)
 
 from .cli import add_data_args
 from .reader import Sample, add_run_args, augment, begin_run, load_samples
@@ -77,14 +79,16 @@ def make_crops(samples: list[Sample], g: torch.Generator | None) -> tuple[torch.
 def self_labels(detector: str, folder: Path, min_confidence: float, skip: set[str] = frozenset(),
                 limit: int | None = None, quiet: bool = False) -> list[Sample]:
     """Photos of ``folder`` (``unlabeled/``, but those named in ``skip``) labelled with the numbers
-    ``detector`` (with the digit reader) reads at its best threshold with at least ``min_confidence``."""
-    det = Detector.load(detector, number_reader=None, precision="fp32")  # as the shipped reader was trained
-    threshold = best_threshold([det.name])
+    ``detector`` (with the digit reader, without the number readers: they are what is being trained)
+    reads with at least ``min_confidence``, at the threshold calibrated for its full pipeline (as the
+    shipped reader was trained)."""
+    threshold = threshold_for(PipelineConfig((detector,)))
+    pipe = Pipeline(PipelineConfig((detector,), number_reader=None, precision="fp32", threshold=threshold))
     out = []
     paths = [p for p in sorted(folder.glob("*.png")) if p.name not in skip][:limit]
     for path in tqdm(paths, desc=f"self-labelling with {detector}", unit="img", disable=quiet):
         image = to_tensor(load_image(path))
-        number = assemble(det.detect_tensors([image])[0], threshold)
+        number = assemble(pipe.detect_tensors([image])[0], threshold)
         if number.text and number.confidence >= min_confidence:
             d = number.digits
             out.append(((image * 255).round().to(torch.uint8), torch.from_numpy(d.boxes), torch.from_numpy(d.digits)))
@@ -100,7 +104,7 @@ def accuracy(model: NumberReader, crops: torch.Tensor, texts: list[str]) -> floa
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.sequence", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.number_reader", description=__doc__.split("\n\n")[0])
     add_data_args(p)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
@@ -116,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
                    help="also train on the unlabeled/ photos whose number this detector (with the digit reader) reads "
                         "with at least --min-confidence")
     p.add_argument("--min-confidence", type=float, default=0.7)
-    add_run_args(p, DEFAULT_SEQUENCE)
+    add_run_args(p, DEFAULT_NUMBER_READER)
     return p
 
 
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
               f"last loss {history[-1]['loss']:.3f}, {history[-1]['seconds']} s", file=sys.stderr)
         if best is None or history[-1]["number_accuracy"] >= best["number_accuracy"]:
             best = history[-1]
-            save_sequence(model, args.out, {
+            save_number_reader(model, args.out, {
                 "training": {"epochs_run": epoch + 1, "train_seconds": round(time.time() - start), "device": "cpu",
                              "numbers_per_epoch": len(crops)},
                 "recipe": {k: v for k, v in vars(args).items() if k not in ("data", "threads", "out", "quiet", "extra_json")}
