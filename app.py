@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
 
@@ -24,7 +25,8 @@ THREADS = int(os.environ.get("DIGIT_DEMO_THREADS", "2"))
 CONCURRENCY = 2
 QUEUE_SIZE = int(os.environ.get("DIGIT_DEMO_QUEUE", "512"))
 set_threads(THREADS)
-READER = DEFAULT_CACHE.digit_reader(PipelineConfig().digit_reader, PipelineConfig().precision)  # shipped, if any
+BASE = PipelineConfig()
+READER = DEFAULT_CACHE.digit_reader(BASE.digit_reader, BASE.precision)  # shipped, if any
 
 
 def reading_with_reader(use_reader: bool) -> bool:
@@ -34,15 +36,20 @@ def reading_with_reader(use_reader: bool) -> bool:
 
 def config_for(models, fusion: str, use_reader: bool = True, multi_scale: bool = False) -> PipelineConfig:
     """The pipeline the page's settings describe; without the digit reader the number readers are off too."""
-    base = PipelineConfig()
     return PipelineConfig(tuple(models or [DEFAULT_MODEL]), fusion or DEFAULT_FUSION,
-                          digit_reader=base.digit_reader if reading_with_reader(use_reader) else None,
+                          digit_reader=BASE.digit_reader if reading_with_reader(use_reader) else None,
                           multi_scale=bool(multi_scale))
 
 
 def pipeline_for(models, fusion: str, use_reader: bool = True, multi_scale: bool = False) -> Pipeline:
-    """Networks load once and are shared by every visitor (:data:`DEFAULT_CACHE`)."""
-    return Pipeline(config_for(models, fusion, use_reader, multi_scale))
+    """The pipeline for the page's settings, built once per configuration and shared by every visitor
+    (its networks through :data:`DEFAULT_CACHE`), so a request does not re-read the calibration."""
+    return _pipeline(config_for(models, fusion, use_reader, multi_scale))
+
+
+@functools.lru_cache(maxsize=64)
+def _pipeline(config: PipelineConfig) -> Pipeline:
+    return Pipeline(config)
 
 
 def _paths(files) -> list[str]:

@@ -32,9 +32,9 @@ def measured_key(config, curves: dict[str, list]) -> str | None:
     its own, with the members named in any order (fusion depends on their order only through exact
     ties); else the same reading in the default precision; else at one input size where two were not
     measured; None when none was."""
-    sizes = dict.fromkeys((config.multi_scale, False))
+    own_fp32 = config.key != config.key_for(fp32=False)  # marked "(fp32)": float32 where bf16 is the default
     keys = [config.key_for(list(order), multi_scale=size, fp32=fp32)
-            for size in sizes for fp32 in dict.fromkeys((config.key_for() != config.key_for(fp32=False), False))
+            for size in dict.fromkeys((config.multi_scale, False)) for fp32 in dict.fromkeys((own_fp32, False))
             for order in permutations(config.names)]
     return next((k for k in keys if k in curves), None)
 

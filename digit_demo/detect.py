@@ -90,7 +90,8 @@ class Detector:
     With ``multi_scale`` each image is also read at a larger input size
     (:func:`digit_demo.models.multi_scale_views`) and the two readings are merged by class-aware NMS:
     digits one size misses the other may find, for about twice the time. Photos of extreme aspect
-    ratio are letterboxed first (:func:`letterbox`). :class:`digit_demo.pipeline.Pipeline` runs the
+    ratio are read in tiles (:func:`tiles`), or letterboxed (:func:`letterbox`) where that would take
+    more than MAX_TILES. :class:`digit_demo.pipeline.Pipeline` runs the
     stages after this one."""
 
     def __init__(self, model: nn.Module, meta: dict, batch_size: int = 8, reader: DigitReader | None = None,

@@ -20,9 +20,6 @@ FUSIONS = ("vote", "wbf", "nms")
 DEFAULT_FUSION = "wbf"
 
 
-_concat = Detections.concat
-
-
 def _by_score(boxes: list[np.ndarray], scores: list[float], digits: list[int]) -> Detections:
     """Fused boxes as :class:`Detections`, best score first."""
     if not boxes:
@@ -33,7 +30,7 @@ def _by_score(boxes: list[np.ndarray], scores: list[float], digits: list[int]) -
 
 def nms_fusion(dets: list[Detections], iou: float = 0.55) -> Detections:
     """Pool all models' boxes and keep the best per digit (``batched_nms`` grouped by digit)."""
-    allb = _concat(dets)
+    allb = Detections.concat(dets)
     if not len(allb):
         return allb
     keep = batched_nms(torch.from_numpy(allb.boxes), torch.from_numpy(allb.scores), torch.from_numpy(allb.digits), iou)
@@ -51,7 +48,7 @@ def weighted_box_fusion(dets: list[Detections], iou: float = 0.55, weights: list
     n_models = len(dets)
     weights = [w / max(weights) for w in weights] if weights else [1.0] * n_models
     tagged = [Detections(d.boxes, d.scores * w, d.digits) for d, w in zip(dets, weights)]
-    allb = _concat(tagged)
+    allb = Detections.concat(tagged)
     out_boxes, out_scores, out_digits = [], [], []
     for digit in np.unique(allb.digits):
         sel = allb.select(allb.digits == digit)
@@ -103,7 +100,7 @@ def vote_fusion(dets: list[Detections], iou: float = 0.55, weights: list[float] 
     w = np.asarray(weights if weights else [1.0] * n, np.float64)
     w = w / w.sum()
     thresholds = thresholds or [None] * n
-    allb = _concat([Detections(d.boxes, calibrate(d.scores, t), d.digits) for d, t in zip(dets, thresholds)])
+    allb = Detections.concat([Detections(d.boxes, calibrate(d.scores, t), d.digits) for d, t in zip(dets, thresholds)])
     if not len(allb):
         return allb
     member = np.concatenate([np.full(len(d), k) for k, d in enumerate(dets)])

@@ -22,11 +22,11 @@ from PIL import Image
 
 from .assemble import LINE_THRESHOLDS, assemble, is_column
 from .calibration import threshold_for
-from .checkpoints import DEFAULT_MODEL, load_checkpoint
+from .checkpoints import DEFAULT_MODEL
 from .detect import Detector, to_tensor
 from .ensemble import DEFAULT_FUSION, FUSIONS, ensemble_key, fuse, member_threshold, member_weights
 from .images import ImageError, ImageInput, decode, load_image
-from .inference import for_inference, has_amx, inference_precision
+from .inference import has_amx, inference_precision
 from .locator import DEFAULT_LOCATOR, INPUT_SIDE, MIN_PHOTO_SIDE, Locator, input_size, locate, optional_locator, reading_box
 from .number_reader import (DEFAULT_NUMBER_READER, DEFAULT_PROPOSER, NumberReader, optional_number_reader,
                             read_region)
@@ -107,8 +107,8 @@ class ModelCache:
 
     def detector(self, name: str, precision: str) -> tuple[torch.nn.Module, dict]:
         def load():
-            model, meta = load_checkpoint(name)
-            return for_inference(model, precision), meta
+            loaded = Detector.load(name, precision=precision)
+            return loaded.model, loaded.meta
         return self._get(("detector", name, precision), load)
 
     def digit_reader(self, name: str | None, precision: str) -> DigitReader | None:

@@ -12,7 +12,7 @@ from torchvision.models.detection import roi_heads
 from tqdm import tqdm
 
 from digit_demo.types import Detections
-from digit_demo.detect import Detector, outputs_to_detections
+from digit_demo.detect import Detector
 from digit_demo.evaluation import Metrics, best, sweep
 from digit_demo.reader import DigitReader, refine
 
@@ -117,12 +117,10 @@ def predict(model, loader, device, reader: DigitReader | None = None) -> dict[in
     model.eval()
     out: dict[int, Detections] = {}
     for images, targets in loader:
-        if device.type == "cpu":  # the detect stage, as the pipeline runs it
-            dets = Detector(model, {}, batch_size=len(images), reader=reader).detect_tensors(list(images))
-        else:
-            dets = outputs_to_detections(model([im.to(device) for im in images]))
-            if reader is not None:
-                dets = [refine(reader, im, d) for im, d in zip(images, dets)]
+        # the detect stage as the pipeline runs it, on ``device``; the reader reads the CPU images
+        dets = Detector(model, {}, batch_size=len(images)).detect_tensors([im.to(device) for im in images])
+        if reader is not None:
+            dets = [refine(reader, im, d) for im, d in zip(images, dets)]
         out.update({t["image_id"]: d for t, d in zip(targets, dets)})
     return out
 
