@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: demo test install install-dev browser benchmark clean
+.PHONY: demo test install install-dev browser benchmark reproduce clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: $(VENV)/.installed-dev browser
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmark.py
+
+# Rebuild every checkpoint (hours on a CPU; resumable: run it again after an interruption).
+reproduce: $(VENV)/.installed
+	$(PY) -m train.scenes --install
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m train.reproduce
 
 clean:
 	rm -rf $(VENV) .pytest_cache out runs

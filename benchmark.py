@@ -36,12 +36,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT.parent / "shared" / "data" / "svhn"
+# The crops measured: `valid` by default; --gt / --images for another split (the reproduction's
+# calibration measures the tuning split carved from train).
+SPLIT = {"gt": DATA / "valid.json", "images": DATA / "valid"}
 
 
 def _valid(limit: int | None) -> dict:
     from digit_demo.data import load_coco
 
-    gt = load_coco(DATA / "valid.json")
+    gt = load_coco(SPLIT["gt"])
     if limit:
         gt = {**gt, "images": gt["images"][:limit]}
         keep = {im["id"] for im in gt["images"]}
@@ -82,7 +85,7 @@ def measure(name: str, threads: int, limit: int | None, out: Path, repeats: int)
     images = _valid(limit)["images"]
     pipes = {v: Pipeline(c) for v, c in variant_configs(name).items()}  # one cache: the networks load once
     full = pipes["full"]
-    tensors = [to_tensor(load_image(DATA / "valid" / im["file_name"])) for im in images]
+    tensors = [to_tensor(load_image(SPLIT["images"] / im["file_name"])) for im in images]
     for p in pipes.values():
         p.detect_tensors(tensors[:4])  # warm-up
 
@@ -111,7 +114,7 @@ def measure(name: str, threads: int, limit: int | None, out: Path, repeats: int)
     batch_ips = len(tensors) / (time.perf_counter() - start)
     # one slider update for one image, as the app does it: re-assemble, draw, write the downloads
     first = images[0]
-    reading = Reading(first["file_name"], found["full"][first["id"]], load_image(DATA / "valid" / first["file_name"]))
+    reading = Reading(first["file_name"], found["full"][first["id"]], load_image(SPLIT["images"] / first["file_name"]))
     session = Session(full.name, [reading])
     slider = []
     for t in np.linspace(0.1, 0.9, 20):
@@ -141,7 +144,7 @@ def ensembles(names: list[str], raw: dict, curves: dict, results: dict, gt: dict
     from digit_demo.pipeline import Pipeline, PipelineConfig
 
     ids = [im["id"] for im in gt["images"]]
-    tensors = {im["id"]: to_tensor(load_image(DATA / "valid" / im["file_name"])) for im in gt["images"]}
+    tensors = {im["id"]: to_tensor(load_image(SPLIT["images"] / im["file_name"])) for im in gt["images"]}
     for k in range(2, len(names) + 1):
         for group, method, multi_scale in product(combinations(names, k), FUSIONS, (False, True)):
             pipe = Pipeline(PipelineConfig(group, method, multi_scale=multi_scale))
@@ -287,7 +290,7 @@ def scene_rows(sets: dict[str, Path], configs: dict, threads: int) -> dict:
 
 
 def table(results: dict, threads: int, repeats: int, images: int) -> str:
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {images} `valid` images, {threads} CPU threads; latency per "
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {images} images of `{SPLIT['gt'].name}`, {threads} CPU threads; latency per "
              f"image at batch 1, the fastest of {repeats} passes; ensembles add up their members' latencies; "
              "accuracy and mAP at each row's best threshold.", "",
              "| pipeline | threshold | mAP | AP50 | accuracy | p50 ms | p95 ms | batch img/s | peak RSS MB |",
@@ -331,8 +334,11 @@ def main() -> int:
     ap.add_argument("--scenes-only", action="store_true", help="only the scene sets (merged into an existing results.json)")
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--clients", type=int, default=48)
+    ap.add_argument("--gt", type=Path, default=SPLIT["gt"], help="COCO json of the crops to measure (default: valid)")
+    ap.add_argument("--images", type=Path, default=SPLIT["images"], help="their folder")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    SPLIT.update(gt=args.gt, images=args.images)
     if args._child:
         measure(args._child[0], args.threads, args.limit, Path(args._child[1]), args.repeats)
         return 0
@@ -360,7 +366,8 @@ def main() -> int:
     results, raw, curves = {}, {}, {}
     for name in names:
         tmp = args.out / f"child_{name}.json"
-        cmd = [sys.executable, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats), "--_child", name, str(tmp)]
+        cmd = [sys.executable, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats), "--gt", str(args.gt),
+               "--images", str(args.images), "--_child", name, str(tmp)]
         if args.limit:
             cmd += ["--limit", str(args.limit)]
         subprocess.run(cmd, check=True)

@@ -13,7 +13,8 @@ from torch import nn
 
 from .models import ARCHITECTURES, ModelConfig, build_model
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+CHECKPOINTS_ENV = "DIGIT_DEMO_CHECKPOINTS"  # another checkpoint folder (e.g. a reproduction's release) in place of checkpoints/
+CHECKPOINT_DIR = Path(os.environ.get(CHECKPOINTS_ENV) or Path(__file__).resolve().parent.parent / "checkpoints")
 HUB_REPO_ENV = "DIGIT_DEMO_HUB_REPO"  # e.g. "user/digit-demo-checkpoints"; only used when online
 DEFAULT_MODEL = "resnet18_fpn"
 CLASSES = {str(k + 1): str(k) for k in range(10)}  # category_id -> digit; 0 is background

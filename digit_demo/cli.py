@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .checkpoints import DEFAULT_MODEL, CheckpointError
+from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, CheckpointError
 from .ensemble import DEFAULT_FUSION, FUSIONS
 from .images import ImageError, load_image
 from .inference import PRECISION_ENV, PRECISIONS
@@ -255,7 +255,7 @@ def cmd_convert(args) -> int:
 def cmd_release(args) -> int:
     from .release import release
 
-    for path in release(args.results):
+    for path in release(args.results, args.to, args.calibration, args.weights):
         print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -304,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("release", help="write benchmark.py's measurements into checkpoints/ (calibration, metrics, card)")
     r.add_argument("--results", type=Path, default=Path("out/benchmark"), help="benchmark.py's output folder")
+    r.add_argument("--calibration", type=Path,
+                   help="benchmark.py's output on the tuning split: thresholds are chosen there, --results only reports")
+    r.add_argument("--weights", type=Path, help="copy the checkpoints in this folder into the release folder first")
+    r.add_argument("--to", type=Path, default=CHECKPOINT_DIR, help="the release folder (default: checkpoints/)")
     r.set_defaults(func=cmd_release)
     return p
 

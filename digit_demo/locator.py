@@ -51,8 +51,12 @@ class Locator(nn.Module):
             _conv(4 * w, 4 * w))
         self.head = nn.Conv2d(4 * w, 5, 1)
         nn.init.constant_(self.head.bias[0], -4.0)  # centres are rare: start near p = 0.02
-        self.min_score = 0.3  # a region's least centre score (a loaded locator takes its sidecar's)
+        # How located regions are read (a loaded locator takes its sidecar's ``tuned`` values):
+        self.min_score = 0.3  # a region's least centre score
         self.fallback_score: float | None = None  # the least score of the best region where none reaches min_score
+        self.pad = (PAD_X, PAD_Y)  # :func:`reading_box`
+        self.widen: tuple[float, float] | None = None  # (edge, grow) of :func:`widened_box`; None: never re-read
+        self.rank_power = 0.0  # regions rank by reading confidence x locator score ** rank_power
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         mean = images.mean((1, 2, 3), keepdim=True)
@@ -115,14 +119,34 @@ def locate(model: Locator, small: torch.Tensor, photo_size: tuple[int, int], min
 PAD_Y, PAD_X = 0.25, 0.5
 
 
-def reading_box(region: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
-    """The integer crop (x1, y1, x2, y2) around an xyxy ``region``, inside a ``width`` x ``height`` photo."""
+def reading_box(region: np.ndarray, width: int, height: int, pad: tuple[float, float] = (PAD_X, PAD_Y)
+                ) -> tuple[int, int, int, int]:
+    """The integer crop (x1, y1, x2, y2) around an xyxy ``region``, inside a ``width`` x ``height``
+    photo: the region padded by ``pad`` (x, y) shares of its height on each side."""
     x1, y1, x2, y2 = (float(v) for v in region)
     h = max(y2 - y1, 1.0)
-    box = (x1 - PAD_X * h, y1 - PAD_Y * h, x2 + PAD_X * h, y2 + PAD_Y * h)
+    box = (x1 - pad[0] * h, y1 - pad[1] * h, x2 + pad[0] * h, y2 + pad[1] * h)
     x1, y1 = max(0, int(np.floor(box[0]))), max(0, int(np.floor(box[1])))
     x2, y2 = min(width, int(np.ceil(box[2]))), min(height, int(np.ceil(box[3])))
     return x1, y1, max(x1 + 1, x2), max(y1 + 1, y2)
+
+
+def widened_box(crop: tuple[int, int, int, int], digits: np.ndarray, width: int, height: int, edge: float,
+                grow: float, pad: tuple[float, float] = (PAD_X, PAD_Y)) -> tuple[int, int, int, int] | None:
+    """The crop to read again where the digits read in ``crop`` (xyxy ``digits`` in the crop's pixels)
+    reach within ``edge`` digit heights of its left or right side, and the photo goes on there: a
+    located region that cut the number short. It spans the digits, ``grow`` digit heights further on
+    each such side, padded as :func:`reading_box`; None where no side is reached."""
+    if not len(digits):
+        return None
+    dh = float(np.median(digits[:, 3] - digits[:, 1]))
+    x1, y1, x2, y2 = float(digits[:, 0].min()), float(digits[:, 1].min()), float(digits[:, 2].max()), float(digits[:, 3].max())
+    left = x1 < edge * dh and crop[0] > 0
+    right = (crop[2] - crop[0]) - x2 < edge * dh and crop[2] < width
+    if not (left or right):
+        return None
+    region = np.array([x1 - grow * dh * left, y1, x2 + grow * dh * right, y2]) + [crop[0], crop[1], crop[0], crop[1]]
+    return reading_box(region, width, height, pad)
 
 
 def save_locator(model: Locator, path: str | Path, meta: dict) -> Path:
@@ -130,7 +154,8 @@ def save_locator(model: Locator, path: str | Path, meta: dict) -> Path:
     fields = {"config": {"width": model.width, "input_side": INPUT_SIDE, "stride": STRIDE},
               "classes": {"0": "house-number region centre"},
               "normalisation": "per image: zero mean, unit variance",
-              "tuned": {"min_score": model.min_score, "fallback_score": model.fallback_score, "pad": [PAD_X, PAD_Y],
+              "tuned": {"min_score": model.min_score, "fallback_score": model.fallback_score, "pad": list(model.pad),
+                        "widen": None if model.widen is None else list(model.widen), "rank_power": model.rank_power,
                         "chosen_on": "tuning scenes (held-back train crops, training backgrounds)"}}
     return write_weights(model, path, LOCATOR_ARCHITECTURE, fields, meta)
 
@@ -142,6 +167,9 @@ def load_locator(name_or_path: str | Path = DEFAULT_LOCATOR) -> Locator:
         tuned = meta.get("tuned", {})
         model.min_score = float(tuned.get("min_score", 0.3))
         model.fallback_score = None if tuned.get("fallback_score") is None else float(tuned["fallback_score"])
+        model.pad = tuple(float(v) for v in tuned.get("pad", (PAD_X, PAD_Y)))
+        model.widen = None if tuned.get("widen") is None else tuple(float(v) for v in tuned["widen"])
+        model.rank_power = float(tuned.get("rank_power", 0.0))
         return model
 
     return load_module(name_or_path, LOCATOR_ARCHITECTURE, build, "locator")

@@ -27,7 +27,8 @@ from .detect import Detector, to_tensor
 from .ensemble import DEFAULT_FUSION, FUSIONS, ensemble_key, fuse, member_threshold, member_weights
 from .images import ImageError, ImageInput, decode, load_image
 from .inference import has_amx, inference_precision
-from .locator import DEFAULT_LOCATOR, INPUT_SIDE, MIN_PHOTO_SIDE, Locator, input_size, locate, optional_locator, reading_box
+from .locator import (DEFAULT_LOCATOR, INPUT_SIDE, MIN_PHOTO_SIDE, Locator, input_size, locate, optional_locator, reading_box,
+                      widened_box)
 from .number_reader import (DEFAULT_NUMBER_READER, DEFAULT_PROPOSER, NumberReader, optional_number_reader,
                             read_region)
 from .reader import DEFAULT_READER, DigitReader, optional_reader
@@ -129,12 +130,17 @@ DEFAULT_CACHE = ModelCache()
 class RegionReading:
     """One house number located in a whole photo: the located ``box`` and its ``score``, the ``crop``
     (x1, y1, x2, y2) read around it at full resolution, and the raw detections there (``raw``, in the
-    crop's pixels; :meth:`number` and :meth:`kept` give them in the photo's)."""
+    crop's pixels; :meth:`number` and :meth:`kept` give them in the photo's). Regions rank by their
+    number's confidence times ``score ** rank_power`` (the locator's tuned power)."""
 
     box: np.ndarray
     score: float
     crop: tuple[int, int, int, int]
     raw: Detections | None = None
+    rank_power: float = 0.0
+
+    def rank(self, number: HouseNumber) -> tuple[bool, float]:
+        return bool(number.text), number.confidence * self.score**self.rank_power
 
     def number(self, threshold: float) -> HouseNumber:
         if self.raw is None:
@@ -162,7 +168,7 @@ class Reading:
         photo pixels; most confident first."""
         if self.regions:
             found = [(r, r.number(threshold)) for r in self.regions]
-            return sorted(found, key=lambda rn: (bool(rn[1].text), rn[1].confidence), reverse=True)
+            return sorted(found, key=lambda rn: rn[0].rank(rn[1]), reverse=True)
         if self.raw is None:
             return []
         return [(None, assemble(self.raw, threshold))]
@@ -295,7 +301,27 @@ class Pipeline:
             return full, []
         small = seen.image.resize(input_size(*seen.size), Image.BILINEAR)
         regions = locate(self.locator, to_tensor(small), full.size)
-        return full, [(r, reading_box(r.box, *full.size)) for r in regions]
+        return full, [(r, reading_box(r.box, *full.size, self.locator.pad)) for r in regions]
+
+    def _widen(self, jobs: list[tuple["Reading", "RegionReading | None", torch.Tensor]]) -> None:
+        """Read again, wider, each located region whose number (at the pipeline's threshold) reaches
+        its crop's left or right side (:func:`digit_demo.locator.widened_box`): the region cut it short."""
+        if self.locator is None or self.locator.widen is None:
+            return
+        again = []
+        for reading, region, _ in jobs:
+            if region is None or region.raw is None or reading.error or reading.image is None:
+                continue
+            digits = assemble(region.raw, self.threshold, judge=False).digits.boxes
+            crop = widened_box(region.crop, digits, *reading.image.size, *self.locator.widen, self.locator.pad)
+            if crop is not None:
+                again.append((region, crop, to_tensor(reading.image.crop(crop))))
+        if not again:
+            return
+        found = self._detect_each([f"region {c}" for _, c, _ in again], [t for _, _, t in again])
+        for (region, crop, _), (raw, error) in zip(again, found):
+            if error is None:
+                region.crop, region.raw = crop, raw
 
     def read_iter(self, sources: Iterable[ImageInput], names: Iterable[str] | None = None,
                   keep_images: bool = False) -> Iterator[Reading]:
@@ -320,7 +346,7 @@ class Pipeline:
                 if not located:
                     jobs.append((reading, None, to_tensor(image)))
                 for region, crop in located:
-                    reading.regions.append(RegionReading(region.box, region.score, crop))
+                    reading.regions.append(RegionReading(region.box, region.score, crop, rank_power=self.locator.rank_power))
                     jobs.append((reading, reading.regions[-1], to_tensor(image.crop(crop))))
             if jobs:
                 found = self._detect_each([r.name for r, _, _ in jobs], [t for _, _, t in jobs])
@@ -331,6 +357,7 @@ class Pipeline:
                         reading.raw = raw
                     elif not reading.error:
                         region.raw = raw
+                self._widen(jobs)
             for reading in batch:
                 if not keep_images or reading.error:
                     reading.image = None

@@ -5,10 +5,16 @@
 pipeline's thresholds come from, :mod:`digit_demo.calibration`), ``checkpoints/benchmark.json``, each
 detector sidecar's measured ``metrics``, ``threshold``, ``sweep`` and ``benchmark`` entries, and the
 model card. Measuring writes nothing shipped; releasing runs no model.
+
+With ``--calibration DIR`` (``benchmark.py`` on the tuning split) the thresholds are chosen there and
+``--results`` (on `valid`) only reports: each row's accuracy and mAP are `valid`'s at the tuned
+threshold, not at `valid`'s best. ``--weights DIR`` first copies the checkpoints in ``DIR`` (weights
+and sidecars) into the release folder, as the reproduction's release stage does.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,29 +42,79 @@ def variant_configs(name: str) -> dict[str, PipelineConfig]:
     return out
 
 
-def release(results_dir: Path, directory: Path = CHECKPOINT_DIR) -> list[Path]:
-    """Write the measured calibration, metrics and model card into ``directory``; returns the files written."""
+def at_threshold(rows: list[Metrics], threshold: float) -> Metrics:
+    """The sweep row measured at ``threshold`` (the nearest one)."""
+    return min(rows, key=lambda r: abs(r.threshold - threshold))
+
+
+def tuned_results(results: dict, report: dict[str, list[Metrics]], tune: dict[str, list[Metrics]]) -> dict:
+    """``results`` (measured on `valid`) with each row's threshold chosen on the tuning split and its
+    accuracy and mAP read off `valid`'s sweep at that threshold."""
+    out = {}
+    for key, row in results.items():
+        if key in report and key in tune:
+            chosen = best(tune[key])
+            at = at_threshold(report[key], chosen.threshold)
+            row = {**row, **at.__dict__, "threshold_chosen_on": "tune", "tune": dict(chosen.__dict__)}
+        out[key] = row
+    for row in out.values():
+        if isinstance(row, dict) and "members" in row:
+            top = max(row["members"], key=lambda m: out[m]["accuracy"])
+            row["beats_best_member"] = {"accuracy": row["accuracy"] >= out[top]["accuracy"],
+                                        "mAP": row["mAP"] >= max(out[m]["mAP"] for m in row["members"])}
+    return out
+
+
+def copy_weights(source: Path, directory: Path) -> list[Path]:
+    """Copy every checkpoint (weights and sidecar: detectors, readers, locator) in ``source`` into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for weights in sorted(source.glob("*.safetensors")):
+        for suffix in (".safetensors", ".json"):
+            copied.append(Path(shutil.copy(weights.with_suffix(suffix), directory / f"{weights.stem}{suffix}")))
+    return copied
+
+
+def release(results_dir: Path, directory: Path = CHECKPOINT_DIR, calibration: Path | None = None,
+            weights: Path | None = None) -> list[Path]:
+    """Write the measured calibration, metrics and model card into ``directory``; returns the files
+    written. With ``calibration``, thresholds come from its sweeps and ``results_dir`` only reports."""
+    written = copy_weights(weights, directory) if weights else []
     results = json.loads((results_dir / "results.json").read_text())
     sweeps = json.loads((results_dir / "sweeps.json").read_text())
     curves = {k: [Metrics(**r) for r in rows] for k, rows in sweeps.items()}
-    written = [directory / "sweeps.json", directory / "benchmark.json"]
-    written[0].write_text(json.dumps(sweeps, indent=1))
-    written[1].write_text(json.dumps(results, indent=2) + "\n")
+    if calibration is not None:
+        tune_sweeps = json.loads((calibration / "sweeps.json").read_text())
+        tune = {k: [Metrics(**r) for r in rows] for k, rows in tune_sweeps.items()}
+        results = tuned_results(results, curves, tune)
+        report, sweeps, curves = curves, tune_sweeps, tune
+    else:
+        report = curves
+    (directory / "sweeps.json").write_text(json.dumps(sweeps, indent=1))
+    (directory / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+    written += [directory / "sweeps.json", directory / "benchmark.json"]
     for name in available(directory):
         configs = variant_configs(name)
-        if configs["full"].key not in curves:
+        if configs["full"].key not in curves or configs["full"].key not in report:
             continue
         side = directory / f"{name}.json"
         meta = json.loads(side.read_text())
-        top = best(curves[name])
-        meta["benchmark"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in results[name].items()}
-        meta["metrics"]["valid"] = {**top.__dict__, "measured_by": "benchmark.py",
-                                    "epoch": meta["metrics"].get("valid", {}).get("epoch"),
+        top = best(curves[name])  # on the split that chooses: the tuning split with a calibration
+        shown = at_threshold(report[name], top.threshold) if calibration is not None else top
+        meta["benchmark"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in results[name].items()
+                             if k != "tune"}
+        if calibration is not None:
+            meta["metrics"]["tune"] = dict(top.__dict__)
+        meta["metrics"]["valid"] = {**shown.__dict__, "measured_by": "benchmark.py",
+                                    "threshold_chosen_on": "tune" if calibration is not None else "valid",
+                                    "epoch": (meta["metrics"].get("valid") or meta["metrics"].get("tune") or {}).get("epoch"),
                                     "reader": results[name].get("reader")}
         for variant in VARIANTS:  # each variant measured now, and none left from an earlier release
             config = configs.get(variant)
-            if config is not None and config.key in curves:
-                meta["metrics"][f"valid_{variant}"] = dict(best(curves[config.key]).__dict__)
+            if config is not None and config.key in curves and config.key in report:
+                chosen = best(curves[config.key])
+                meta["metrics"][f"valid_{variant}"] = dict((at_threshold(report[config.key], chosen.threshold)
+                                                            if calibration is not None else chosen).__dict__)
             else:
                 meta["metrics"].pop(f"valid_{variant}", None)
         meta["threshold"] = top.threshold

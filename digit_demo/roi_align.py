@@ -84,10 +84,14 @@ def multiscale_roi_align(
     sc = torch.tensor(scales, dtype=rois.dtype)[levels]
     cols, vals = _sample_weights(rois, hs, ws, bases, sc, output_size, sampling_ratio)
     row_starts = torch.arange(0, cols.numel() + 1, cols.shape[1])
-    matrix = torch.sparse_csr_tensor(row_starts, cols.reshape(-1), vals.reshape(-1).to(flat.dtype),
-                                     (cols.shape[0], flat.shape[0]), check_invariants=False)
+    dtype = flat.dtype  # sparse matmul has no bfloat16 kernel: compute in float32, return the input's dtype
+    work = flat if dtype in (torch.float32, torch.float64) else flat.float()  # (as torchvision's autocast roi_align)
+    matrix = torch.sparse_csr_tensor(row_starts, cols.reshape(-1), vals.reshape(-1).to(work.dtype),
+                                     (cols.shape[0], work.shape[0]), check_invariants=False)
     k = rois.shape[0]
-    return (matrix @ flat).reshape(k, output_size[0], output_size[1], c).permute(0, 3, 1, 2)
+    with torch.autocast("cpu", enabled=False):  # autocast would cast the matmul back to bfloat16
+        out = matrix @ work
+    return out.to(dtype).reshape(k, output_size[0], output_size[1], c).permute(0, 3, 1, 2)
 
 
 class FastMultiScaleRoIAlign(MultiScaleRoIAlign):

@@ -4,7 +4,6 @@ import pytest
 from digit_demo.types import Detections
 from digit_demo.data import gt_numbers
 from digit_demo.evaluation import best, coco_map, evaluate, number_accuracy, plot_sweep, sweep, write_table
-from digit_demo.io import coco_results
 
 
 def perfect(gt, shift=0.0):

@@ -13,7 +13,8 @@ from torchvision.ops import box_iou
 
 from digit_demo.checkpoints import CHECKPOINT_DIR
 from digit_demo.images import decode
-from digit_demo.locator import INPUT_SIDE, MIN_PHOTO_SIDE, Locator, decode as decode_map, input_size, reading_box
+from digit_demo.locator import (INPUT_SIDE, MIN_PHOTO_SIDE, Locator, decode as decode_map, input_size, load_locator, reading_box,
+                                save_locator, widened_box)
 from digit_demo.pipeline import Pipeline, PipelineConfig
 
 from .conftest import FIXTURES
@@ -43,6 +44,41 @@ def test_a_reading_crop_pads_the_region_as_svhn_crops_are_and_stays_in_the_photo
     assert (x1, y1, x2, y2) == (80, 190, 180, 250)  # half a height sideways, a quarter above and below
     assert 40 / (y2 - y1) == pytest.approx(2 / 3)
     assert reading_box(np.array([-5, -5, 30, 20]), 100, 100)[:2] == (0, 0)
+
+
+def test_a_number_cut_short_by_its_region_is_read_again_wider_on_that_side_only():
+    crop = (100, 50, 300, 110)  # 200 x 60 px crop in a 1000 x 800 photo; digits 40 px tall
+    right = np.array([[110, 10, 135, 50], [170, 10, 195, 50]], np.float32)  # 5 px from the right edge
+    assert widened_box(crop, right, 1000, 800, edge=0.3, grow=1.0, pad=(0.5, 0.25)) == (190, 50, 355, 110)
+    # the digits span x 210-295, y 60-100 in the photo; grown one digit height (40) to the right, to 335;
+    # then padded as a region: 20 px each side, 10 px above and below
+    left = right - [100, 0, 100, 0]  # touching the left edge, where the crop starts at the photo's
+    assert widened_box((0, 50, 200, 110), left, 1000, 800, edge=0.3, grow=1.0) is None
+    assert widened_box(crop, right - [60, 0, 60, 0], 1000, 800, edge=0.3, grow=1.0) is None  # clear of both sides
+    assert widened_box(crop, np.zeros((0, 4), np.float32), 1000, 800, edge=0.3, grow=1.0) is None
+
+
+def test_how_regions_are_read_comes_from_the_sidecar(tmp_path):
+    model = Locator(8)
+    model.min_score, model.fallback_score, model.pad, model.widen, model.rank_power = 0.2, None, (1.0, 0.25), (0.3, 1.0), 0.5
+    save_locator(model, tmp_path / "loc.safetensors", {})
+    loaded = load_locator(tmp_path / "loc.safetensors")
+    assert (loaded.min_score, loaded.fallback_score, loaded.pad, loaded.widen, loaded.rank_power) == (0.2, None, (1.0, 0.25),
+                                                                                                     (0.3, 1.0), 0.5)
+    assert reading_box(np.array([100, 200, 160, 240]), 1600, 1200, loaded.pad) == (60, 190, 200, 250)
+
+
+def test_regions_rank_by_reading_confidence_times_locator_score_to_the_tuned_power():
+    from digit_demo.pipeline import Reading, RegionReading
+    from digit_demo.types import Detections
+
+    def region(score, digit, confidence, power):
+        raw = Detections(np.array([[10, 10, 30, 50]], np.float32), np.array([confidence], np.float32), np.array([digit]))
+        return RegionReading(np.array([0, 0, 100, 60], np.float32), score, (0, 0, 100, 60), raw, rank_power=power)
+
+    for power, first in ((0.0, "1"), (1.0, "5")):  # a sure "1" in a doubtful region against a fair "5" in a sure one
+        reading = Reading("x", regions=[region(0.3, 1, 0.9, power), region(0.9, 5, 0.6, power)])
+        assert reading.number(0.5).text == first
 
 
 def test_scene_generation_is_seeded_and_its_boxes_are_where_the_digits_went(tmp_path):

@@ -57,3 +57,15 @@ def test_no_rois():
     fast = use_fast_roi_align(MultiScaleRoIAlign(list(feats), 7, 2))
     out = fast(feats, [torch.zeros(0, 4), torch.zeros(0, 4)], [(128, 320)] * 2)
     assert out.shape == (0, 8, 7, 7)
+
+
+def test_bfloat16_features_under_autocast_give_bfloat16_close_to_torchvision():
+    """Training under bfloat16 autocast feeds bfloat16 features; the result is torchvision's float32 one, rounded."""
+    feats = OrderedDict((k, v.detach().to(torch.bfloat16)) for k, v in features(dtype=torch.float32).items())
+    b = boxes(dtype=torch.float32)
+    ref = MultiScaleRoIAlign(list(feats), 7, 2)
+    want = ref(OrderedDict((k, v.float()) for k, v in feats.items()), b, [(128, 320)] * 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = use_fast_roi_align(ref)(feats, b, [(128, 320)] * 2)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -64,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iters", type=int, help="stop each epoch after N batches (smoke tests)")
     p.add_argument("--time-budget", type=float,
                    help="train for this many seconds at most; the LR schedule then runs over the budget, not --epochs")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none",
+                   help="bf16: the forward pass under bfloat16 autocast (fast where the CPU has AMX, or on a GPU)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -102,7 +106,7 @@ def _distributed() -> tuple[int, int]:
 
 def recipe(args) -> dict:
     keys = ["epochs", "time_budget", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "lr_step", "lr_gamma",
-            "warmup_iters", "focal_loss", "focal_alpha", "focal_gamma", "augment", "select", "seed"]
+            "warmup_iters", "focal_loss", "focal_alpha", "focal_gamma", "augment", "select", "seed", "amp"]
     return {**{k: getattr(args, k) for k in keys}, **({"config": str(args.config)} if args.config else {})}
 
 
@@ -168,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     start_epoch = 0
     # epochs are scored by the detector alone: compare with the parent's detector-alone result where
     # benchmark.py has also measured it with the digit reader
-    best_row = (parent["metrics"].get("valid_detector_only") or parent["metrics"]["valid"]) if parent else None
+    split = "valid" if Path(args.val_json).name == "valid.json" else "tune"  # what picks epochs: the sidecar says which
+    best_row = (parent["metrics"].get(f"{split}_detector_only") or parent["metrics"].get(split)) if parent else None
     if resuming:
         start_epoch, best_row = engine.load_state(state_path, model, optimizer, scheduler)
         print(f"resumed from {state_path} at epoch {start_epoch}", file=sys.stderr)
@@ -184,8 +189,11 @@ def main(argv: list[str] | None = None) -> int:
             sampler.set_epoch(epoch)
         loader_iter = loader if not args.max_iters else _take(loader, args.max_iters)
         stats = engine.train_one_epoch(train_model, optimizer, scheduler, loader_iter, device, epoch, show=not args.quiet,
-                                       budget=budget)
+                                       budget=budget, amp=args.amp)
         out_of_time = budget is not None and budget.used_up()
+        if world > 1:  # batch-norm statistics are each rank's own after its last step: take rank 0's, as DDP does
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer.data, 0)
         if rank != 0:
             if out_of_time:
                 break
@@ -206,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "training": parent.get("training"), "metrics": parent["metrics"]}
             device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
             meta = {"recipe": rec, "data": data_info, "device": str(device), "world_size": world, "device_name": device_name,
-                    "metrics": {"valid": best_row}, "threshold": top.threshold,
+                    "metrics": {split: best_row}, "threshold": top.threshold,
                     "training": {"epochs_run": epoch + 1, "images_per_s": round(engine.mean_throughput(log_path), 2),
                                  "train_seconds": round(engine.total_seconds(log_path)),
                                  "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -218,9 +226,26 @@ def main(argv: list[str] | None = None) -> int:
         if out_of_time:
             print(f"time budget of {args.time_budget:.0f} s used up after epoch {epoch}", file=sys.stderr)
             break
+    if rank == 0 and parent and not (args.export_dir / f"{args.name}.safetensors").is_file():
+        # never beaten: the parent stays the best, and the run folder still holds a checkpoint
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(Path(parent["path"]).with_suffix(suffix), args.export_dir / f"{args.name}{suffix}")
+        print(f"no epoch beat {args.init_from}; exported it unchanged", file=sys.stderr)
     if world > 1:
+        write_rank_digest(model, args.out_dir, rank)
         torch.distributed.destroy_process_group()
     return 0
+
+
+def write_rank_digest(model: torch.nn.Module, out_dir: Path, rank: int) -> Path:
+    """Write ``rank<k>.sha256``: a hash of this process's final weights (every rank's must match)."""
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    path = out_dir / f"rank{rank}.sha256"
+    path.write_text(h.hexdigest() + "\n")
+    return path
 
 
 def _score(row: dict, select: str) -> tuple[float, float]:

@@ -81,8 +81,9 @@ def make_scheduler(optimizer, kind: str, epochs: int, iters_per_epoch: int, step
 
 
 def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, log_every: int = 20, show: bool = True,
-                    budget: TimeBudget | None = None) -> dict:
-    """One pass over ``loader`` (cut short when ``budget`` is used up); returns mean losses and throughput."""
+                    budget: TimeBudget | None = None, amp: str = "none") -> dict:
+    """One pass over ``loader`` (cut short when ``budget`` is used up); returns mean losses and throughput.
+    ``amp="bf16"`` runs the forward pass under bfloat16 autocast (weights and optimizer stay float32)."""
     model.train()
     sums: dict[str, float] = {}
     n_images, start = 0, time.perf_counter()
@@ -90,7 +91,9 @@ def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, log
     for i, (images, targets) in enumerate(bar):
         images = [im.to(device) for im in images]
         targets = [{"boxes": t["boxes"].as_subclass(torch.Tensor).to(device), "labels": t["labels"].to(device)} for t in targets]
-        losses = model(images, targets)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            losses = model(images, targets)
+        losses = {k: v.float() for k, v in losses.items()}
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, batch {i}: lower the learning rate")

@@ -1,4 +1,4 @@
-"""Pick a checkpoint's inference input size on ``valid`` and record it in its sidecar.
+"""Pick a checkpoint's inference input size on a split (``valid`` by default) and record it in its sidecar.
 
 Models here train on small multi-scale inputs (e.g. short sides 80-112) and torchvision infers at
 the last training size; reading a little larger can be better, and with the second-stage digit reader
@@ -42,33 +42,43 @@ def size_sweep(model, loader, gt: dict, sizes: list[int], reader: DigitReader | 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default="resnet18_fpn", help="name or path of the checkpoint to tune")
-    p.add_argument("--sizes", type=int, nargs="+", required=True, help="inference short sides to try")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--reader", default=DEFAULT_READER, help="second-stage digit reader to measure with")
-    p.add_argument("--no-reader", dest="reader", action="store_const", const=None, help="measure the detector alone")
-    args = p.parse_args(argv)
-    set_threads(args.threads)
-    model, meta = load_checkpoint(args.checkpoint)
-    gt = load_coco(args.data / "valid.json")
-    loader = torch.utils.data.DataLoader(DigitDataset(args.data / "valid", args.data / "valid.json", eval_transforms()),
+def tune_input_size(checkpoint: str | Path, sizes: list[int], data: Path = DEFAULT_DATA, val_json: str | Path = "valid.json",
+                    val_images: str = "valid", reader: str | None = DEFAULT_READER) -> dict:
+    """Sweep ``sizes`` for ``checkpoint`` on ``data/val_json`` (images in ``data/val_images``), record
+    the best in its sidecar (with every size's result and the split that chose) and return it."""
+    model, meta = load_checkpoint(checkpoint)
+    gt = load_coco(data / val_json)
+    loader = torch.utils.data.DataLoader(DigitDataset(data / val_images, data / val_json, eval_transforms()),
                                          batch_size=8, collate_fn=collate)
-    reader = optional_reader(args.reader, "fp32")  # as the shipped sizes were chosen
-    results = size_sweep(model, loader, gt, args.sizes, reader)
+    digit_reader = optional_reader(reader, "fp32")  # as the shipped sizes were chosen
+    results = size_sweep(model, loader, gt, sizes, digit_reader)
     top = max(results, key=lambda r: (round(r["accuracy"], 4), round(r["mAP"], 4)))
     set_test_size(model, top["size"], top["max_size"])
     side = Path(meta["path"]).with_suffix(".json")
     sidecar = json.loads(side.read_text())
     sidecar["config"] = model.digit_config.to_dict()
-    sidecar["input_size"].update(test_size=top["size"], test_max_size=top["max_size"])
+    sidecar["input_size"].update(test_size=top["size"], test_max_size=top["max_size"], chosen_on=str(val_json))
     sidecar["input_size_sweep"] = [{k: r[k] for k in ("size", "max_size", "threshold", "mAP", "AP50", "accuracy")}
                                    for r in results]
     side.write_text(json.dumps(sidecar, indent=2) + "\n")
-    print(f"{side}: inference short side {top['size']} (accuracy {top['accuracy']:.4f}, mAP {top['mAP']:.4f})",
-          file=sys.stderr)
+    print(f"{side}: inference short side {top['size']} (accuracy {top['accuracy']:.4f}, mAP {top['mAP']:.4f} "
+          f"on {val_json})", file=sys.stderr)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default="resnet18_fpn", help="name or path of the checkpoint to tune")
+    p.add_argument("--sizes", type=int, nargs="+", required=True, help="inference short sides to try")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--val-json", default="valid.json", help="the split that chooses (the reproduction's: its tuning split)")
+    p.add_argument("--val-images", default="valid")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--reader", default=DEFAULT_READER, help="second-stage digit reader to measure with")
+    p.add_argument("--no-reader", dest="reader", action="store_const", const=None, help="measure the detector alone")
+    args = p.parse_args(argv)
+    set_threads(args.threads)
+    tune_input_size(args.checkpoint, args.sizes, args.data, args.val_json, args.val_images, args.reader)
     return 0
 
 

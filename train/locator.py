@@ -123,32 +123,59 @@ def evaluate(model: Locator, tune: list, thresholds=(0.1, 0.15, 0.2, 0.3, 0.4, 0
     return rows
 
 
-def tune_reading(checkpoint: Path, data: Path, tune_crops: int = 150, seed: int = 123,
-                 options=((0.5, None), (0.3, None), (0.2, None), (0.5, 0.05), (0.3, 0.05))) -> dict:
-    """Choose the locator's score threshold and fallback by what the default pipeline then reads, on
+SCORE_OPTIONS = ((0.5, None), (0.3, None), (0.2, None), (0.5, 0.05), (0.3, 0.05))  # (min_score, fallback_score)
+# (pad x, pad y, widen): how a region is cropped (:func:`digit_demo.locator.reading_box`) and re-read
+READ_OPTIONS = ((0.5, 0.25, None), (1.0, 0.25, None), (1.5, 0.25, None), (1.0, 0.4, None), (1.5, 0.4, None),
+                (0.5, 0.25, (0.3, 1.0)), (1.0, 0.25, (0.3, 1.0)))
+RANK_POWERS = (0.0, 0.5, 1.0)
+
+
+def tune_reading(checkpoint: Path, data: Path, tune_crops: int = 300, seed: int = 123, crops: list | None = None,
+                 backgrounds: list | None = None) -> dict:
+    """Choose how the locator's regions are read by what the default pipeline then reads, on
     full-size tuning scenes (the last ``tune_crops`` train crops, which training never pastes, on the
-    training backgrounds); writes the choice and every option's result into the checkpoint's sidecar.
-    Ties go to the lower threshold, then to the fallback."""
+    training backgrounds): first the score threshold and fallback (:data:`SCORE_OPTIONS`), then the
+    horizontal padding and re-reading of cut regions (:data:`READ_OPTIONS`), and with each the rank
+    power (:data:`RANK_POWERS`, which re-ranks the same readings). Ties go to the earlier option (the
+    simpler). ``crops`` and ``backgrounds`` replace the defaults (the reproduction's tuning split, a
+    folder of photos). Writes the choice and every option's result into the checkpoint's sidecar."""
+    from digit_demo.locator import PAD_X, PAD_Y
     from digit_demo.pipeline import Pipeline, PipelineConfig
 
     from .scenes import scene_set
 
-    crops = load_crops(data / "train.json", data / "train")[-tune_crops:]
-    scenes = list(scene_set(crops, background_pool("train"), seed, margins=crops))
+    crops = crops if crops is not None else load_crops(data / "train.json", data / "train")[-tune_crops:]
+    scenes = list(scene_set(crops, backgrounds or background_pool("train"), seed, margins=crops))
     pipe = Pipeline(PipelineConfig(locator=str(checkpoint)))
-    rows = []
-    for min_score, fallback in options:
-        pipe.locator.min_score, pipe.locator.fallback_score = min_score, fallback
+    loc, rows = pipe.locator, []
+
+    def run(min_score, fallback, pad_x, pad_y, widen, stage):
+        loc.min_score, loc.fallback_score, loc.pad, loc.widen = min_score, fallback, (pad_x, pad_y), widen
         readings = pipe.read([sc.image for sc in scenes], keep_images=False)
-        rows.append({"min_score": min_score, "fallback_score": fallback,
-                     "accuracy": sum(r.number(pipe.threshold).text == sc.texts[0] for r, sc in zip(readings, scenes)) / len(scenes),
-                     "located": sum(bool(r.regions) for r in readings) / len(scenes)})
-        print(json.dumps(rows[-1]), file=sys.stderr)
-    top = max(rows, key=lambda r: (round(r["accuracy"], 6), -r["min_score"], r["fallback_score"] is not None))
+        for power in RANK_POWERS if stage == "read" else (0.0,):
+            for r in readings:
+                for region in r.regions:
+                    region.rank_power = power
+            rows.append({"stage": stage, "min_score": min_score, "fallback_score": fallback, "pad_x": pad_x, "pad_y": pad_y,
+                         "widen": None if widen is None else list(widen), "rank_power": power,
+                         "accuracy": sum(r.number(pipe.threshold).text == sc.texts[0] for r, sc in zip(readings, scenes)) / len(scenes),
+                         "located": sum(bool(r.regions) for r in readings) / len(scenes)})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+
+    def best(stage):
+        return max((r for r in rows if r["stage"] == stage), key=lambda r: round(r["accuracy"], 6))  # first of ties
+
+    for min_score, fallback in SCORE_OPTIONS:
+        run(min_score, fallback, PAD_X, PAD_Y, None, "score")
+    top = best("score")
+    for pad_x, pad_y, widen in READ_OPTIONS:
+        run(top["min_score"], top["fallback_score"], pad_x, pad_y, widen, "read")
+    top = best("read")
     side = checkpoint.with_suffix(".json")
     meta = json.loads(side.read_text())
-    meta["tuned"].update(min_score=top["min_score"], fallback_score=top["fallback_score"],
-                         chosen_on=f"tuning scenes: the last {tune_crops} train crops (never pasted in training) on the "
+    meta["tuned"].update(min_score=top["min_score"], fallback_score=top["fallback_score"], pad=[top["pad_x"], top["pad_y"]],
+                         widen=top["widen"], rank_power=top["rank_power"],
+                         chosen_on=f"tuning scenes: {len(crops)} held-out train crops (never pasted in training) on the "
                                    f"training backgrounds, seed {seed}, read by the default pipeline")
     meta["locate_tuning"] = {"scenes": len(scenes), "rows": rows}
     side.write_text(json.dumps(meta, indent=2) + "\n")
@@ -169,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--tune-crops", type=int, default=300, help="the last N train crops: tuning scenes, never pasted")
+    p.add_argument("--train-json", default="train.json", help="the crops to paste (COCO json in --data, images in train/)")
+    p.add_argument("--tune-json", help="the tuning crops instead of the last --tune-crops (e.g. the tuning split)")
+    p.add_argument("--backgrounds", type=Path, help="a folder of photos instead of the training background pool")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--limit", type=int, help="only the first N train crops (smoke runs)")
     p.add_argument("--threads", type=int)
@@ -177,16 +207,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--tune-only", action="store_true", help="only choose the threshold of the exported locator")
     args = p.parse_args(argv)
+    pool = sorted(args.backgrounds.glob("*.jpg")) + sorted(args.backgrounds.glob("*.png")) if args.backgrounds else None
+    crops = load_crops(args.data / args.train_json, args.data / "train", args.limit)
+    if args.tune_json:
+        tune_crops = load_crops(args.data / args.tune_json, args.data / "train", args.limit)
+    else:
+        tune_crops, crops = crops[-args.tune_crops:], crops[: -args.tune_crops] or crops
     if args.tune_only:
-        print(json.dumps(tune_reading(args.out, args.data)), file=sys.stderr)
+        print(json.dumps(tune_reading(args.out, args.data, crops=tune_crops, backgrounds=pool)), file=sys.stderr)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    crops = load_crops(args.data / "train.json", args.data / "train", args.limit)
-    tune_crops, crops = crops[-args.tune_crops:], crops[: -args.tune_crops] or crops
-    backgrounds = [open_background(b, 1024) for b in background_pool("train")]
+    backgrounds = [open_background(b, 1024) for b in pool or background_pool("train")]
     sizes = scene_sizes()
     tune_rng = np.random.default_rng(10_000 + args.seed)
     tune = []
@@ -233,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                 model.min_score = top["min_score"]
                 save_locator(model, args.out, {
                     "recipe": {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "width", "seed", "tune_crops")},
-                    "data": {"crops": f"train ({len(crops)} crops; the last {len(tune_crops)} kept for tuning)",
-                             "backgrounds": "train.scenes.background_pool('train')",
+                    "data": {"crops": f"{args.train_json} ({len(crops)} crops)",
+                             "tune_crops": f"{args.tune_json or 'the last of train.json'} ({len(tune_crops)} crops)",
+                             "backgrounds": str(args.backgrounds or "train.scenes.background_pool('train')"),
                              "digit_share": [list(SHARES[0]), list(SHARES[1])]},
                     "metrics": {"tune_scenes": best},
                     "training": {"steps_run": step, "images_per_s": round(seen / (time.time() - start), 1),
@@ -246,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     print(f"exported {args.out} (step {best['step']}: recall {best['recall']:.3f}, precision {best['precision']:.3f})",
           file=sys.stderr)
-    if args.limit is None:  # a full run: choose its threshold by what the pipeline reads
-        print(json.dumps(tune_reading(args.out, args.data, args.tune_crops // 2)), file=sys.stderr)
+    if args.limit is None or args.tune_json:  # choose how regions are read by what the pipeline reads
+        print(json.dumps(tune_reading(args.out, args.data, crops=tune_crops, backgrounds=pool)), file=sys.stderr)
     return 0
 
 

@@ -26,7 +26,7 @@ from digit_demo.detect import to_tensor
 from digit_demo.images import load_image
 from digit_demo.pipeline import Pipeline, PipelineConfig
 from digit_demo.types import Detections
-from digit_demo.reader import load_reader
+from digit_demo.reader import DEFAULT_READER, load_reader
 from digit_demo.number_reader import (BACKBONES, DEFAULT_NUMBER_READER, HEIGHT, WIDTH, NumberReader, crop_at, crop_boxes,
                                       crop_numbers, ctc_nll, decode, number_region, save_number_reader)
 
@@ -77,13 +77,16 @@ def make_crops(samples: list[Sample], g: torch.Generator | None) -> tuple[torch.
 
 @torch.inference_mode()
 def self_labels(detector: str, folder: Path, min_confidence: float, skip: set[str] = frozenset(),
-                limit: int | None = None, quiet: bool = False) -> list[Sample]:
+                limit: int | None = None, quiet: bool = False, reader: str = DEFAULT_READER,
+                threshold: float | None = None) -> list[Sample]:
     """Photos of ``folder`` (``unlabeled/``, but those named in ``skip``) labelled with the numbers
-    ``detector`` (with the digit reader, without the number readers: they are what is being trained)
-    reads with at least ``min_confidence``, at the threshold calibrated for its full pipeline (as the
-    shipped reader was trained)."""
-    threshold = threshold_for(PipelineConfig((detector,)))
-    pipe = Pipeline(PipelineConfig((detector,), number_reader=None, precision="fp32", threshold=threshold))
+    ``detector`` (with the digit ``reader``, without the number readers: they are what is being
+    trained) reads with at least ``min_confidence``, at ``threshold`` (default: the one calibrated for
+    its full pipeline, as the shipped reader was trained)."""
+    if threshold is None:
+        threshold = threshold_for(PipelineConfig((detector,)))
+    pipe = Pipeline(PipelineConfig((detector,), digit_reader=reader, number_reader=None, precision="fp32",
+                                   threshold=threshold))
     out = []
     paths = [p for p in sorted(folder.glob("*.png")) if p.name not in skip][:limit]
     for path in tqdm(paths, desc=f"self-labelling with {detector}", unit="img", disable=quiet):
@@ -120,6 +123,9 @@ def parser() -> argparse.ArgumentParser:
                    help="also train on the unlabeled/ photos whose number this detector (with the digit reader) reads "
                         "with at least --min-confidence")
     p.add_argument("--min-confidence", type=float, default=0.7)
+    p.add_argument("--self-reader", default=DEFAULT_READER, help="the digit reader --self-train reads with (name or path)")
+    p.add_argument("--self-threshold", type=float,
+                   help="the score threshold --self-train reads at (default: the shipped calibration's for its pipeline)")
     add_run_args(p, DEFAULT_NUMBER_READER)
     return p
 
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.self_train:
         labelled = {im["file_name"] for extra in args.extra_json for im in load_coco(extra)["images"]}
         more = self_labels(args.self_train, args.data / args.extra_images, args.min_confidence, labelled, args.limit,
-                           args.quiet)
+                           args.quiet, args.self_reader, args.self_threshold)
         data_info["self_labelled"] = {"detector": args.self_train, "images": args.extra_images, "count": len(more),
                                       "min_confidence": args.min_confidence}
         samples += more

@@ -1,0 +1,168 @@
+"""The reproduction graph (``train.reproduce``): skipping, staleness, resuming and selection on toy
+stages, and the real graph end to end on the fixture images (``--smoke``)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from digit_demo.evaluation import Metrics, best
+from train import reproduce
+from train.reproduce import Reproduction, select
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def toy_configs(folder: Path, graph=("a", "b", "c")) -> Path:
+    """Three toy stages a -> b -> c, each writing out.txt from its text and its inputs'."""
+    folder.mkdir(parents=True, exist_ok=True)
+    needs = {"a": [], "b": ["a"], "c": ["b"]}
+    for name in graph:
+        options = {"--out": "{out}", "--text": name, "--inputs": [f"{{runs}}/{n}/out.txt" for n in needs[name]] or None}
+        (folder / f"{name}.json").write_text(json.dumps({
+            "run": {"module": "tests.toy_stage", "options": options}, "needs": needs[name], "outputs": ["out.txt"],
+            "minutes": {"cpu": 2}}))
+    return folder
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "GRAPH", ("a", "b", "c"))
+    configs = toy_configs(tmp_path / "configs")
+
+    def make(smoke=False):
+        return Reproduction(tmp_path / "runs", tmp_path / "data", tmp_path / "release", smoke, configs=configs)
+
+    return make, tmp_path / "runs", configs
+
+
+def runs_of(runs: Path, name: str) -> int:
+    return int((runs / name / "runs.txt").read_text())
+
+
+def test_graph_runs_in_order_then_skips_what_is_up_to_date(toy):
+    make, runs, _ = toy
+    repro = make()
+    assert [r["state"] for r in repro.plan(["a", "b", "c"])] == ["to run"] * 3
+    assert repro.run(["a", "b", "c"]) == 0
+    assert (runs / "c" / "out.txt").read_text() == "cba"  # each stage read the one before's output
+    assert repro.run(["a", "b", "c"]) == 0
+    assert [runs_of(runs, n) for n in "abc"] == [1, 1, 1]  # nothing ran twice
+    assert [r["state"] for r in make().plan(["a", "b", "c"])] == ["up to date"] * 3
+    assert all(json.loads((runs / n / "done.json").read_text())["seconds"] >= 0 for n in "abc")
+
+
+def test_changing_a_config_makes_it_and_what_follows_stale(toy):
+    make, runs, configs = toy
+    make().run(["a", "b", "c"])
+    cfg = json.loads((configs / "b.json").read_text())
+    cfg["run"]["options"]["--text"] = "B"
+    (configs / "b.json").write_text(json.dumps(cfg))
+    assert [r["state"] for r in make().plan(["a", "b", "c"])] == ["up to date", "stale: starts over", "stale: starts over"]
+    assert make().run(["a", "b", "c"]) == 0
+    assert [runs_of(runs, n) for n in "abc"] == [1, 1, 1]  # b and c started over in cleared folders
+    assert (runs / "c" / "out.txt").read_text() == "cBa"
+    assert make(smoke=True).plan(["a"])[0]["state"] != "up to date"  # smoke and full runs never mix
+
+
+def test_an_interrupted_stage_resumes_and_the_graph_stops_there(toy):
+    make, runs, _ = toy
+    (runs / "b").mkdir(parents=True)
+    (runs / "b" / "fail").write_text("")
+    assert make().run(["a", "b", "c"]) == 3
+    assert not (runs / "c").exists()  # nothing after the failure ran
+    assert make().plan(["b"])[1]["state"] == "interrupted: resumes"
+    (runs / "b" / "fail").unlink()
+    assert make().run(["a", "b", "c"]) == 0
+    assert runs_of(runs, "b") == 2 and (runs / "b" / "out.txt").read_text() == "ba (resumed)"  # its state was kept
+    assert runs_of(runs, "a") == 1
+
+
+def test_only_needs_its_inputs_up_to_date_and_from_selects_the_rest(toy):
+    make, runs, _ = toy
+    assert make().run(["b"]) == 1 and not (runs / "b" / "out.txt").exists()
+    assert select(["a", "b", "c"], None, "b") == ["b", "c"]
+    assert select(["a", "b", "c"], ["c"], None) == ["c"]
+    with pytest.raises(SystemExit):
+        select(["a", "b", "c"], ["nope"], None)
+
+
+def test_the_shipped_graph_is_declared_in_order_and_every_input_is_a_path():
+    stages = reproduce.load_graph()
+    assert [s.name for s in stages] == list(reproduce.GRAPH)
+    for stage in stages:
+        places = {"data": "D", "runs": "R", "out": "O", "release": "REL"}
+        tokens = stage.argv(False, places) + list(stage.env(places).values())
+        for need in stage.needs:  # it reads its inputs by path, from their folders
+            assert any(t == f"R/{need}" or t.startswith(f"R/{need}/") for t in tokens), (stage.name, need)
+        assert not any("checkpoints" in t for t in tokens if not t.startswith(("O/", "R/", "--"))), stage.name
+    release = stages[-1]
+    assert release.name == "release" and "--to REL" in " ".join(release.argv(False, {"data": "D", "runs": "R", "out": "O", "release": "REL"}))
+
+
+@pytest.mark.slow
+def test_smoke_reproduction_runs_every_stage_and_the_release_reads_an_image(tmp_path):
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "train.reproduce", "--smoke", "--runs", str(runs)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in reproduce.GRAPH:
+        assert json.loads((runs / name / "done.json").read_text())["smoke"] is True
+    released = runs / "released"
+    shipped = {p.stem for p in released.glob("*.safetensors")}
+    assert shipped == {"resnet18_fpn", "resnet34_fpn", "mobilenet_v3_fpn", "digit_reader", "number_reader",
+                       "number_proposer", "locator"}
+    # thresholds were chosen on the tuning split; valid only reports, at that threshold
+    tune = json.loads((runs / "calibrate" / "benchmark" / "sweeps.json").read_text())
+    meta = json.loads((released / "resnet18_fpn.json").read_text())
+    assert meta["threshold"] == best([Metrics(**r) for r in tune["resnet18_fpn"]]).threshold
+    assert meta["metrics"]["valid"]["threshold_chosen_on"] == "tune"
+    assert meta["metrics"]["valid"]["threshold"] == meta["threshold"]
+    assert json.loads((released / "digit_reader.json").read_text())["tuned"]["chosen_on"].startswith("tuning split")
+    assert (released / "README.md").is_file()
+    # the released pipeline reads an image
+    env = {**os.environ, "DIGIT_DEMO_CHECKPOINTS": str(released)}
+    out = tmp_path / "pred"
+    read = subprocess.run([sys.executable, "-m", "digit_demo", "predict", str(ROOT / "tests/fixtures/valid/172.png"),
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert read.returncode == 0, read.stderr[-2000:]
+    assert (out / "pred.csv").read_text().splitlines()[1].startswith("172,")
+    # run again: every stage is up to date and nothing runs
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stderr.count("up to date") == len(reproduce.GRAPH)
+
+
+def test_release_takes_thresholds_from_the_tuning_split_and_reports_valid_at_them(tmp_path):
+    from digit_demo.release import tuned_results
+
+    def rows(best_at, peak):
+        return [Metrics(t, 0.4, 0.8, 0.3, peak if t == best_at else peak - 0.05) for t in (0.3, 0.5, 0.7)]
+
+    # on valid the best threshold is 0.7 (0.90); the tuning split prefers 0.5, where valid reads 0.85
+    results = {"a": {"accuracy": 0.90, "threshold": 0.7}, "b": {"accuracy": 0.8}, "a+b": {"members": ["a", "b"]}}
+    report = {"a": rows(0.7, 0.90), "b": rows(0.5, 0.80), "a+b": rows(0.5, 0.86)}
+    tune = {"a": rows(0.5, 0.95), "b": rows(0.5, 0.90), "a+b": rows(0.3, 0.97)}
+    out = tuned_results(results, report, tune)
+    assert out["a"]["threshold"] == 0.5 and out["a"]["accuracy"] == pytest.approx(0.85)
+    assert out["a"]["threshold_chosen_on"] == "tune" and out["a"]["tune"]["accuracy"] == 0.95
+    assert out["b"]["accuracy"] == pytest.approx(0.80)
+    assert out["a+b"]["threshold"] == 0.3 and out["a+b"]["accuracy"] == pytest.approx(0.81)
+    assert out["a+b"]["beats_best_member"]["accuracy"] is False  # 0.81 < a's 0.85, judged at the tuned thresholds
+
+
+def test_the_tuning_split_is_exact_tier_seeded_and_disjoint_from_fit(tmp_path):
+    from train.splits import split, tuning_ids
+
+    images = [{"id": i, "label_tier": "exact" if i % 3 == 0 else "resolved"} for i in range(60)]
+    coco = {"images": images, "annotations": [{"id": k, "image_id": i} for k, i in enumerate(range(60))]}
+    ids = tuning_ids(images, 5)
+    assert len(ids) == 5 and all(i % 3 == 0 for i in ids)
+    assert ids == tuning_ids(list(reversed(images)), 5)  # the order of train.json does not matter
+    assert ids != tuning_ids(images, 5, seed=1)
+    fit, tune = split(coco, ids)
+    assert {im["id"] for im in tune["images"]} == ids and {a["image_id"] for a in tune["annotations"]} == ids
+    assert len(fit["images"]) == 55 and not ids & {a["image_id"] for a in fit["annotations"]}
+    with pytest.raises(ValueError):
+        tuning_ids(images, 21)  # only 20 exact images

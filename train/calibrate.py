@@ -1,0 +1,58 @@
+"""Gather a reproduction's checkpoints into one folder and measure them on the tuning split.
+
+The reproduction's ``calibrate`` stage: copies every checkpoint in ``--checkpoints`` (folders or
+files) into ``--out/checkpoints``, then runs ``benchmark.py`` there on ``--gt`` (the tuning split),
+writing ``--out/benchmark``. The release step takes its thresholds from that measurement; `valid`
+is measured apart (the ``report`` stage) and only reported.
+
+    python -m train.calibrate --checkpoints runs/tune/checkpoints runs/locator/locator.safetensors \\
+        --gt runs/splits/tune.json --images ../shared/data/svhn/train --out runs/calibrate
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from digit_demo.checkpoints import CHECKPOINTS_ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def gather(sources: list[Path], out: Path) -> list[str]:
+    """Copy the checkpoints (weights + sidecar) of each folder or file in ``sources`` into ``out``."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    names = []
+    for src in sources:
+        paths = sorted(src.glob("*.safetensors")) if src.is_dir() else [src.with_suffix(".safetensors")]
+        for path in paths:
+            for suffix in (".safetensors", ".json"):
+                shutil.copy(path.with_suffix(suffix), out / f"{path.stem}{suffix}")
+            names.append(path.stem)
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.calibrate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoints", type=Path, nargs="+", required=True)
+    p.add_argument("--gt", type=Path, required=True, help="the tuning split's COCO json")
+    p.add_argument("--images", type=Path, required=True, help="its image folder")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--benchmark-args", nargs=argparse.REMAINDER, default=[], help="passed on to benchmark.py")
+    args = p.parse_args(argv)
+    folder = args.out / "checkpoints"
+    names = gather(args.checkpoints, folder)
+    print(f"gathered {', '.join(names)} into {folder}", file=sys.stderr)
+    env = {**os.environ, CHECKPOINTS_ENV: str(folder.resolve())}
+    cmd = [sys.executable, str(ROOT / "benchmark.py"), "--gt", str(args.gt), "--images", str(args.images),
+           "--out", str(args.out / "benchmark"), *args.benchmark_args]
+    return subprocess.run(cmd, env=env).returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,284 @@
+"""``python -m train.reproduce``: rebuild every shipped checkpoint from a clean clone, stage by stage.
+
+The graph (:data:`GRAPH`) is an ordered list of stages; each has a config file,
+``train/configs/reproduce/<stage>.json``, that says what it runs (``run``: a module and its
+options), which stages' outputs it reads (``needs``; options name them by path, as
+``{runs}/<stage>/...``, never by a shipped name), what it writes under ``runs/<stage>/``
+(``outputs``), how long it takes (``minutes``: per device), its ``smoke`` options (a step or two) and
+any ``env``. Every stage runs with ``DIGIT_DEMO_CHECKPOINTS`` set to an empty folder unless its
+``env`` names one of the runs' folders, so no stage can read a shipped checkpoint or calibration.
+Placeholders in options: ``{data}`` (the dataset), ``{runs}`` (the runs folder), ``{out}`` (this
+stage's folder), ``{release}`` (where the release step writes: ``checkpoints/`` unless ``--release-dir``).
+
+A stage is up to date when its ``runs/<stage>/done.json`` holds the fingerprint it would have now:
+the hash of its config, the mode (full or smoke) and the fingerprints of the stages it needs. Up to
+date stages are skipped; a stage whose folder was started with another fingerprint is cleared; an
+interrupted stage is run again and its trainer resumes from the state it left in its folder. Only
+the ``release`` stage writes ``checkpoints/``.
+
+    python -m train.reproduce --plan            # the stages, their state and time estimates
+    python -m train.reproduce                   # run (again) whatever is not up to date
+    python -m train.reproduce --only locator    # one stage (its inputs must be up to date)
+    python -m train.reproduce --from digit_reader
+    python -m train.reproduce --smoke --runs /tmp/smoke --release-dir /tmp/smoke/release
+    python -m train.reproduce --nproc 2         # detector stages in 2 processes (DDP)
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from digit_demo.checkpoints import CHECKPOINTS_ENV
+
+from .cli import DEFAULT_DATA
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "train" / "configs" / "reproduce"
+GRAPH = ("splits", "resnet18_fpn", "pseudo_r1", "resnet18_fpn_self", "pseudo_r2", "resnet34_fpn", "mobilenet_v3_fpn",
+         "digit_reader", "number_reader", "number_proposer", "tune", "locator", "calibrate", "report", "release")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the graph, as its config file declares it."""
+
+    name: str
+    config: dict
+    text: str  # the config file's bytes, for the fingerprint
+
+    @classmethod
+    def load(cls, name: str, configs: Path = CONFIGS) -> "Stage":
+        path = configs / f"{name}.json"
+        text = path.read_text()
+        config = json.loads(text)
+        for key in ("run", "needs", "outputs", "minutes"):
+            if key not in config:
+                raise ValueError(f"{path}: no {key!r}")
+        return cls(name, config, text)
+
+    @property
+    def needs(self) -> list[str]:
+        return list(self.config["needs"])
+
+    def argv(self, smoke: bool, places: dict[str, str], torchrun: list[str] | None = None) -> list[str]:
+        """The command line: ``python -m <module>`` with its options, smoke overrides applied; a
+        distributed stage (``"distributed": true``) under ``torchrun`` when its arguments are given
+        (each process then gets its share of ``--threads``)."""
+        options = dict(self.config["run"]["options"])
+        if smoke:
+            options.update(self.config.get("smoke", {}))
+        run = self.config["run"]
+        if "script" in run:
+            argv = [sys.executable, str(ROOT / run["script"])]
+        elif torchrun and self.config.get("distributed"):
+            argv = [sys.executable, "-m", "torch.distributed.run", *torchrun, "-m", *run["module"].split()]
+            per_node = int(torchrun[torchrun.index("--nproc_per_node") + 1]) if "--nproc_per_node" in torchrun else 1
+            if "--threads" in options:
+                options["--threads"] = max(1, int(options["--threads"]) // per_node)
+        else:
+            argv = [sys.executable, "-m", *run["module"].split()]
+        for key, value in options.items():
+            if value is None or value is False:
+                continue
+            argv.append(key)
+            if value is True:
+                continue
+            argv += [str(v).format(**places) for v in (value if isinstance(value, list) else [value])]
+        return argv
+
+    def env(self, places: dict[str, str]) -> dict[str, str]:
+        return {k: str(v).format(**places) for k, v in self.config.get("env", {}).items()}
+
+    def fingerprint(self, smoke: bool, inputs: dict[str, str]) -> str:
+        h = hashlib.sha256(self.text.encode())
+        h.update(b"smoke" if smoke else b"full")
+        for name in self.needs:
+            h.update(f"{name}={inputs[name]}".encode())
+        return h.hexdigest()[:16]
+
+
+def load_graph(configs: Path = CONFIGS) -> list[Stage]:
+    stages = [Stage.load(name, configs) for name in GRAPH]
+    seen: set[str] = set()
+    for stage in stages:
+        missing = [n for n in stage.needs if n not in seen]
+        if missing:
+            raise ValueError(f"stage {stage.name} needs {missing}, which do not come before it")
+        seen.add(stage.name)
+    return stages
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Reproduction:
+    """The graph over one runs folder, in full or smoke mode."""
+
+    def __init__(self, runs: Path, data: Path, release: Path, smoke: bool = False, device: str = "cpu",
+                 configs: Path = CONFIGS, torchrun: list[str] | None = None):
+        self.runs, self.data, self.release, self.smoke, self.device = runs, data, release, smoke, device
+        self.torchrun = torchrun
+        self.stages = load_graph(configs)
+        self.by_name = {s.name: s for s in self.stages}
+
+    def folder(self, stage: Stage) -> Path:
+        return self.runs / stage.name
+
+    def places(self, stage: Stage) -> dict[str, str]:
+        return {"data": str(self.data), "runs": str(self.runs), "out": str(self.folder(stage)), "release": str(self.release)}
+
+    def fingerprints(self) -> dict[str, str]:
+        """Each stage's fingerprint as it would be now (a stage's depends on its inputs' fingerprints)."""
+        out: dict[str, str] = {}
+        for stage in self.stages:
+            out[stage.name] = stage.fingerprint(self.smoke, out)
+        return out
+
+    def up_to_date(self, stage: Stage, fingerprint: str) -> bool:
+        done = read_json(self.folder(stage) / "done.json")
+        outputs = [self.folder(stage) / o.format(**self.places(stage)) for o in stage.config["outputs"]]
+        return bool(done) and done.get("fingerprint") == fingerprint and all(p.exists() for p in outputs)
+
+    def plan(self, names: list[str]) -> list[dict]:
+        prints = self.fingerprints()
+        rows = []
+        for stage in self.stages:
+            folder = self.folder(stage)
+            if self.up_to_date(stage, prints[stage.name]):
+                state = "up to date"
+            elif (folder / "started.json").is_file():
+                started = read_json(folder / "started.json") or {}
+                state = "interrupted: resumes" if started.get("fingerprint") == prints[stage.name] else "stale: starts over"
+            else:
+                state = "to run"
+            minutes = stage.config["minutes"]
+            rows.append({"stage": stage.name, "state": state, "selected": stage.name in names,
+                         "minutes": minutes.get(self.device, minutes.get("cpu")), "needs": stage.needs})
+        return rows
+
+    def run(self, names: list[str], dry: bool = False) -> int:
+        prints = self.fingerprints()
+        for stage in self.stages:
+            if stage.name not in names:
+                continue
+            fingerprint, folder = prints[stage.name], self.folder(stage)
+            argv = stage.argv(self.smoke, self.places(stage), self.torchrun)
+            if dry:
+                print(f"{stage.name}: {' '.join(argv[1:])}", file=sys.stderr)
+                continue
+            for need in stage.needs:
+                if not self.up_to_date(self.by_name[need], prints[need]):
+                    print(f"{stage.name}: its input {need} is not up to date (run it, or --from {need})", file=sys.stderr)
+                    return 1
+            if self.up_to_date(stage, fingerprint):
+                print(f"{stage.name}: up to date", file=sys.stderr)
+                continue
+            started = read_json(folder / "started.json")
+            if started and started.get("fingerprint") != fingerprint:
+                shutil.rmtree(folder)  # its config or inputs changed: what it left is stale
+            folder.mkdir(parents=True, exist_ok=True)
+            print(f"{stage.name}: {' '.join(argv[1:])}", file=sys.stderr)
+            (folder / "started.json").write_text(json.dumps({"fingerprint": fingerprint, "argv": argv,
+                                                             "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+            begin = time.time()
+            empty = self.runs / "no_checkpoints"
+            empty.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+                   "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                   CHECKPOINTS_ENV: str(empty), **stage.env(self.places(stage))}
+            with (folder / "log.txt").open("a") as log:
+                code = subprocess.run(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            if code:
+                print(f"{stage.name}: failed (exit {code}); see {folder / 'log.txt'}", file=sys.stderr)
+                return code
+            missing = [o for o in stage.config["outputs"] if not (folder / o.format(**self.places(stage))).exists()]
+            if missing:
+                print(f"{stage.name}: finished without writing {missing}", file=sys.stderr)
+                return 1
+            seconds = round(time.time() - begin, 1)
+            (folder / "done.json").write_text(json.dumps({"fingerprint": fingerprint, "seconds": seconds,
+                                                          "device": machine(), "torchrun": self.torchrun
+                                                          if stage.config.get("distributed") else None, "smoke": self.smoke,
+                                                          "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+            print(f"{stage.name}: done in {seconds:.0f} s", file=sys.stderr)
+        return 0
+
+
+def machine() -> str:
+    """What the stages ran on: the GPU's name, else the CPU's core count."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def select(stages: list[str], only: list[str] | None, start: str | None) -> list[str]:
+    if only:
+        unknown = [s for s in only if s not in stages]
+        if unknown:
+            raise SystemExit(f"unknown stage(s) {unknown}; stages: {', '.join(stages)}")
+        return list(only)
+    if start:
+        if start not in stages:
+            raise SystemExit(f"unknown stage {start!r}; stages: {', '.join(stages)}")
+        return stages[stages.index(start):]
+    return list(stages)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.reproduce", description=__doc__.split("\n\n")[0],
+                                epilog="\n".join(__doc__.split("\n\n")[-1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--runs", type=Path, default=ROOT / "runs")
+    p.add_argument("--release-dir", type=Path, help="where the release stage writes (default: checkpoints/)")
+    p.add_argument("--only", nargs="+", metavar="STAGE")
+    p.add_argument("--from", dest="start", metavar="STAGE")
+    p.add_argument("--plan", action="store_true", help="print the stages, their state and time estimates, and stop")
+    p.add_argument("--dry-run", action="store_true", help="print the commands it would run")
+    p.add_argument("--smoke", action="store_true", help="the whole graph on the fixture images, a step or two a stage")
+    p.add_argument("--device", default="cpu", help="which estimates the plan shows (cpu or gpu)")
+    p.add_argument("--nproc", type=int, default=1, help="processes per machine for the detector stages (torchrun, DDP)")
+    p.add_argument("--torchrun", default="", help="more torchrun arguments for several machines, e.g. "
+                   "'--nnodes 2 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint HOST:29500'")
+    args = p.parse_args(argv)
+    torchrun = None
+    if args.nproc > 1 or args.torchrun:
+        torchrun = ["--nproc_per_node", str(args.nproc), *args.torchrun.split()]
+        if "--nnodes" not in torchrun:
+            torchrun.insert(0, "--standalone")
+    runs = args.runs.resolve()
+    data = args.data
+    if args.smoke:
+        from .smoke import make_smoke_data
+
+        data = make_smoke_data(runs / "smoke_data")
+    release = (args.release_dir or (runs / "released" if args.smoke else ROOT / "checkpoints")).resolve()
+    repro = Reproduction(runs, data.resolve(), release, args.smoke, args.device, torchrun=torchrun)
+    names = select([s.name for s in repro.stages], args.only, args.start)
+    if args.plan:
+        rows = repro.plan(names)
+        total = sum(r["minutes"] for r in rows if r["selected"] and r["state"] != "up to date")
+        print(f"{'stage':20} {'state':22} {'est. min':>8}  needs")
+        for r in rows:
+            mark = "" if r["selected"] else " (not selected)"
+            print(f"{r['stage']:20} {r['state'] + mark:22} {r['minutes']:>8}  {', '.join(r['needs'])}")
+        print(f"left to run: about {total / 60:.1f} h on {args.device}")
+        return 0
+    return repro.run(names, args.dry_run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

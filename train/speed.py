@@ -1,0 +1,93 @@
+"""Measure (and profile) detector training speed: images/s over real training steps.
+
+Builds each model as its reproduction stage does (``train/configs/reproduce/<name>.json``: sizes and
+batch), feeds it ``train`` images with the training augmentation, and times ``--iters`` steps after
+``--warmup`` steps, in float32 and/or under bfloat16 autocast. ``--profile`` prints the operators
+that take the most time (torch.profiler).
+
+    python -m train.speed --models resnet18_fpn --amp none bf16 --iters 30
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from digit_demo.data import DigitDataset, collate
+from digit_demo.detect import set_threads
+from digit_demo.models import build_model, default_config
+
+from .cli import DEFAULT_DATA
+from .presets import train_transforms
+
+CONFIGS = Path(__file__).resolve().parent / "configs" / "reproduce"
+
+
+def stage_options(name: str) -> dict:
+    return json.loads((CONFIGS / f"{name}.json").read_text())["run"]["options"]
+
+
+def measure(name: str, amp: str, iters: int, warmup: int, data: Path, profile: bool = False,
+            channels_last: bool = False) -> dict:
+    opts = stage_options(name)
+    sizes = opts.get("--min-size")
+    overrides = {"max_size": opts["--max-size"]} if "--max-size" in opts else {}
+    if sizes:
+        overrides["min_size"] = sizes[0] if len(sizes) == 1 else tuple(sizes)
+    torch.manual_seed(0)
+    model = build_model(default_config(opts["--model"], **overrides))
+    model.train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    batch = int(opts.get("--batch-size", 4))
+    dataset = DigitDataset(data / "train", data / "train.json", train_transforms("default"), limit=batch * (iters + warmup))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, collate_fn=collate, drop_last=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    seen, start = 0, None
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
+    for i, (images, targets) in enumerate(loader):
+        if i == warmup:
+            start = time.perf_counter()
+            if prof:
+                prof.__enter__()
+        targets = [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]} for t in targets]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            losses = model(images, targets)
+        loss = sum(v.float() for v in losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i >= warmup:
+            seen += len(images)
+    seconds = time.perf_counter() - start
+    if prof:
+        prof.__exit__(None, None, None)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
+    return {"model": name, "amp": amp, "channels_last": channels_last, "batch_size": batch, "images": seen, "seconds": round(seconds, 2),
+            "images_per_s": round(seen / seconds, 2), "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.speed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["resnet18_fpn", "resnet34_fpn", "mobilenet_v3_fpn"])
+    p.add_argument("--amp", nargs="+", choices=["none", "bf16"], default=["none", "bf16"])
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="weights in channels-last memory format")
+    args = p.parse_args(argv)
+    set_threads(args.threads)
+    for name in args.models:
+        for amp in args.amp:
+            print(json.dumps(measure(name, amp, args.iters, args.warmup, args.data, args.profile, args.channels_last)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
