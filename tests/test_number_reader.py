@@ -164,7 +164,7 @@ def test_wrong_checkpoints_are_refused(tmp_path):
         optional_number_reader(tmp_path / "missing")
 
 
-def test_short_training_run_exports_a_loadable_number_reader(tmp_path):
+def test_short_training_run_exports_a_loadable_number_reader(tmp_path, capsys):
     out = tmp_path / "number_reader"
     args = ["--data", str(FIXTURES), "--train-json", "valid.json", "--train-images", "valid", "--epochs", "2",
             "--width", "8", "--hidden", "16", "--batch-size", "4", "--quiet", "--out", str(out),
@@ -176,6 +176,9 @@ def test_short_training_run_exports_a_loadable_number_reader(tmp_path):
     assert meta["data"]["train_images"] == 4 and 1 <= meta["data"]["self_labelled"]["count"] <= 4
     assert len(meta["history"]) == 2 and 0 <= meta["metrics"]["valid_number_accuracy_true_boxes"] <= 1
     assert model(torch.rand(2, 3, HEIGHT, WIDTH)).shape == (2, WIDTH // 4, BLANK + 1)
+    capsys.readouterr()
+    assert main(args) == 0  # the same command again resumes after its last epoch: nothing left to train
+    assert "after epoch 2" in capsys.readouterr().err
 
 
 def test_reader_backbone_starts_from_the_digit_reader_and_round_trips(tmp_path):

@@ -200,3 +200,29 @@ def test_shipped_reader_moves_jittered_boxes_towards_the_digits(reader, fixture_
     before, after = torch.cat(before), torch.cat(after)
     assert len(after) == len(before) >= 60
     assert after.mean() > before.mean() + 0.03
+
+
+def test_an_interrupted_run_resumes_after_its_last_finished_epoch(tmp_path, monkeypatch, capsys):
+    import train.reader as trainer
+
+    out = tmp_path / "reader"
+    args = ["--data", str(FIXTURES), "--train-json", "valid.json", "--train-images", "valid", "--epochs", "2",
+            "--width", "8", "--batch-size", "16", "--quiet", "--out", str(out)]
+    calls, real = [], trainer.accuracy
+
+    def crash_in_epoch_two(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the machine's jobs stopped during the second epoch's validation
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "accuracy", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.setattr(trainer, "accuracy", real)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "after epoch 1" in capsys.readouterr().err
+    state = torch.load(tmp_path / "reader.last.pt", weights_only=False)  # written by the test's own run
+    assert [h["epoch"] for h in state["extras"]["history"]] == [1, 2]  # epoch 1 kept, epoch 2 run again
+    assert load_reader(out).width == 8

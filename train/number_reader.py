@@ -31,7 +31,7 @@ from digit_demo.number_reader import (BACKBONES, DEFAULT_NUMBER_READER, HEIGHT, 
                                       crop_numbers, ctc_nll, decode, number_region, save_number_reader)
 
 from .cli import add_data_args
-from .reader import Sample, add_run_args, augment, begin_run, load_samples
+from .reader import RunState, Sample, add_run_args, augment, begin_run, load_samples
 
 
 def ordered(sample: Sample) -> tuple[torch.Tensor, str] | None:
@@ -148,8 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * math.ceil(len(samples) / args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps + args.epochs, pct_start=0.15)
-    best, start, history = None, time.time(), []
-    for epoch in range(args.epochs):
+    best, start, history, first = None, time.time(), [], 0
+    run_state = RunState(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    extras = run_state.load(model, opt, sched, g)
+    if extras:
+        best, history, first = extras["best"], extras["history"], extras["epoch"]
+        start -= extras["seconds"]
+    for epoch in range(first, args.epochs):
         crops, texts = make_crops(samples, g)
         model.train()
         order = torch.randperm(len(crops), generator=g).tolist()
@@ -179,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 "metrics": {"valid_number_accuracy_true_boxes": best["number_accuracy"]},
                 "history": history,
             })
+        run_state.save(model, opt, sched, g, epoch=epoch + 1, best=best, history=history, seconds=time.time() - start)
     return 0
 
 

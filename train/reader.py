@@ -192,6 +192,37 @@ def add_run_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--out", type=Path, default=Path("runs") / default_out / default_out,
                    help="checkpoint path to export to (checkpoints/ takes it by copying, then the release step)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-resume", action="store_true", help="start over even where the export's folder holds a state")
+
+
+class RunState:
+    """The state a second-stage trainer resumes from: ``<export>.last.pt`` beside its export, written
+    after each epoch (our own file, so unpickling it is safe). A state left by a run with other options
+    is ignored: rerun the same command to resume."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.path = Path(args.out).with_name(Path(args.out).with_suffix("").name + ".last.pt")
+        self.recipe = {k: str(v) for k, v in sorted(vars(args).items()) if k not in ("threads", "quiet", "no_resume")}
+        self.fresh = args.no_resume
+
+    def load(self, model, opt, sched, g: torch.Generator) -> dict | None:
+        """Restore ``model``, ``opt``, ``sched`` and ``g`` and return the saved extras, or None to start over."""
+        if self.fresh or not self.path.is_file():
+            return None
+        state = torch.load(self.path, weights_only=False)
+        if state.get("recipe") != self.recipe:
+            print(f"{self.path}: left by a run with other options; starting over", file=sys.stderr)
+            return None
+        model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
+        g.set_state(state["generator"])
+        print(f"resumed from {self.path} after epoch {state['extras']['epoch']}", file=sys.stderr)
+        return state["extras"]
+
+    def save(self, model, opt, sched, g: torch.Generator, **extras) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"recipe": self.recipe, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "generator": g.get_state(), "extras": extras}, tmp)
+        tmp.replace(self.path)
 
 
 def begin_run(args: argparse.Namespace) -> tuple[torch.Generator, list[Sample], dict]:
@@ -232,7 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     per_epoch = sum(len(b) for _, b, _ in samples) * 2 + sum(len(m[1]) for m in mined or [])
     steps = args.epochs * math.ceil(per_epoch / args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps + args.epochs, pct_start=0.15)
-    for epoch in range(args.epochs):
+    best_meta, first = None, 0
+    run_state = RunState(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    extras = run_state.load(model, opt, sched, g)
+    if extras:
+        best, history, best_meta, first = extras["best"], extras["history"], extras["best_meta"], extras["epoch"]
+        start -= extras["seconds"]
+    for epoch in range(first, args.epochs):
         crops, labels, where, _ = make_crops(samples, g, mined=mined)
         model.train()
         order = torch.randperm(len(crops), generator=g)
@@ -271,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                 "history": history,
             }
             save_reader(model, args.out, best_meta)
+        run_state.save(model, opt, sched, g, epoch=epoch + 1, best=best, history=history, best_meta=best_meta,
+                       seconds=time.time() - start)
     if args.hard_negatives:  # how far refine should trust the reader's background class, with this detector
         model = load_reader(args.out)
         rows = tune_verify(model, detector, args.data, args.val_json, args.val_images, args.verify)
