@@ -160,12 +160,17 @@ class Reproduction:
                 state = "up to date"
             elif (folder / "started.json").is_file():
                 started = read_json(folder / "started.json") or {}
-                state = "interrupted: resumes" if started.get("fingerprint") == prints[stage.name] else "stale: starts over"
+                if started.get("fingerprint") != prints[stage.name]:
+                    state = "stale: starts over"
+                else:
+                    state = "running now" if _alive(started.get("pid")) else "interrupted: resumes"
             else:
                 state = "to run"
             minutes = stage.config["minutes"]
+            done = read_json(folder / "done.json") or {}
             rows.append({"stage": stage.name, "state": state, "selected": stage.name in names,
-                         "minutes": minutes.get(self.device, minutes.get("cpu")), "needs": stage.needs})
+                         "minutes": minutes.get(self.device, minutes.get("cpu")), "needs": stage.needs,
+                         "took": f"{done['seconds'] / 60:.1f} min on {done.get('device', '?')}" if "seconds" in done else ""})
         return rows
 
     def run(self, names: list[str], dry: bool = False) -> int:
@@ -190,7 +195,7 @@ class Reproduction:
                 shutil.rmtree(folder)  # its config or inputs changed: what it left is stale
             folder.mkdir(parents=True, exist_ok=True)
             print(f"{stage.name}: {' '.join(argv[1:])}", file=sys.stderr)
-            (folder / "started.json").write_text(json.dumps({"fingerprint": fingerprint, "argv": argv,
+            (folder / "started.json").write_text(json.dumps({"fingerprint": fingerprint, "argv": argv, "pid": os.getpid(),
                                                              "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
             begin = time.time()
             empty = self.runs / "no_checkpoints"
@@ -214,6 +219,18 @@ class Reproduction:
                                                           "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
             print(f"{stage.name}: done in {seconds:.0f} s", file=sys.stderr)
         return 0
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether the reproduction that started a stage still runs (on this machine)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    return not cmdline.exists() or b"train.reproduce" in cmdline.read_bytes()
 
 
 def machine() -> str:
@@ -271,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         rows = repro.plan(names)
         total = sum(r["minutes"] for r in rows if r["selected"] and r["state"] != "up to date")
-        print(f"{'stage':20} {'state':22} {'est. min':>8}  needs")
+        print(f"{'stage':18} {'state':22} {'est. min':>8}  {'took':24} needs")
         for r in rows:
             mark = "" if r["selected"] else " (not selected)"
-            print(f"{r['stage']:20} {r['state'] + mark:22} {r['minutes']:>8}  {', '.join(r['needs'])}")
+            print(f"{r['stage']:18} {r['state'] + mark:22} {r['minutes']:>8}  {r['took']:24} {', '.join(r['needs'])}")
         print(f"left to run: about {total / 60:.1f} h on {args.device}")
         return 0
     return repro.run(names, args.dry_run)
