@@ -345,6 +345,7 @@ def main() -> int:
 
     from digit_demo.checkpoints import available
     from digit_demo.evaluation import best, sweep
+    from digit_demo.release import judge_ensembles
 
     args.out.mkdir(parents=True, exist_ok=True)
     if args.scenes_only:
@@ -382,11 +383,7 @@ def main() -> int:
     for key, rows in curves.items():
         b = best(rows)
         results[key].update({"threshold": b.threshold, "mAP": b.mAP, "AP50": b.AP50, "AP75": b.AP75, "accuracy": b.accuracy})
-    for key, r in results.items():
-        if "members" in r:
-            top = max(r["members"], key=lambda m: results[m]["accuracy"])
-            r["beats_best_member"] = {"accuracy": r["accuracy"] >= results[top]["accuracy"],
-                                      "mAP": r["mAP"] >= max(results[m]["mAP"] for m in r["members"])}
+    judge_ensembles(results)
     if args.scenes:
         results["scenes"] = scene_rows(scene_sets(ROOT / "out"), scene_configs(names), args.threads)
     if args.load_test:

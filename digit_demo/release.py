@@ -57,19 +57,26 @@ def tuned_results(results: dict, report: dict[str, list[Metrics]], tune: dict[st
             at = at_threshold(report[key], chosen.threshold)
             row = {**row, **at.__dict__, "threshold_chosen_on": "tune", "tune": dict(chosen.__dict__)}
         out[key] = row
-    for row in out.values():
-        if isinstance(row, dict) and "members" in row:
-            top = max(row["members"], key=lambda m: out[m]["accuracy"])
-            row["beats_best_member"] = {"accuracy": row["accuracy"] >= out[top]["accuracy"],
-                                        "mAP": row["mAP"] >= max(out[m]["mAP"] for m in row["members"])}
+    judge_ensembles(out)
     return out
 
 
+def judge_ensembles(results: dict) -> None:
+    """Mark each ensemble row (one with ``members``) with whether it reads at least as many numbers as
+    its most accurate member, and has at least its best member's mAP, at the rows' own thresholds."""
+    for row in results.values():
+        if isinstance(row, dict) and "members" in row:
+            top = max(row["members"], key=lambda m: results[m]["accuracy"])
+            row["beats_best_member"] = {"accuracy": row["accuracy"] >= results[top]["accuracy"],
+                                        "mAP": row["mAP"] >= max(results[m]["mAP"] for m in row["members"])}
+
+
 def copy_weights(source: Path, directory: Path) -> list[Path]:
-    """Copy every checkpoint (weights and sidecar: detectors, readers, locator) in ``source`` into ``directory``."""
+    """Copy every checkpoint (weights and sidecar: detectors, readers, locator) in the folder ``source``,
+    or the one checkpoint ``source`` names, into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     copied = []
-    for weights in sorted(source.glob("*.safetensors")):
+    for weights in sorted(source.glob("*.safetensors")) if source.is_dir() else [source.with_suffix(".safetensors")]:
         for suffix in (".safetensors", ".json"):
             copied.append(Path(shutil.copy(weights.with_suffix(suffix), directory / f"{weights.stem}{suffix}")))
     return copied
@@ -100,7 +107,7 @@ def release(results_dir: Path, directory: Path = CHECKPOINT_DIR, calibration: Pa
         side = directory / f"{name}.json"
         meta = json.loads(side.read_text())
         top = best(curves[name])  # on the split that chooses: the tuning split with a calibration
-        shown = at_threshold(report[name], top.threshold) if calibration is not None else top
+        shown = at_threshold(report[name], top.threshold)  # on the split that reports (the same one without)
         meta["benchmark"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in results[name].items()
                              if k != "tune"}
         if calibration is not None:
@@ -113,8 +120,7 @@ def release(results_dir: Path, directory: Path = CHECKPOINT_DIR, calibration: Pa
             config = configs.get(variant)
             if config is not None and config.key in curves and config.key in report:
                 chosen = best(curves[config.key])
-                meta["metrics"][f"valid_{variant}"] = dict((at_threshold(report[config.key], chosen.threshold)
-                                                            if calibration is not None else chosen).__dict__)
+                meta["metrics"][f"valid_{variant}"] = dict(at_threshold(report[config.key], chosen.threshold).__dict__)
             else:
                 meta["metrics"].pop(f"valid_{variant}", None)
         meta["threshold"] = top.threshold

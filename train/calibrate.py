@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from digit_demo.checkpoints import CHECKPOINTS_ENV
+from digit_demo.release import copy_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,15 +27,7 @@ def gather(sources: list[Path], out: Path) -> list[str]:
     """Copy the checkpoints (weights + sidecar) of each folder or file in ``sources`` into ``out``."""
     if out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
-    names = []
-    for src in sources:
-        paths = sorted(src.glob("*.safetensors")) if src.is_dir() else [src.with_suffix(".safetensors")]
-        for path in paths:
-            for suffix in (".safetensors", ".json"):
-                shutil.copy(path.with_suffix(suffix), out / f"{path.stem}{suffix}")
-            names.append(path.stem)
-    return names
+    return [p.stem for src in sources for p in copy_weights(src, out) if p.suffix == ".safetensors"]
 
 
 def main(argv: list[str] | None = None) -> int:

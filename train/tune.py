@@ -54,7 +54,7 @@ def _record(path: Path, chosen: dict, rows: list[dict], split: str) -> None:
     side = path.with_suffix(".json")
     meta = json.loads(side.read_text())
     meta.setdefault("tuned", {}).update(chosen, chosen_on=f"tuning split ({split})")
-    meta.setdefault("tuning", {}).update({k: rows for k in chosen})
+    meta.setdefault("tuning", {})[" + ".join(chosen)] = rows
     side.write_text(json.dumps(meta, indent=2) + "\n")
 
 
