@@ -101,7 +101,8 @@ def test_resume_restores_optimizer_and_scheduler(tmp_path):
     model = build_model(default_config("fasterrcnn_resnet18_fpn", min_size=96, max_size=240))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sched = engine.make_scheduler(opt, "cosine", 2, 2, 3, 0.3, 0)
-    start, best = engine.load_state(tmp_path / "run" / "last.pt", model, opt, sched)
+    progress = engine.load_state(tmp_path / "run" / "last.pt", model, opt, sched)
+    start, best = progress["epoch"] + 1, progress["best"]
     assert start == 2 and sched.last_epoch == 4 and opt.state_dict()["state"]
     assert best is not None and "accuracy" in best
 
@@ -173,3 +174,48 @@ def test_extra_json_adds_resolved_images_to_the_training_set(tmp_path):
     args = parse_args(["--config", "train/configs/resnet18_fpn_selftrain.json"])
     assert [str(p) for p in args.extra_json] == ["runs/pseudo/unlabeled_m8.json"] and args.init_from == "resnet18_fpn"
     assert "also trained on 2 `valid/` images labelled by `python -m train.resolve`" in card(tmp_path / "ck")
+
+
+def test_channels_last_and_bf16_autocast_train_like_the_float32_default(tmp_path):
+    """Memory layout must not change the arithmetic; bfloat16 autocast only rounds it."""
+    common = ["--model", "fasterrcnn_resnet18_fpn", "--name", "tiny", "--epochs", "1", "--max-iters", "2"]
+    logs, weights = {}, {}
+    for name, extra in {"usual": [], "channels_last": ["--channels-last"], "bf16": ["--amp", "bf16"]}.items():
+        logs[name] = run(tmp_path, *common, "--out-dir", str(tmp_path / name), *extra)[0]
+        model, meta = load_checkpoint(tmp_path / "ck" / "tiny")
+        weights[name] = model.state_dict()
+        assert meta["recipe"]["channels_last"] == (name == "channels_last")
+        assert meta["recipe"]["amp"] == ("bf16" if name == "bf16" else "none")
+    loss = float(logs["usual"]["loss"])
+    assert float(logs["channels_last"]["loss"]) == pytest.approx(loss, rel=1e-3)  # other conv kernels round differently
+    assert float(logs["bf16"]["loss"]) == pytest.approx(loss, rel=0.05)
+    worst = max((weights["channels_last"][k].float() - v.float()).abs().max().item() for k, v in weights["usual"].items()
+                if v.is_floating_point())
+    assert worst < 1e-2  # fp16 checkpoints of the same two SGD steps
+
+
+def test_amp_auto_is_bf16_only_where_it_is_fast(monkeypatch):
+    from train import cli
+
+    monkeypatch.setattr(cli, "has_amx", lambda: False)
+    assert cli.resolve_amp("auto", torch.device("cpu")) == "none"
+    assert cli.resolve_amp("auto", torch.device("cuda")) == "bf16"
+    assert cli.resolve_amp("bf16", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(cli, "has_amx", lambda: True)
+    assert cli.resolve_amp("auto", torch.device("cpu")) == "bf16"
+    assert cli.resolve_amp("none", torch.device("cpu")) == "none"
+
+
+def test_speed_times_a_stage_as_its_config_trains_it(tmp_path):
+    from digit_demo.inference import has_amx
+    from train.smoke import make_smoke_data
+    from train.speed import measure, stage_options
+
+    data = make_smoke_data(tmp_path / "data")
+    row = measure("resnet18_fpn", None, iters=1, warmup=1, data=data, batch_size=2)
+    opts = stage_options("resnet18_fpn")
+    assert row["images"] == 2 and row["images_per_s"] > 0
+    assert row["channels_last"] is bool(opts["--channels-last"]) and row["workers"] == opts["--workers"]
+    assert row["amp"] == {"auto": "bf16" if has_amx() else "none"}.get(opts["--amp"], opts["--amp"])
+    forced = measure("resnet18_fpn", "none", iters=1, warmup=1, data=data, batch_size=2, channels_last=False, workers=0)
+    assert forced["amp"] == "none" and forced["channels_last"] is False and forced["workers"] == 0

@@ -134,20 +134,31 @@ def evaluate(model, loader, gt: dict, device, reader: DigitReader | None = None)
     return best(rows), rows
 
 
-def save_state(path: Path, model, optimizer, scheduler, epoch: int, best_metrics: dict | None, args: dict) -> None:
-    """Resumable trainer state (our own file, read back with ``weights_only=True``)."""
+STATE_PARTS = ("model", "optimizer", "lr_scheduler", "generator")
+
+
+def save_state(path: Path, model, optimizer, scheduler, generator: torch.Generator | None = None, **progress) -> None:
+    """Write a trainer's resumable state to ``path``, atomically: the weights, the optimizer and
+    scheduler, the random ``generator`` (when the trainer draws from one) and the trainer's own
+    ``progress`` (epoch or step, best result, history, options). ``progress`` holds only tensors,
+    numbers, strings, lists and dicts, so :func:`load_state` reads it back with ``weights_only=True``."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+             **({"generator": generator.get_state()} if generator is not None else {}), **progress}
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                "epoch": epoch, "best": best_metrics, "args": args}, tmp)
+    torch.save(state, tmp)
     tmp.replace(path)
 
 
-def load_state(path: Path, model, optimizer, scheduler) -> tuple[int, dict | None]:
+def load_state(path: Path, model, optimizer, scheduler, generator: torch.Generator | None = None) -> dict:
+    """Restore what :func:`save_state` wrote into ``model``, ``optimizer``, ``scheduler`` and
+    ``generator``; returns the saved ``progress``."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["lr_scheduler"])
-    return state["epoch"] + 1, state["best"]
+    if generator is not None:
+        generator.set_state(state["generator"])
+    return {k: v for k, v in state.items() if k not in STATE_PARTS}
 
 
 def append_log(path: Path, row: dict) -> None:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from digit_demo.locator import INPUT_SIDE, STRIDE, Locator, decode, save_locator
 
+from . import engine
 from .scenes import SIZES, background_pool, compose, load_crops, open_background
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "svhn"
@@ -237,10 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     run.mkdir(parents=True, exist_ok=True)
     state_path = run / "last.pt"
     step, history, best = 0, [], None
-    if state_path.is_file():  # resume (our own file, written below)
-        state = torch.load(state_path, weights_only=False)
-        model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
-        step, history, best = state["step"], state["history"], state["best"]
+    if state_path.is_file():  # resume
+        progress = engine.load_state(state_path, model, opt, sched)
+        step, history, best = progress["step"], progress["history"], progress["best"]
         rng = np.random.default_rng([args.seed, step])
     start, seen = time.time(), 0
     bar = tqdm(total=args.steps, initial=step, unit="step", disable=args.quiet)
@@ -276,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "train_seconds": round(time.time() - start), "device": "cpu",
                                  "threads": torch.get_num_threads(), "torch": torch.__version__},
                     "history": history})
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step, "history": history, "best": best}, state_path)
+            engine.save_state(state_path, model, opt, sched, step=step, history=history, best=best)
     bar.close()
     print(f"exported {args.out} (step {best['step']}: recall {best['recall']:.3f}, precision {best['precision']:.3f})",
           file=sys.stderr)

@@ -31,6 +31,7 @@ from digit_demo.images import load_image
 from digit_demo.reader import (BOX_BLEND, BACKGROUND, DEFAULT_READER, DigitReader, crop_digits, crop_fractions,
                                load_reader, refine, save_reader, spots)
 
+from . import engine
 from .cli import DATA_SOURCE, add_data_args
 
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 CHW image, xyxy boxes, digits 0-9
@@ -197,7 +198,7 @@ def add_run_args(p: argparse.ArgumentParser, default_out: str) -> None:
 
 class RunState:
     """The state a second-stage trainer resumes from: ``<export>.last.pt`` beside its export, written
-    after each epoch (our own file, so unpickling it is safe). A state left by a run with other options
+    after each epoch with :func:`train.engine.save_state`. A state left by a run with other options
     is ignored: rerun the same command to resume."""
 
     def __init__(self, args: argparse.Namespace):
@@ -206,23 +207,18 @@ class RunState:
         self.fresh = args.no_resume
 
     def load(self, model, opt, sched, g: torch.Generator) -> dict | None:
-        """Restore ``model``, ``opt``, ``sched`` and ``g`` and return the saved extras, or None to start over."""
+        """Restore ``model``, ``opt``, ``sched`` and ``g`` and return the saved progress, or None to start over."""
         if self.fresh or not self.path.is_file():
             return None
-        state = torch.load(self.path, weights_only=False)
-        if state.get("recipe") != self.recipe:
+        if torch.load(self.path, map_location="cpu", weights_only=True).get("recipe") != self.recipe:
             print(f"{self.path}: left by a run with other options; starting over", file=sys.stderr)
             return None
-        model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
-        g.set_state(state["generator"])
-        print(f"resumed from {self.path} after epoch {state['extras']['epoch']}", file=sys.stderr)
-        return state["extras"]
+        progress = engine.load_state(self.path, model, opt, sched, g)
+        print(f"resumed from {self.path} after epoch {progress['epoch']}", file=sys.stderr)
+        return progress
 
-    def save(self, model, opt, sched, g: torch.Generator, **extras) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({"recipe": self.recipe, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "generator": g.get_state(), "extras": extras}, tmp)
-        tmp.replace(self.path)
+    def save(self, model, opt, sched, g: torch.Generator, **progress) -> None:
+        engine.save_state(self.path, model, opt, sched, g, recipe=self.recipe, **progress)
 
 
 def begin_run(args: argparse.Namespace) -> tuple[torch.Generator, list[Sample], dict]:

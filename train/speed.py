@@ -1,11 +1,12 @@
 """Measure (and profile) detector training speed: images/s over real training steps.
 
-Builds each model as its reproduction stage does (``train/configs/reproduce/<name>.json``: sizes and
-batch), feeds it ``train`` images with the training augmentation, and times ``--iters`` steps after
-``--warmup`` steps, in float32 and/or under bfloat16 autocast. ``--profile`` prints the operators
-that take the most time (torch.profiler).
+Builds each model and trains it as its reproduction stage does (``train/configs/reproduce/<name>.json``:
+input sizes, batch size, autocast, memory format, data-loading processes; each can be overridden),
+feeds it ``train`` images with the training augmentation, and times ``--iters`` steps after
+``--warmup`` steps. ``--profile`` prints the operators that take the most time (torch.profiler).
 
-    python -m train.speed --models resnet18_fpn --amp none bf16 --iters 30
+    python -m train.speed --models resnet18_fpn                         # as the stage trains
+    python -m train.speed --models resnet18_fpn --amp none bf16 --batch-size 4 --no-channels-last --workers 0
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from digit_demo.data import DigitDataset, collate
 from digit_demo.detect import set_threads
 from digit_demo.models import build_model, default_config
 
-from .cli import DEFAULT_DATA
+from .cli import DEFAULT_DATA, resolve_amp
 from .presets import train_transforms
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "reproduce"
@@ -31,9 +32,13 @@ def stage_options(name: str) -> dict:
     return json.loads((CONFIGS / f"{name}.json").read_text())["run"]["options"]
 
 
-def measure(name: str, amp: str, iters: int, warmup: int, data: Path, profile: bool = False,
-            channels_last: bool = False) -> dict:
+def measure(name: str, amp: str | None, iters: int, warmup: int, data: Path, profile: bool = False,
+            channels_last: bool | None = None, batch_size: int | None = None, workers: int | None = None) -> dict:
+    """Images/s of ``iters`` training steps of stage ``name``; every None setting is the stage's own."""
     opts = stage_options(name)
+    amp = resolve_amp(amp or opts.get("--amp", "none"), torch.device("cpu"))
+    channels_last = bool(opts.get("--channels-last")) if channels_last is None else channels_last
+    workers = int(opts.get("--workers", 0)) if workers is None else workers
     sizes = opts.get("--min-size")
     overrides = {"max_size": opts["--max-size"]} if "--max-size" in opts else {}
     if sizes:
@@ -43,9 +48,10 @@ def measure(name: str, amp: str, iters: int, warmup: int, data: Path, profile: b
     model.train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    batch = int(opts.get("--batch-size", 4))
+    batch = batch_size or int(opts.get("--batch-size", 4))
     dataset = DigitDataset(data / "train", data / "train.json", train_transforms("default"), limit=batch * (iters + warmup))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, collate_fn=collate, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, collate_fn=collate, drop_last=True,
+                                         num_workers=workers)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     seen, start = 0, None
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
@@ -67,25 +73,30 @@ def measure(name: str, amp: str, iters: int, warmup: int, data: Path, profile: b
     if prof:
         prof.__exit__(None, None, None)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
-    return {"model": name, "amp": amp, "channels_last": channels_last, "batch_size": batch, "images": seen, "seconds": round(seconds, 2),
+    return {"model": name, "amp": amp, "channels_last": channels_last, "batch_size": batch, "workers": workers, "images": seen, "seconds": round(seconds, 2),
             "images_per_s": round(seen / seconds, 2), "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet18_fpn", "resnet34_fpn", "mobilenet_v3_fpn"])
-    p.add_argument("--amp", nargs="+", choices=["none", "bf16"], default=["none", "bf16"])
+    p.add_argument("--amp", nargs="+", choices=["none", "bf16", "auto"], default=[None],
+                   help="autocast setting(s) to time (default: the stage's)")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--channels-last", action="store_true", help="weights in channels-last memory format")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="weights in channels-last memory format (default: the stage's)")
+    p.add_argument("--batch-size", type=int, help="instead of the stage's batch size")
+    p.add_argument("--workers", type=int, help="data-loading processes (default: the stage's)")
     args = p.parse_args(argv)
     set_threads(args.threads)
     for name in args.models:
         for amp in args.amp:
-            print(json.dumps(measure(name, amp, args.iters, args.warmup, args.data, args.profile, args.channels_last)))
+            print(json.dumps(measure(name, amp, args.iters, args.warmup, args.data, args.profile, args.channels_last,
+                                     args.batch_size, args.workers)))
     return 0
 
 
