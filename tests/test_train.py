@@ -177,8 +177,9 @@ def test_extra_json_adds_resolved_images_to_the_training_set(tmp_path):
 
 
 def test_channels_last_and_bf16_autocast_train_like_the_float32_default(tmp_path):
-    """Memory layout must not change the arithmetic; bfloat16 autocast only rounds it."""
-    common = ["--model", "fasterrcnn_resnet18_fpn", "--name", "tiny", "--epochs", "1", "--max-iters", "2"]
+    """Memory layout must not change the arithmetic; bfloat16 autocast only rounds it. One step: its loss
+    comes from the same initial weights in every run (later steps sample other proposals)."""
+    common = ["--model", "fasterrcnn_resnet18_fpn", "--name", "tiny", "--epochs", "1", "--max-iters", "1"]
     logs, weights = {}, {}
     for name, extra in {"usual": [], "channels_last": ["--channels-last"], "bf16": ["--amp", "bf16"]}.items():
         logs[name] = run(tmp_path, *common, "--out-dir", str(tmp_path / name), *extra)[0]
@@ -191,7 +192,7 @@ def test_channels_last_and_bf16_autocast_train_like_the_float32_default(tmp_path
     assert float(logs["bf16"]["loss"]) == pytest.approx(loss, rel=0.05)
     worst = max((weights["channels_last"][k].float() - v.float()).abs().max().item() for k, v in weights["usual"].items()
                 if v.is_floating_point())
-    assert worst < 1e-2  # fp16 checkpoints of the same two SGD steps
+    assert worst < 1e-2  # fp16 checkpoints of the same SGD step
 
 
 def test_amp_auto_is_bf16_only_where_it_is_fast(monkeypatch):
