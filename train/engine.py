@@ -152,7 +152,17 @@ def save_state(path: Path, model, optimizer, scheduler, generator: torch.Generat
 def load_state(path: Path, model, optimizer, scheduler, generator: torch.Generator | None = None) -> dict:
     """Restore what :func:`save_state` wrote into ``model``, ``optimizer``, ``scheduler`` and
     ``generator``; returns the saved ``progress``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    return restore_state(read_state(path), model, optimizer, scheduler, generator)
+
+
+def read_state(path: Path) -> dict:
+    """The state :func:`save_state` wrote, as saved (tensors on the CPU)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def restore_state(state: dict, model, optimizer, scheduler, generator: torch.Generator | None = None) -> dict:
+    """Put a :func:`read_state` state into ``model``, ``optimizer``, ``scheduler`` and ``generator``;
+    returns its ``progress``."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["lr_scheduler"])

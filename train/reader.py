@@ -210,10 +210,11 @@ class RunState:
         """Restore ``model``, ``opt``, ``sched`` and ``g`` and return the saved progress, or None to start over."""
         if self.fresh or not self.path.is_file():
             return None
-        if torch.load(self.path, map_location="cpu", weights_only=True).get("recipe") != self.recipe:
+        state = engine.read_state(self.path)
+        if state.get("recipe") != self.recipe:
             print(f"{self.path}: left by a run with other options; starting over", file=sys.stderr)
             return None
-        progress = engine.load_state(self.path, model, opt, sched, g)
+        progress = engine.restore_state(state, model, opt, sched, g)
         print(f"resumed from {self.path} after epoch {progress['epoch']}", file=sys.stderr)
         return progress
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from digit_demo.data import DigitDataset, collate
 from digit_demo.detect import set_threads
 from digit_demo.models import build_model, default_config
 
+from . import engine
 from .cli import DEFAULT_DATA, resolve_amp
 from .presets import train_transforms
 
@@ -53,23 +54,15 @@ def measure(name: str, amp: str | None, iters: int, warmup: int, data: Path, pro
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, collate_fn=collate, drop_last=True,
                                          num_workers=workers)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    seen, start = 0, None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batches, cpu = iter(loader), torch.device("cpu")
+    if warmup:  # the trainer's own step (engine.train_one_epoch), untimed
+        engine.train_one_epoch(model, optimizer, scheduler, islice(batches, warmup), cpu, 0, show=False, amp=amp)
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
-    for i, (images, targets) in enumerate(loader):
-        if i == warmup:
-            start = time.perf_counter()
-            if prof:
-                prof.__enter__()
-        targets = [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]} for t in targets]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
-            losses = model(images, targets)
-        loss = sum(v.float() for v in losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if i >= warmup:
-            seen += len(images)
-    seconds = time.perf_counter() - start
+    if prof:
+        prof.__enter__()
+    stats = engine.train_one_epoch(model, optimizer, scheduler, islice(batches, iters), cpu, 1, show=False, amp=amp)
+    seen, seconds = iters * batch, stats["seconds"]
     if prof:
         prof.__exit__(None, None, None)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
