@@ -80,6 +80,24 @@ def test_an_interrupted_stage_resumes_and_the_graph_stops_there(toy):
     assert runs_of(runs, "a") == 1
 
 
+def test_a_stage_time_adds_up_over_its_attempts(toy, monkeypatch):
+    make, runs, _ = toy
+    monkeypatch.setattr(reproduce, "HEARTBEAT", 0.1)
+    (runs / "b").mkdir(parents=True)
+    (runs / "b" / "fail").write_text("")
+    (runs / "b" / "slow").write_text("1.0")
+    assert make().run(["a", "b"]) == 3
+    first = json.loads((runs / "b" / "spent.json").read_text())
+    assert first["attempts"] == 1 and first["seconds"] >= 1.0
+    (runs / "b" / "fail").unlink()
+    (runs / "b" / "slow").write_text("0.5")
+    assert make().run(["a", "b"]) == 0
+    done = json.loads((runs / "b" / "done.json").read_text())
+    assert done["attempts"] == 2 and done["seconds"] >= first["seconds"] + 0.5
+    assert json.loads((runs / "a" / "done.json").read_text())["attempts"] == 1
+    assert ", 2 tries" in make().plan(["b"])[1]["took"]
+
+
 def test_only_needs_its_inputs_up_to_date_and_from_selects_the_rest(toy):
     make, runs, _ = toy
     assert make().run(["b"]) == 1 and not (runs / "b" / "out.txt").exists()

@@ -57,14 +57,14 @@ def test_short_run_lowers_loss_and_exports_a_loadable_checkpoint(tmp_path):
 
     # fine-tuning from it replaces the export only if it beats the parent's validation metrics
     before = (tmp_path / "ck" / "tiny.safetensors").read_bytes()
-    parent = meta["metrics"]["valid"]
+    parent, parent_epochs = meta["metrics"]["valid"], meta["training"]["epochs_run"]
     ft = run(tmp_path, "--model", "fasterrcnn_resnet18_fpn", "--name", "tiny", "--epochs", "1", "--lr", "0.001",
              "--init-from", str(tmp_path / "ck" / "tiny"), "--out-dir", str(tmp_path / "ft"))
     beaten = (float(ft[0]["val_accuracy"]), float(ft[0]["val_mAP"])) > (round(parent["accuracy"], 4), round(parent["mAP"], 4))
     after = load_checkpoint(tmp_path / "ck" / "tiny")[1]
     assert ((tmp_path / "ck" / "tiny.safetensors").read_bytes() != before) == beaten
     assert ("init_from" in after["recipe"]) == beaten
-    assert ("| 4 + 1 |" in card(tmp_path / "ck")) == beaten  # the card counts parent epochs
+    assert (f"| {parent_epochs} + 1 |" in card(tmp_path / "ck")) == beaten  # the card counts parent epochs
 
     # a parent measured with the digit reader is beaten or not by its detector-alone result
     side = tmp_path / "ck" / "tiny.json"
@@ -105,6 +105,39 @@ def test_resume_restores_optimizer_and_scheduler(tmp_path):
     start, best = progress["epoch"] + 1, progress["best"]
     assert start == 2 and sched.last_epoch == 4 and opt.state_dict()["state"]
     assert best is not None and "accuracy" in best
+
+
+class Interrupted(Exception):
+    """Stands for the machine stopping the job right after a save."""
+
+
+def test_an_epoch_interrupted_mid_way_resumes_at_its_last_save_and_ends_as_if_never_stopped(tmp_path, monkeypatch):
+    args = ("--model", "fasterrcnn_resnet18_fpn", "--epochs", "2", "--batch-size", "2", "--limit", "8", "--val-limit", "2",
+            "--workers", "0", "--threads", "2")
+    whole = run(tmp_path, *args, "--out-dir", str(tmp_path / "whole"), "--save-every", "0")
+    real_save, saves = engine.save_state, []
+
+    def save_then_stop(path, *a, **progress):
+        real_save(path, *a, **progress)
+        saves.append((progress["epoch"], (progress.get("partial") or {}).get("batches")))
+        if saves[-1] == (0, 2):  # epoch 1, after its second batch of four
+            raise Interrupted
+
+    monkeypatch.setattr(engine, "save_state", save_then_stop)
+    with pytest.raises(Interrupted):
+        run(tmp_path, *args, "--out-dir", str(tmp_path / "cut"), "--save-every", "1e-9")
+    assert saves == [(-1, 1), (-1, 2), (-1, 3), (-1, 4), (0, None), (0, 1), (0, 2)]
+    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert state["partial"]["batches"] == 2 and state["partial"]["images"] == 4
+    monkeypatch.setattr(engine, "save_state", real_save)
+    resumed = run(tmp_path, *args, "--out-dir", str(tmp_path / "cut"), "--save-every", "0")
+    assert [r["epoch"] for r in resumed] == ["0", "1"]  # epoch 0 was not run again
+    # the resumed epoch continued the interrupted one: same batches, same random draws, same weights
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["lr_scheduler"]["last_epoch"] == 8
 
 
 def test_time_budget_stops_the_run_and_anneals_over_the_budget(tmp_path, monkeypatch):

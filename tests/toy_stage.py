@@ -1,9 +1,10 @@
 """A stand-in trainer for the reproduction graph's tests: ``python -m tests.toy_stage --out DIR [--inputs F ...]``.
 
 It writes ``DIR/out.txt`` (its own text plus its inputs'), counts its runs in ``DIR/runs.txt``,
-keeps a ``DIR/state.txt`` between runs (what a trainer resumes from) and exits 3 while
-``DIR/fail`` exists (an interruption)."""
+keeps a ``DIR/state.txt`` between runs (what a trainer resumes from), works for as many seconds as
+``DIR/slow`` says and exits 3 while ``DIR/fail`` exists (an interruption)."""
 import argparse
+import time
 from pathlib import Path
 
 p = argparse.ArgumentParser()
@@ -17,6 +18,8 @@ runs.write_text(str(int(runs.read_text()) + 1 if runs.exists() else 1))
 state = args.out / "state.txt"
 resumed = state.exists()
 state.write_text("half done")
+if (args.out / "slow").exists():
+    time.sleep(float((args.out / "slow").read_text()))
 if (args.out / "fail").exists():
     raise SystemExit(3)
 text = args.text + "".join(f.read_text() for f in args.inputs)

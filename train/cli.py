@@ -80,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
                    "checkpoints/ takes it by copying, then benchmark.py and python -m digit_demo release")
     p.add_argument("--init-from", help="start from this checkpoint's weights (fine-tuning); it is only replaced if beaten")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a state")
+    p.add_argument("--save-every", type=float, default=10.0,
+                   help="also save the resumable state every N minutes within an epoch, so an interrupted epoch "
+                        "resumes at its last save (0: at the end of each epoch only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -155,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.val_limit:
         keep = {im["id"] for im in val_set.images}
         val_gt = {**val_gt, "images": val_set.images, "annotations": [a for a in val_gt["annotations"] if a["image_id"] in keep]}
-    sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True) if world > 1 else None
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
+    sampler = engine.EpochSampler(train_set, world, rank, seed=args.seed)
+    # the loader draws its workers' seeds from its own generator, not from the global one that a resume restores
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
+                                         generator=torch.Generator().manual_seed(args.seed + rank),
                                          num_workers=args.workers, collate_fn=collate, drop_last=True,
                                          persistent_workers=args.workers > 0)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=8, num_workers=args.workers, collate_fn=collate)
@@ -179,10 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     # benchmark.py has also measured it with the digit reader
     split = "valid" if Path(args.val_json).name == "valid.json" else "tune"  # what picks epochs: the sidecar says which
     best_row = (parent["metrics"].get(f"{split}_detector_only") or parent["metrics"].get(split)) if parent else None
+    partial = None  # what the epoch being resumed did before its interruption
     if resuming:
         progress = engine.load_state(state_path, model, optimizer, scheduler)
-        start_epoch, best_row = progress["epoch"] + 1, progress["best"]
-        print(f"resumed from {state_path} at epoch {start_epoch}", file=sys.stderr)
+        start_epoch, best_row, partial = progress["epoch"] + 1, progress["best"], progress.get("partial")
+        if "rng" in progress and world == 1:  # under torchrun each rank keeps its own seed
+            engine.set_rng_state(progress["rng"])
+        where = f", batch {partial['batches']}" if partial else ""
+        print(f"resumed from {state_path} at epoch {start_epoch}{where}", file=sys.stderr)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     data_info = {"train": str(args.train_json), "train_images": len(train_set), "tiers": args.tiers or "all",
@@ -190,12 +199,21 @@ def main(argv: list[str] | None = None) -> int:
                  "extra": [{"json": str(p), "images": args.extra_images, "count": len(d)} for p, d in zip(args.extra_json, extra_sets)],
                  "valid": str(args.val_json), "valid_images": len(val_set),
                  "source": DATA_SOURCE}
+
+    def save(epochs_done: int, **progress) -> None:
+        engine.save_state(state_path, model, optimizer, scheduler, epoch=epochs_done - 1, best=best_row,
+                          rng=engine.rng_state(), args={k: str(v) for k, v in vars(args).items()}, **progress)
+
     for epoch in range(start_epoch, args.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loader_iter = loader if not args.max_iters else _take(loader, args.max_iters)
+        sampler.set_epoch(epoch)
+        skip = partial["batches"] if partial else 0
+        sampler.skip = skip * args.batch_size
+        loader_iter = loader if not args.max_iters else _take(loader, args.max_iters - skip)
         stats = engine.train_one_epoch(train_model, optimizer, scheduler, loader_iter, device, epoch, show=not args.quiet,
-                                       budget=budget, amp=args.amp)
+                                       budget=budget, amp=args.amp, partial=partial,
+                                       checkpoint=(lambda so_far, e=epoch: save(e, partial=so_far)) if rank == 0 else None,
+                                       checkpoint_every=args.save_every * 60)
+        partial = None
         out_of_time = budget is not None and budget.used_up()
         if world > 1:  # batch-norm statistics are each rank's own after its last step: take rank 0's, as DDP does
             for buffer in model.buffers():
@@ -228,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                     "sweep": [r.__dict__ for r in rows]}
             path = save_checkpoint(model, args.export_dir / args.name, meta)
             print(f"exported {path} (epoch {epoch}: accuracy {top.accuracy:.4f}, mAP {top.mAP:.4f})", file=sys.stderr)
-        engine.save_state(state_path, model, optimizer, scheduler, epoch=epoch, best=best_row,
-                          args={k: str(v) for k, v in vars(args).items()})
+        save(epoch + 1)
         if out_of_time:
             print(f"time budget of {args.time_budget:.0f} s used up after epoch {epoch}", file=sys.stderr)
             break

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import csv
 import math
+import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,12 +83,26 @@ def make_scheduler(optimizer, kind: str, epochs: int, iters_per_epoch: int, step
 
 
 def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, log_every: int = 20, show: bool = True,
-                    budget: TimeBudget | None = None, amp: str = "none") -> dict:
+                    budget: TimeBudget | None = None, amp: str = "none", partial: dict | None = None,
+                    checkpoint: Callable[[dict], None] | None = None, checkpoint_every: float = 0.0) -> dict:
     """One pass over ``loader`` (cut short when ``budget`` is used up); returns mean losses and throughput.
-    ``amp="bf16"`` runs the forward pass under bfloat16 autocast (weights and optimizer stay float32)."""
+    ``amp="bf16"`` runs the forward pass under bfloat16 autocast (weights and optimizer stay float32).
+
+    Mid-epoch resumption: ``checkpoint(partial)`` is called after a step whenever ``checkpoint_every``
+    seconds have passed since the last call (never when it is 0); ``partial`` holds what this epoch has
+    done so far (``batches``, ``images``, ``seconds``, loss ``sums``). Passing it back as ``partial``,
+    with a ``loader`` that skips those batches, continues the epoch and its statistics."""
     model.train()
-    sums: dict[str, float] = {}
-    n_images, start = 0, time.perf_counter()
+    done = partial or {}
+    sums: dict[str, float] = dict(done.get("sums", {}))
+    skipped, n_images, before = int(done.get("batches", 0)), int(done.get("images", 0)), float(done.get("seconds", 0.0))
+    start = last_save = time.perf_counter()
+    i = -1
+
+    def so_far() -> dict:
+        return {"batches": skipped + i + 1, "images": n_images, "seconds": before + time.perf_counter() - start,
+                "sums": dict(sums)}
+
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not show, mininterval=5, unit="batch")
     for i, (images, targets) in enumerate(bar):
         images = [im.to(device) for im in images]
@@ -96,7 +112,7 @@ def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, log
         losses = {k: v.float() for k, v in losses.items()}
         loss = sum(losses.values())
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, batch {i}: lower the learning rate")
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, batch {skipped + i}: lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -106,12 +122,16 @@ def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, log
             sums[k] = sums.get(k, 0.0) + v.item()
         if budget and budget.used_up():
             break
+        if checkpoint is not None and checkpoint_every > 0 and time.perf_counter() - last_save >= checkpoint_every:
+            checkpoint(so_far())
+            last_save = time.perf_counter()
         if i % log_every == 0:
-            bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}",
-                            ips=f"{n_images / (time.perf_counter() - start):.1f}")
-    elapsed = time.perf_counter() - start
-    batches = max(1, i + 1)
-    return {**{k: v / batches for k, v in sums.items()}, "images_per_s": n_images / elapsed, "seconds": elapsed}
+            bar.set_postfix(loss=f"{sums['loss'] / (skipped + i + 1):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}",
+                            ips=f"{n_images / (before + time.perf_counter() - start):.1f}")
+    total = so_far()
+    batches = max(1, total["batches"])
+    return {**{k: v / batches for k, v in sums.items()}, "images_per_s": n_images / total["seconds"],
+            "seconds": total["seconds"]}
 
 
 @torch.inference_mode()
@@ -132,6 +152,41 @@ def evaluate(model, loader, gt: dict, device, reader: DigitReader | None = None)
     """Sweep thresholds on the validation set; returns the best row and all rows."""
     rows = sweep(gt, predict(model, loader, device, reader))
     return best(rows), rows
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """Shuffles each epoch as a function of ``(seed, epoch)`` alone (call ``set_epoch``), in one process
+    or as rank ``rank`` of ``replicas``, so an interrupted epoch can resume where it stopped:
+    ``skip`` drops the first samples of the next pass (this rank's), then resets to 0."""
+
+    def __init__(self, dataset, replicas: int = 1, rank: int = 0, seed: int = 0):
+        super().__init__(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def __iter__(self):
+        order = list(super().__iter__())[self.skip:]
+        self.skip = 0
+        return iter(order)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+def rng_state() -> dict:
+    """This process's random states (torch, CUDA when present, Python's ``random``), for an exact resume."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 STATE_PARTS = ("model", "optimizer", "lr_scheduler", "generator")

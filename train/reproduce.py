@@ -13,8 +13,9 @@ stage's folder), ``{release}`` (where the release step writes: ``checkpoints/`` 
 A stage is up to date when its ``runs/<stage>/done.json`` holds the fingerprint it would have now:
 the hash of its config, the mode (full or smoke) and the fingerprints of the stages it needs. Up to
 date stages are skipped; a stage whose folder was started with another fingerprint is cleared; an
-interrupted stage is run again and its trainer resumes from the state it left in its folder. Only
-the ``release`` stage writes ``checkpoints/``.
+interrupted stage is run again and its trainer resumes from the state it left in its folder. A
+stage's time (``done.json``: ``seconds``, ``attempts``) is the sum over its attempts, kept in
+``spent.json`` while it runs. Only the ``release`` stage writes ``checkpoints/``.
 
     python -m train.reproduce --plan            # the stages, their state and time estimates
     python -m train.reproduce                   # run (again) whatever is not up to date
@@ -44,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "train" / "configs" / "reproduce"
 GRAPH = ("splits", "resnet18_fpn", "pseudo_r1", "resnet18_fpn_self", "pseudo_r2", "resnet34_fpn", "mobilenet_v3_fpn",
          "digit_reader", "number_reader", "number_proposer", "tune", "locator", "calibrate", "report", "release")
+HEARTBEAT = 30.0  # seconds between writes of a running stage's spent.json (its time survives the machine stopping)
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ class Reproduction:
             done = read_json(folder / "done.json") or {}
             rows.append({"stage": stage.name, "state": state, "selected": stage.name in names,
                          "minutes": minutes.get(self.device, minutes.get("cpu")), "needs": stage.needs,
-                         "took": f"{done['seconds'] / 60:.1f} min on {done.get('device', '?')}" if "seconds" in done else ""})
+                         "took": _took(done)})
         return rows
 
     def run(self, names: list[str], dry: bool = False) -> int:
@@ -194,8 +196,11 @@ class Reproduction:
             if started and started.get("fingerprint") != fingerprint:
                 shutil.rmtree(folder)  # its config or inputs changed: what it left is stale
             folder.mkdir(parents=True, exist_ok=True)
+            before = read_json(folder / "spent.json") or {"seconds": 0.0, "attempts": 0}  # earlier, interrupted attempts
+            attempts = before["attempts"] + 1
             print(f"{stage.name}: {' '.join(argv[1:])}", file=sys.stderr)
             (folder / "started.json").write_text(json.dumps({"fingerprint": fingerprint, "argv": argv, "pid": os.getpid(),
+                                                             "attempt": attempts,
                                                              "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
             begin = time.time()
             empty = self.runs / "no_checkpoints"
@@ -203,8 +208,21 @@ class Reproduction:
             env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                    CHECKPOINTS_ENV: str(empty), **stage.env(self.places(stage))}
+
+            def spent() -> float:  # this stage's time over all its attempts, kept while it runs
+                seconds = round(before["seconds"] + time.time() - begin, 1)
+                (folder / "spent.json").write_text(json.dumps({"seconds": seconds, "attempts": attempts}) + "\n")
+                return seconds
+
             with (folder / "log.txt").open("a") as log:
-                code = subprocess.run(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                while True:
+                    try:
+                        code = child.wait(timeout=HEARTBEAT)
+                        break
+                    except subprocess.TimeoutExpired:
+                        spent()
+            seconds = spent()
             if code:
                 print(f"{stage.name}: failed (exit {code}); see {folder / 'log.txt'}", file=sys.stderr)
                 return code
@@ -212,13 +230,20 @@ class Reproduction:
             if missing:
                 print(f"{stage.name}: finished without writing {missing}", file=sys.stderr)
                 return 1
-            seconds = round(time.time() - begin, 1)
-            (folder / "done.json").write_text(json.dumps({"fingerprint": fingerprint, "seconds": seconds,
+            (folder / "done.json").write_text(json.dumps({"fingerprint": fingerprint, "seconds": seconds, "attempts": attempts,
                                                           "device": machine(), "torchrun": self.torchrun
                                                           if stage.config.get("distributed") else None, "smoke": self.smoke,
                                                           "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
             print(f"{stage.name}: done in {seconds:.0f} s", file=sys.stderr)
         return 0
+
+
+def _took(done: dict) -> str:
+    """How long a finished stage took, on what, in how many attempts."""
+    if "seconds" not in done:
+        return ""
+    tries = done.get("attempts", 1)
+    return f"{done['seconds'] / 60:.1f} min on {done.get('device', '?')}" + (f", {tries} tries" if tries > 1 else "")
 
 
 def _alive(pid: int | None) -> bool:
