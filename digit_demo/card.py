@@ -64,11 +64,13 @@ def _stages(meta: dict) -> str:
     lines = []
     for i, st in enumerate(_chain(meta), 1):
         tr, rec, m = st.get("training", {}), st.get("recipe", {}), st.get("metrics", {})
-        v = m.get("valid_detector_only") or m.get("valid", {})  # stages are compared without the digit reader
+        # each stage as its trainer scored its epochs: the detector alone, on the split that chose them
+        split, v = next(((k, m[k]) for k in ("tune", "valid_detector_only", "valid") if m.get(k)), ("valid", {}))
         config = f", `{rec['config']}`" if rec.get("config") else ""
         lines.append(f"  {i}. {tr.get('epochs_run', '?')} epochs on {_device(st)}: "
                      f"batch {rec.get('batch_size', '?')}, lr {rec.get('lr', '?')} {rec.get('lr_schedule', '')}{config}; "
-                     f"valid accuracy {v.get('accuracy', float('nan')):.3f}, mAP {v.get('mAP', float('nan')):.3f} (detector alone)\n")
+                     f"{split.split('_')[0]} accuracy {v.get('accuracy', float('nan')):.3f}, "
+                     f"mAP {v.get('mAP', float('nan')):.3f} (detector alone)\n")
     return "".join(lines)
 
 
@@ -177,6 +179,13 @@ def reader_sidecar(directory: Path = CHECKPOINT_DIR, name: str | None = None) ->
     return read_sidecar(side) if side.is_file() else None
 
 
+def _measured_on(meta: dict) -> str:
+    """Which split a second-stage reader's trainer validated on (its ``valid_*`` metrics, and the constants it
+    chose there): `valid`, or the reproduction's tuning split."""
+    split = Path(str(meta.get("data", {}).get("valid", "valid.json"))).name
+    return "`valid`" if split == "valid.json" else f"the tuning split (`{split}`)"
+
+
 def _sequence_training(meta: dict) -> str:
     """How a whole-number reader or proposer was trained, from its sidecar."""
     tr, data = meta.get("training", {}), meta.get("data", {})
@@ -185,7 +194,7 @@ def _sequence_training(meta: dict) -> str:
     if own:
         extra += (f" + {own['count']} `{own['images']}/` photos labelled with the numbers `{own['detector']}` reads "
                   f"with confidence ≥ {own['min_confidence']:g} (self-training)")
-    return (f"Alone, on crops around the true `valid` boxes, it reads "
+    return (f"Alone, on crops around the true boxes of {_measured_on(meta)}, it reads "
             f"{meta['metrics']['valid_number_accuracy_true_boxes']:.3f} of the numbers. Trained on "
             f"`train`{extra}: {tr.get('epochs_run', '?')} epochs on {tr.get('device', '?')}, "
             f"{_duration(tr.get('train_seconds', 0))} (`python -m train.number_reader`); recipe "
@@ -227,7 +236,7 @@ def _reader_section(directory: Path) -> str:
     return (f"\n## Second-stage digit reader (`{meta['name']}`)\n\n"
             f"A small CNN (`{meta['architecture']}`, width {cfg['width']}) that reads each spot a detector found from a "
             f"{cfg['crop']} x {cfg['crop']} crop of the original photo ({cfg['context']} x the box's longer side): digit "
-            f"0-9 or background. {_scoring(meta)} Validation (`valid` ground-truth boxes): digit accuracy "
+            f"0-9 or background. {_scoring(meta)} Validation ({_measured_on(meta)}, ground-truth boxes): digit accuracy "
             f"{m.get('valid_digit_accuracy', float('nan')):.3f}, background crops rejected "
             f"{m.get('valid_background_accuracy', float('nan')):.3f}.{_box_head(meta)} Trained from scratch on `train`{extra}{_mined(meta)}: "
             f"{tr.get('epochs_run', '?')} epochs on {tr.get('device', '?')}, {_duration(tr.get('train_seconds', 0))} "
@@ -243,7 +252,7 @@ def _scoring(meta: dict) -> str:
     sweep = meta.get("verify_sweep")
     if sweep:
         tried = ", ".join(f"{r['verify']:g}: {r['accuracy']:.3f}" for r in sorted(sweep["rows"], key=lambda r: r["verify"]))
-        text += (f" `verify` = {v:g} (how far the reader's own presence replaces the detector's) was chosen on `valid` "
+        text += (f" `verify` = {v:g} (how far the reader's own presence replaces the detector's) was chosen on {_measured_on(meta)} "
                  f"with `{sweep['detector']}`; whole-number accuracy per value: {tried}.")
     return text
 
@@ -264,8 +273,8 @@ def _box_head(meta: dict) -> str:
         return ""
     blend = meta.get("tuned", {}).get("box_blend", BOX_BLEND)
     return (f" Its box head also says where the digit sits in the crop, and each spot's box moves {blend:.0%} of the "
-            "way there: on "
-            f"`valid` digit boxes jittered as a detector's are, mean IoU with the true box {m['valid_jittered_box_iou']:.3f} "
+            f"way there: on {_measured_on(meta)}'s "
+            f"digit boxes jittered as a detector's are, mean IoU with the true box {m['valid_jittered_box_iou']:.3f} "
             f"→ {m['valid_refined_box_iou']:.3f}.")
 
 

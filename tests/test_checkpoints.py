@@ -119,3 +119,27 @@ def test_card_lists_each_training_stage_and_where_it_ran():
     # once benchmark.py has measured it with the digit reader, the stage still shows the detector alone
     gpu["metrics"] = {"valid": {"accuracy": 0.77, "mAP": 0.37}, "valid_detector_only": {"accuracy": 0.7, "mAP": 0.36}}
     assert _stages(gpu).splitlines()[2].endswith("valid accuracy 0.700, mAP 0.360 (detector alone)")
+    # a reproduced stage chose its epochs on the tuning split: its line says so, whatever valid reports later
+    gpu["metrics"] = {"valid": {"accuracy": 0.8, "mAP": 0.4}, "tune": {"accuracy": 0.6, "mAP": 0.3}}
+    assert _stages(gpu).splitlines()[2].endswith("tune accuracy 0.600, mAP 0.300 (detector alone)")
+
+
+def test_reader_cards_name_the_split_their_trainer_validated_on(tmp_path):
+    import shutil
+
+    from digit_demo.card import _number_reader_section, _reader_section
+
+    for name in ("digit_reader", "number_reader"):
+        for suffix in (".json", ".safetensors"):
+            shutil.copy(f"checkpoints/{name}{suffix}", tmp_path / f"{name}{suffix}")
+    shipped = _reader_section(tmp_path) + _number_reader_section(tmp_path)
+    assert "chosen on `valid`" in shipped and "tuning split" not in shipped  # the shipped readers: chosen on valid
+    for name in ("digit_reader", "number_reader"):
+        side = tmp_path / f"{name}.json"
+        meta = json.loads(side.read_text())
+        meta["data"]["valid"] = "runs/splits/tune.json"
+        side.write_text(json.dumps(meta))
+    text = _reader_section(tmp_path) + _number_reader_section(tmp_path)
+    assert "`valid`" not in text
+    assert text.count("the tuning split (`tune.json`)") == 4  # validation, verify sweep, box head, number reader
+
