@@ -35,7 +35,6 @@ benchmark: $(VENV)/.installed
 
 # Rebuild every checkpoint (hours on a CPU; resumable: run it again after an interruption).
 reproduce: $(VENV)/.installed
-	$(PY) -m train.scenes --install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m train.reproduce
 
 clean:

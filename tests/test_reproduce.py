@@ -98,6 +98,17 @@ def test_a_stage_time_adds_up_over_its_attempts(toy, monkeypatch):
     assert ", 2 tries" in make().plan(["b"])[1]["took"]
 
 
+def test_setup_runs_before_a_full_stage_and_never_in_smoke(toy):
+    make, runs, configs = toy
+    cfg = json.loads((configs / "a.json").read_text())
+    cfg["setup"] = [{"module": "tests.toy_stage", "options": {"--out": "{out}/setup", "--text": "ready"}}]
+    (configs / "a.json").write_text(json.dumps(cfg))
+    assert make(smoke=True).run(["a"]) == 0
+    assert not (runs / "a" / "setup").exists()
+    assert make().run(["a"]) == 0  # smoke and full runs have their own fingerprints: a runs again, in full
+    assert (runs / "a" / "setup" / "out.txt").read_text() == "ready" and runs_of(runs, "a") == 1
+
+
 def test_only_needs_its_inputs_up_to_date_and_from_selects_the_rest(toy):
     make, runs, _ = toy
     assert make().run(["b"]) == 1 and not (runs / "b" / "out.txt").exists()

@@ -4,8 +4,8 @@ The graph (:data:`GRAPH`) is an ordered list of stages; each has a config file,
 ``train/configs/reproduce/<stage>.json``, that says what it runs (``run``: a module and its
 options), which stages' outputs it reads (``needs``; options name them by path, as
 ``{runs}/<stage>/...``, never by a shipped name), what it writes under ``runs/<stage>/``
-(``outputs``), how long it takes (``minutes``: per device), its ``smoke`` options (a step or two) and
-any ``env``. Every stage runs with ``DIGIT_DEMO_CHECKPOINTS`` set to an empty folder unless its
+(``outputs``), how long it takes (``minutes``: per device), its ``smoke`` options (a step or two),
+any ``env`` and any ``setup`` (commands a full run needs first, e.g. installing the scene backgrounds). Every stage runs with ``DIGIT_DEMO_CHECKPOINTS`` set to an empty folder unless its
 ``env`` names one of the runs' folders, so no stage can read a shipped checkpoint or calibration.
 Placeholders in options: ``{data}`` (the dataset), ``{runs}`` (the runs folder), ``{out}`` (this
 stage's folder), ``{release}`` (where the release step writes: ``checkpoints/`` unless ``--release-dir``).
@@ -70,6 +70,11 @@ class Stage:
     def needs(self) -> list[str]:
         return list(self.config["needs"])
 
+    def setup(self, smoke: bool, places: dict[str, str]) -> list[list[str]]:
+        """The commands a full run of the stage needs first (``setup``: runs like ``run``, e.g. installing
+        the scene backgrounds); smoke runs have none (they bring their own inputs)."""
+        return [] if smoke else [_command(run, dict(run.get("options", {})), places) for run in self.config.get("setup", [])]
+
     def argv(self, smoke: bool, places: dict[str, str], torchrun: list[str] | None = None) -> list[str]:
         """The command line: ``python -m <module>`` with its options, smoke overrides applied; a
         distributed stage (``"distributed": true``) under ``torchrun`` when its arguments are given
@@ -78,23 +83,13 @@ class Stage:
         if smoke:
             options.update(self.config.get("smoke", {}))
         run = self.config["run"]
-        if "script" in run:
-            argv = [sys.executable, str(ROOT / run["script"])]
-        elif torchrun and self.config.get("distributed"):
-            argv = [sys.executable, "-m", "torch.distributed.run", *torchrun, "-m", *run["module"].split()]
+        prefix = None
+        if torchrun and self.config.get("distributed") and "script" not in run:
+            prefix = [sys.executable, "-m", "torch.distributed.run", *torchrun]
             per_node = int(torchrun[torchrun.index("--nproc_per_node") + 1]) if "--nproc_per_node" in torchrun else 1
             if "--threads" in options:
                 options["--threads"] = max(1, int(options["--threads"]) // per_node)
-        else:
-            argv = [sys.executable, "-m", *run["module"].split()]
-        for key, value in options.items():
-            if value is None or value is False:
-                continue
-            argv.append(key)
-            if value is True:
-                continue
-            argv += [str(v).format(**places) for v in (value if isinstance(value, list) else [value])]
-        return argv
+        return _command(run, options, places, prefix)
 
     def env(self, places: dict[str, str]) -> dict[str, str]:
         return {k: str(v).format(**places) for k, v in self.config.get("env", {}).items()}
@@ -105,6 +100,22 @@ class Stage:
         for name in self.needs:
             h.update(f"{name}={inputs[name]}".encode())
         return h.hexdigest()[:16]
+
+
+def _command(run: dict, options: dict, places: dict[str, str], prefix: list[str] | None = None) -> list[str]:
+    """``python <script>`` or ``python -m <module>`` (after ``prefix``, e.g. torchrun) with ``options``."""
+    if "script" in run:
+        argv = [sys.executable, str(ROOT / run["script"])]
+    else:
+        argv = [*(prefix or [sys.executable]), "-m", *run["module"].split()]
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        argv.append(key)
+        if value is True:
+            continue
+        argv += [str(v).format(**places) for v in (value if isinstance(value, list) else [value])]
+    return argv
 
 
 def load_graph(configs: Path = CONFIGS) -> list[Stage]:
@@ -183,7 +194,8 @@ class Reproduction:
             fingerprint, folder = prints[stage.name], self.folder(stage)
             argv = stage.argv(self.smoke, self.places(stage), self.torchrun)
             if dry:
-                print(f"{stage.name}: {' '.join(argv[1:])}", file=sys.stderr)
+                for command in [*stage.setup(self.smoke, self.places(stage)), argv]:
+                    print(f"{stage.name}: {' '.join(command[1:])}", file=sys.stderr)
                 continue
             for need in stage.needs:
                 if not self.up_to_date(self.by_name[need], prints[need]):
@@ -215,13 +227,16 @@ class Reproduction:
                 return seconds
 
             with (folder / "log.txt").open("a") as log:
-                child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-                while True:
-                    try:
-                        code = child.wait(timeout=HEARTBEAT)
+                for command in [*stage.setup(self.smoke, self.places(stage)), argv]:
+                    child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                    while True:
+                        try:
+                            code = child.wait(timeout=HEARTBEAT)
+                            break
+                        except subprocess.TimeoutExpired:
+                            spent()
+                    if code:
                         break
-                    except subprocess.TimeoutExpired:
-                        spent()
             seconds = spent()
             if code:
                 print(f"{stage.name}: failed (exit {code}); see {folder / 'log.txt'}", file=sys.stderr)
