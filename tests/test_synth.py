@@ -1,0 +1,96 @@
+"""Synthetic house numbers (train.synth): exact labels, reproducible, and readable as house numbers."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import box_iou
+
+from digit_demo.data import DigitDataset, gt_numbers, load_coco
+from train.synth import BOX_GROW, find_fonts, render, write_synthetic
+
+
+def backgrounds(n: int = 4) -> list[Image.Image]:
+    """Textured stand-ins for photos: colour ramps, noise and a few rectangles (no digits)."""
+    rng = np.random.default_rng(5)
+    out = []
+    for _ in range(n):
+        pixels = rng.uniform(30, 220, 3) + np.linspace(0, 50, 640)[None, :, None] + rng.normal(0, 10, (480, 640, 3))
+        for _ in range(6):
+            x, y = rng.integers(0, 560), rng.integers(0, 400)
+            pixels[y:y + rng.integers(10, 80), x:x + rng.integers(10, 80)] = rng.uniform(0, 255, 3)
+        out.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fonts() -> list[Path]:
+    found = find_fonts()
+    if not found:
+        pytest.skip("no TrueType fonts installed (fonts-dejavu, fonts-liberation)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, fonts) -> Path:
+    return write_synthetic(40, backgrounds(), fonts, seed=3, out=tmp_path_factory.mktemp("synth"))
+
+
+def test_each_digit_box_holds_its_own_ink_and_nothing_else(fonts):
+    # on a flat background, without plates or shadows, the only pixels that differ are the digits' ink:
+    # every differing pixel lies in some box, and every box holds ink
+    rng = np.random.default_rng(0)
+    flat = [Image.new("RGB", (640, 480), (128, 128, 128))]
+    for _ in range(20):
+        s = render(flat, fonts, rng, plate=0.0, shadow=0.0)
+        pixels = np.asarray(s.image).astype(int)
+        ink = np.abs(pixels - pixels[0, 0]).max(2) > 60  # the corner is background (the number never fills it)
+        inside = np.zeros_like(ink)
+        for x1, y1, x2, y2 in s.boxes:
+            box = ink[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))]
+            assert box.any(), "every box holds ink"
+            inside[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = True
+        assert (ink & ~inside).sum() <= 0.02 * ink.sum(), "ink outside every box (blur and JPEG may bleed a little)"
+
+
+def test_written_set_is_an_hw2_coco_file_the_trainers_read(written):
+    coco = load_coco(written)
+    numbers = gt_numbers(coco)
+    assert len(coco["images"]) == 40 and len(numbers) == 40
+    assert {len(t) for t in numbers.values()} <= {1, 2, 3, 4} and all(t[0] != "0" for t in numbers.values())
+    data = DigitDataset(written.parent / "images", written)
+    for k in range(len(data)):
+        image, target = data[k]
+        boxes, labels = target["boxes"], target["labels"]
+        h, w = image.shape[-2:]
+        assert len(boxes) == len(numbers[target["image_id"]]) and (labels >= 1).all() and (labels <= 10).all()
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= h).all()
+        assert "".join(str(int(d) - 1) for d in labels[torch.argsort(boxes[:, 0])]) == numbers[target["image_id"]]
+    assert BOX_GROW[0] > 1 and BOX_GROW[1] > 1
+
+
+def test_the_same_seed_writes_the_same_images(written, fonts, tmp_path):
+    again = write_synthetic(40, backgrounds(), fonts, seed=3, out=tmp_path / "again")
+    assert again.read_bytes() == written.read_bytes()
+    assert (again.parent / "images" / "synth_000040.jpg").read_bytes() == (written.parent / "images" / "synth_000040.jpg").read_bytes()
+    other = write_synthetic(5, backgrounds(), fonts, seed=4, out=tmp_path / "other")
+    assert gt_numbers(load_coco(other)) != {k: v for k, v in gt_numbers(load_coco(written)).items() if k <= 5}
+
+
+@pytest.mark.slow
+def test_the_shipped_pipeline_reads_them_as_house_numbers(written, default_pipeline):
+    # a model trained only on real SVHN photos is the oracle: it reads most of them, on the labelled boxes
+    coco = load_coco(written)
+    truth = gt_numbers(coco)
+    readings = default_pipeline.read([written.parent / "images" / im["file_name"] for im in coco["images"]]).at()
+    read = [r.text == truth[im["id"]] for im, r in zip(coco["images"], readings)]
+    assert np.mean(read) >= 0.6
+    matched = total = 0
+    for im, r in zip(coco["images"], readings):
+        gt = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                           for a in coco["annotations"] if a["image_id"] == im["id"]])
+        total += len(gt)
+        if len(r.digits.boxes):
+            matched += int((box_iou(gt, torch.as_tensor(r.digits.boxes)).max(1).values >= 0.5).sum())
+    assert matched >= 0.7 * total
