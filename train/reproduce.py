@@ -5,8 +5,9 @@ The graph (:data:`GRAPH`) is an ordered list of stages; each has a config file,
 options), which stages' outputs it reads (``needs``; options name them by path, as
 ``{runs}/<stage>/...``, never by a shipped name), what it writes under ``runs/<stage>/``
 (``outputs``), how long it takes (``minutes``: per device), its ``smoke`` options (a step or two),
-any ``env`` and any ``setup`` (commands a full run needs first, e.g. installing the scene backgrounds). Every stage runs with ``DIGIT_DEMO_CHECKPOINTS`` set to an empty folder unless its
-``env`` names one of the runs' folders, so no stage can read a shipped checkpoint or calibration.
+any ``env`` and any ``setup`` (commands a full run needs first, e.g. installing the scene backgrounds).
+Every stage runs with ``DIGIT_DEMO_CHECKPOINTS`` set to an empty folder unless its ``env`` names one
+of the runs' folders, so no stage can read a shipped checkpoint or calibration.
 Placeholders in options: ``{data}`` (the dataset), ``{runs}`` (the runs folder), ``{out}`` (this
 stage's folder), ``{release}`` (where the release step writes: ``checkpoints/`` unless ``--release-dir``).
 
