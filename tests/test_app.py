@@ -66,9 +66,11 @@ def open_page(playwright, url: str):
 
 
 def wait_for_reading(page) -> None:
-    """Until the page shows a number: neither the empty state nor Gradio's progress."""
-    page.wait_for_function("() => { const t = document.querySelector('#number').innerText;"
-                           " return !t.includes('no image yet') && !t.includes('processing'); }", timeout=60000)
+    """Until the page shows a number: neither the empty state nor Gradio's progress (nor a page still
+    rendering the number's element, as a loaded machine shows it)."""
+    page.wait_for_function("() => { const el = document.querySelector('#number'); if (!el) return false;"
+                           " const t = el.innerText; return !t.includes('no image yet') && !t.includes('processing'); }",
+                           timeout=60000)
 
 
 def read_all(client, paths, models=("resnet18_fpn",), fusion="vote", threshold=0.5, use_reader=True, multi_scale=False):
