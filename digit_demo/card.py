@@ -143,6 +143,9 @@ def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
             notes.append(f"- **{meta['name']}** also trained on {extra['count']} `{extra['images']}/` images labelled by "
                          "`python -m train.resolve`: real SVHN boxes, each image's record picked among its same-size "
                          "candidates by a trained detector (pseudo-labels, self-training)\n")
+        for synth in meta.get("data", {}).get("synthetic", []):
+            notes.append(f"- **{meta['name']}** also trained on {synth['count']} synthetic house numbers "
+                         f"(`python -m train.synth`: the installed fonts on real backgrounds, boxes measured on the ink)\n")
         rec = meta.get("recipe")
         if rec:
             last = {k: v for k, v in rec.items() if k != "init_from"}

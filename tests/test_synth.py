@@ -94,3 +94,21 @@ def test_the_shipped_pipeline_reads_them_as_house_numbers(written, default_pipel
         if len(r.digits.boxes):
             matched += int((box_iou(gt, torch.as_tensor(r.digits.boxes)).max(1).values >= 0.5).sum())
     assert matched >= 0.7 * total
+
+
+@pytest.mark.slow
+def test_the_detector_trainer_takes_them_with_synthetic(written, tmp_path):
+    import json
+
+    from digit_demo.card import write_model_card
+    from train.cli import main
+
+    from .conftest import FIXTURES
+
+    assert main(["--model", "fasterrcnn_resnet18_fpn", "--data", str(FIXTURES), "--train-json", "valid.json",
+                 "--train-images", "valid", "--val-json", "valid.json", "--synthetic", str(written.parent),
+                 "--out-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "ck"), "--quiet", "--epochs", "1",
+                 "--max-iters", "1", "--batch-size", "2", "--val-limit", "2", "--min-size", "96", "--max-size", "240"]) == 0
+    meta = json.loads((tmp_path / "ck" / "resnet18_fpn.json").read_text())
+    assert meta["data"]["train_images"] == 8 + 40 and meta["data"]["synthetic"] == [{"folder": str(written.parent), "count": 40}]
+    assert "also trained on 40 synthetic house numbers" in write_model_card(tmp_path / "ck").read_text()

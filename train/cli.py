@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=list(ARCHITECTURES), help="architecture to train")
     p.add_argument("--name", help="checkpoint name (default: the architecture without 'fasterrcnn_')")
     add_data_args(p)
+    p.add_argument("--synthetic", type=Path, nargs="*", default=[],
+                   help="synthetic house numbers to train on too: folders written by python -m train.synth")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.005)
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     train_set = DigitDataset(data / args.train_images, data / args.train_json, train_transforms(args.augment),
                              tiers=args.tiers, min_margin=args.min_margin, limit=args.limit)
     extra_sets = [DigitDataset(data / args.extra_images, path, train_transforms(args.augment)) for path in args.extra_json]
+    synthetic = [DigitDataset(folder / "images", folder / "synth.json", train_transforms(args.augment)) for folder in args.synthetic]
+    extra_sets += synthetic
     if extra_sets:
         train_set = torch.utils.data.ConcatDataset([train_set, *extra_sets])
     val_set = DigitDataset(data / args.val_images, data / args.val_json, eval_transforms(), limit=args.val_limit)
@@ -197,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     data_info = {"train": str(args.train_json), "train_images": len(train_set), "tiers": args.tiers or "all",
                  "min_margin": args.min_margin,
                  "extra": [{"json": str(p), "images": args.extra_images, "count": len(d)} for p, d in zip(args.extra_json, extra_sets)],
+                 "synthetic": [{"folder": str(f), "count": len(d)} for f, d in zip(args.synthetic, synthetic)],
                  "valid": str(args.val_json), "valid_images": len(val_set),
                  "source": DATA_SOURCE}
 
