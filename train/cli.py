@@ -154,9 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                              tiers=args.tiers, min_margin=args.min_margin, limit=args.limit)
     extra_sets = [DigitDataset(data / args.extra_images, path, train_transforms(args.augment)) for path in args.extra_json]
     synthetic = [DigitDataset(folder / "images", folder / "synth.json", train_transforms(args.augment)) for folder in args.synthetic]
-    extra_sets += synthetic
-    if extra_sets:
-        train_set = torch.utils.data.ConcatDataset([train_set, *extra_sets])
+    if extra_sets or synthetic:
+        train_set = torch.utils.data.ConcatDataset([train_set, *extra_sets, *synthetic])
     val_set = DigitDataset(data / args.val_images, data / args.val_json, eval_transforms(), limit=args.val_limit)
     val_gt = load_coco(data / args.val_json)
     if args.val_limit:
