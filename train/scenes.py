@@ -135,11 +135,12 @@ def open_background(path: Path, max_side: int | None = None) -> Image.Image:
     return img
 
 
-def _background(source: Path | Image.Image, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
-    """A random crop of the background at ``size``'s aspect, resized to it."""
+def random_crop(source: Path | Image.Image, size: tuple[int, int], rng: np.random.Generator,
+                zoom: tuple[float, float] = (1.0, 1.6)) -> Image.Image:
+    """A random ``size`` crop of the background, enlarged first by a random ``zoom`` over just covering ``size``."""
     img = open_background(source) if isinstance(source, Path) else source
     w, h = size
-    scale = max(w / img.width, h / img.height) * rng.uniform(1.0, 1.6)
+    scale = max(w / img.width, h / img.height) * rng.uniform(*zoom)
     img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BILINEAR)
     x, y = rng.integers(0, img.width - w + 1), rng.integers(0, img.height - h + 1)
     return img.crop((x, y, x + w, y + h))
@@ -199,7 +200,7 @@ def compose(numbers: list[Crop], background: Path | Image.Image, rng: np.random.
     (SVHN photos' digit-free strips); then blur (radius up to ``blur`` px), noise and JPEG. Without
     ``numbers`` the scene holds distractors only."""
     w, h = size or SIZES[rng.integers(len(SIZES))]
-    canvas = TF.pil_to_tensor(_background(background, (w, h), rng)).float()
+    canvas = TF.pil_to_tensor(random_crop(background, (w, h), rng)).float()
     scene, taken = Scene(Image.new("RGB", (1, 1))), []
     for crop in numbers:
         digit_h = float(np.median(crop.boxes[:, 3] - crop.boxes[:, 1]))

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from .scenes import open_background, random_crop
+
 FONT_ROOT = Path("/usr/share/fonts")
 LENGTHS = (1, 2, 3, 4)
 LENGTH_P = (0.127, 0.507, 0.313, 0.053)  # SVHN train's numbers of 1-4 digits (5 are 4 in 6,469)
@@ -129,11 +131,8 @@ def render(backgrounds: list[Image.Image], fonts: list[Path], rng: np.random.Gen
     width = max(int(round(height * rng.uniform(*ASPECT))), int(line_w * rng.uniform(1.08, 1.35)))
     height = max(height, int(line_h * 1.1) + 2)
 
-    bg = backgrounds[int(rng.integers(len(backgrounds)))]
-    scale = max(width / bg.width, height / bg.height) * rng.uniform(1.0, 3.0)
-    bg = bg.resize((max(width, round(bg.width * scale)), max(height, round(bg.height * scale))), Image.BILINEAR)
-    bx, by = int(rng.integers(0, bg.width - width + 1)), int(rng.integers(0, bg.height - height + 1))
-    canvas = bg.crop((bx, by, bx + width, by + height)).convert("RGB")
+    canvas = random_crop(backgrounds[int(rng.integers(len(backgrounds)))], (width, height), rng, zoom=(1.0, 3.0))
+    canvas = canvas.convert("RGB")
 
     left = int(rng.integers(0, width - line_w + 1)) - x0
     top = int(rng.integers(0, height - line_h + 1)) - line_top
@@ -177,8 +176,6 @@ def render(backgrounds: list[Image.Image], fonts: list[Path], rng: np.random.Gen
 
 
 def load_backgrounds(paths: list[Path], max_side: int = 640) -> list[Image.Image]:
-    from .scenes import open_background
-
     return [open_background(p, max_side) for p in paths]
 
 
