@@ -253,9 +253,14 @@ def cmd_convert(args) -> int:
 
 
 def cmd_release(args) -> int:
-    from .release import release
+    from .release import WorseThanShipped, release
 
-    for path in release(args.results, args.to, args.calibration, args.weights):
+    try:
+        written = release(args.results, args.to, args.calibration, args.weights, args.allow_worse)
+    except WorseThanShipped as err:
+        print(f"digit_demo release: {err}", file=sys.stderr)
+        return 1
+    for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -308,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark.py's output on the tuning split: thresholds are chosen there, --results only reports")
     r.add_argument("--weights", type=Path, help="copy the checkpoints in this folder into the release folder first")
     r.add_argument("--to", type=Path, default=CHECKPOINT_DIR, help="the release folder (default: checkpoints/)")
+    r.add_argument("--allow-worse", action="store_true",
+                   help="with --weights, ship even if the new default reads fewer valid numbers than the one it replaces")
     r.set_defaults(func=cmd_release)
     return p
 

@@ -9,7 +9,10 @@ model card. Measuring writes nothing shipped; releasing runs no model.
 With ``--calibration DIR`` (``benchmark.py`` on the tuning split) the thresholds are chosen there and
 ``--results`` (on `valid`) only reports: each row's accuracy and mAP are `valid`'s at the tuned
 threshold, not at `valid`'s best. ``--weights DIR`` first copies the checkpoints in ``DIR`` (weights
-and sidecars) into the release folder, as the reproduction's release stage does.
+and sidecars) into the release folder, as the reproduction's release stage does; it refuses (raises
+:class:`WorseThanShipped`, writing nothing) when the new default detector reads fewer `valid` numbers
+than the one it would replace, unless ``allow_worse``. `valid` decides only whether to ship, never a
+threshold, size or weight.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .card import write_model_card
-from .checkpoints import CHECKPOINT_DIR, available
+from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, available
 from .evaluation import Metrics, best
 from .pipeline import PipelineConfig
 
@@ -82,11 +85,35 @@ def copy_weights(source: Path, directory: Path) -> list[Path]:
     return copied
 
 
+class WorseThanShipped(RuntimeError):
+    """The checkpoints to release read fewer `valid` numbers than the ones they would replace."""
+
+
+def shipped_accuracy(directory: Path, name: str = DEFAULT_MODEL) -> float | None:
+    """The `valid` accuracy the release folder's ``name`` sidecar records, or None without one."""
+    side = directory / f"{name}.json"
+    if not side.is_file():
+        return None
+    return ((json.loads(side.read_text()).get("metrics") or {}).get("valid") or {}).get("accuracy")
+
+
+def check_not_worse(results: dict, directory: Path, name: str = DEFAULT_MODEL) -> None:
+    """Raise :class:`WorseThanShipped` when ``results[name]`` reads fewer `valid` numbers than what
+    ``directory`` ships now; nothing shipped, or nothing measured for ``name``, passes."""
+    old, new = shipped_accuracy(directory, name), (results.get(name) or {}).get("accuracy")
+    if old is not None and new is not None and new < old:
+        raise WorseThanShipped(
+            f"the new {name} reads {new:.3f} of valid numbers (mAP {results[name].get('mAP', float('nan')):.3f}), "
+            f"the one in {directory} reads {old:.3f}: nothing was released; pass --allow-worse to ship it anyway, "
+            f"or --to another folder")
+
+
 def release(results_dir: Path, directory: Path = CHECKPOINT_DIR, calibration: Path | None = None,
-            weights: Path | None = None) -> list[Path]:
+            weights: Path | None = None, allow_worse: bool = False) -> list[Path]:
     """Write the measured calibration, metrics and model card into ``directory``; returns the files
-    written. With ``calibration``, thresholds come from its sweeps and ``results_dir`` only reports."""
-    written = copy_weights(weights, directory) if weights else []
+    written. With ``calibration``, thresholds come from its sweeps and ``results_dir`` only reports.
+    With ``weights`` (new checkpoints) it first checks they are not worse than what ships
+    (:func:`check_not_worse`) unless ``allow_worse``."""
     results = json.loads((results_dir / "results.json").read_text())
     sweeps = json.loads((results_dir / "sweeps.json").read_text())
     curves = {k: [Metrics(**r) for r in rows] for k, rows in sweeps.items()}
@@ -97,6 +124,9 @@ def release(results_dir: Path, directory: Path = CHECKPOINT_DIR, calibration: Pa
         report, sweeps, curves = curves, tune_sweeps, tune
     else:
         report = curves
+    if weights and not allow_worse:
+        check_not_worse(results, directory)
+    written = copy_weights(weights, directory) if weights else []
     (directory / "sweeps.json").write_text(json.dumps(sweeps, indent=1))
     (directory / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
     written += [directory / "sweeps.json", directory / "benchmark.json"]

@@ -1,6 +1,7 @@
 """End to end: ``python -m digit_demo`` on real fixture images with the shipped default checkpoint."""
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -180,3 +181,24 @@ def test_exit_codes(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
     r = cli("release", "--results", tmp_path / "no_results")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_release_refuses_new_weights_that_read_fewer_valid_numbers(tmp_path):
+    shipped, new, results = tmp_path / "shipped", tmp_path / "new", tmp_path / "results"
+    for folder in (shipped, new, results):
+        folder.mkdir()
+        if folder is not results:
+            for suffix in (".safetensors", ".json"):
+                shutil.copy(ROOT / "checkpoints" / f"resnet18_fpn{suffix}", folder)
+    old = json.loads((shipped / "resnet18_fpn.json").read_text())["metrics"]["valid"]["accuracy"]
+    (results / "sweeps.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
+    (results / "results.json").write_text(json.dumps({"resnet18_fpn": {"accuracy": old - 0.01, "mAP": 0.3}}))
+    args = ("release", "--results", results, "--weights", new, "--to", shipped)
+    r = cli(*args)
+    assert r.returncode == 1 and "nothing was released" in r.stderr and "Traceback" not in r.stderr
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before  # nothing written
+    assert cli(*args, "--allow-worse").returncode == 0 and (shipped / "sweeps.json").is_file()
+    (shipped / "sweeps.json").unlink()
+    (results / "results.json").write_text(json.dumps({"resnet18_fpn": {"accuracy": old, "mAP": 0.3}}))
+    assert cli(*args).returncode == 0 and (shipped / "sweeps.json").is_file()  # as good ships
