@@ -67,11 +67,12 @@ def test_changing_a_config_makes_it_and_what_follows_stale(toy):
     assert make(smoke=True).plan(["a"])[0]["state"] != "up to date"  # smoke and full runs never mix
 
 
-def test_an_interrupted_stage_resumes_and_the_graph_stops_there(toy):
+def test_an_interrupted_stage_resumes_and_the_graph_stops_there(toy, capsys):
     make, runs, _ = toy
     (runs / "b").mkdir(parents=True)
     (runs / "b" / "fail").write_text("")
     assert make().run(["a", "b", "c"]) == 3
+    assert "b: failed (exit 3): toy: told to fail; see" in capsys.readouterr().err  # its last line, in the graph's log
     assert not (runs / "c").exists()  # nothing after the failure ran
     assert make().plan(["b"])[1]["state"] == "interrupted: resumes"
     (runs / "b" / "fail").unlink()

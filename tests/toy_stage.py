@@ -21,6 +21,7 @@ state.write_text("half done")
 if (args.out / "slow").exists():
     time.sleep(float((args.out / "slow").read_text()))
 if (args.out / "fail").exists():
+    print("toy: told to fail")
     raise SystemExit(3)
 text = args.text + "".join(f.read_text() for f in args.inputs)
 (args.out / "out.txt").write_text(text + (" (resumed)" if resumed else ""))

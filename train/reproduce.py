@@ -240,7 +240,9 @@ class Reproduction:
                         break
             seconds = spent()
             if code:
-                print(f"{stage.name}: failed (exit {code}); see {folder / 'log.txt'}", file=sys.stderr)
+                lines = [line for line in (folder / "log.txt").read_text(errors="replace").splitlines() if line.strip()]
+                last = f": {lines[-1].strip()}" if lines else ""
+                print(f"{stage.name}: failed (exit {code}){last}; see {folder / 'log.txt'}", file=sys.stderr)
                 return code
             missing = [o for o in stage.config["outputs"] if not (folder / o.format(**self.places(stage))).exists()]
             if missing:
