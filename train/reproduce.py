@@ -44,7 +44,7 @@ from .cli import DEFAULT_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "train" / "configs" / "reproduce"
-GRAPH = ("splits", "synth", "resnet18_fpn", "pseudo_r1", "resnet18_fpn_self", "pseudo_r2", "resnet34_fpn", "mobilenet_v3_fpn",
+GRAPH = ("splits", "resnet18_fpn", "pseudo_r1", "resnet18_fpn_self", "pseudo_r2", "resnet34_fpn", "mobilenet_v3_fpn",
          "digit_reader", "number_reader", "number_proposer", "tune", "locator", "calibrate", "report", "release")
 HEARTBEAT = 30.0  # seconds between writes of a running stage's spent.json (its time survives the machine stopping)
 
