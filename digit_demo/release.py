@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .card import write_model_card
-from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, available
+from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, available, read_sidecar
 from .evaluation import Metrics, best
 from .pipeline import PipelineConfig
 
@@ -94,7 +94,7 @@ def shipped_accuracy(directory: Path, name: str = DEFAULT_MODEL) -> float | None
     side = directory / f"{name}.json"
     if not side.is_file():
         return None
-    return ((json.loads(side.read_text()).get("metrics") or {}).get("valid") or {}).get("accuracy")
+    return ((read_sidecar(side).get("metrics") or {}).get("valid") or {}).get("accuracy")
 
 
 def check_not_worse(results: dict, directory: Path, name: str = DEFAULT_MODEL) -> None:

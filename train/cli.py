@@ -20,6 +20,7 @@ from digit_demo.models import ARCHITECTURES, default_config, build_model
 
 from . import engine
 from .presets import eval_transforms, train_transforms
+from .synth import set_paths
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "svhn"
 DATA_SOURCE = "SVHN format 1 (HW2 COCO layout), ../shared/data/svhn"
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     train_set = DigitDataset(data / args.train_images, data / args.train_json, train_transforms(args.augment),
                              tiers=args.tiers, min_margin=args.min_margin, limit=args.limit)
     extra_sets = [DigitDataset(data / args.extra_images, path, train_transforms(args.augment)) for path in args.extra_json]
-    synthetic = [DigitDataset(folder / "images", folder / "synth.json", train_transforms(args.augment)) for folder in args.synthetic]
+    synthetic = [DigitDataset(*set_paths(folder), train_transforms(args.augment)) for folder in args.synthetic]
     if extra_sets or synthetic:
         train_set = torch.utils.data.ConcatDataset([train_set, *extra_sets, *synthetic])
     val_set = DigitDataset(data / args.val_images, data / args.val_json, eval_transforms(), limit=args.val_limit)

@@ -12,8 +12,8 @@ labels are exact. Geometry (rotation, shear, perspective) is
 left to the training augmentation (:mod:`train.presets`), which also draws it for real photos.
 
 The images and an HW2 COCO file (``category_id`` = digit + 1, ``label_tier`` "synthetic") are written
-to ``--out``; every trainer reads them as more data (``--extra-json OUT/synth.json --extra-images
-OUT/images``). Every draw comes from one seeded generator: a seed, a count, the fonts and the
+to ``--out`` (:func:`set_paths`); the detector trainer reads them as more data with ``--synthetic OUT``,
+any other trainer with ``--extra-json OUT/synth.json --extra-images OUT/images``. Every draw comes from one seeded generator: a seed, a count, the fonts and the
 backgrounds give the same images.
 
     python -m train.synth --count 5000 --seed 0 --out runs/synth
@@ -179,19 +179,25 @@ def load_backgrounds(paths: list[Path], max_side: int = 640) -> list[Image.Image
     return [open_background(p, max_side) for p in paths]
 
 
+def set_paths(out: Path) -> tuple[Path, Path]:
+    """Where a synthetic set in ``out`` keeps its images and its HW2 COCO file."""
+    return out / "images", out / "synth.json"
+
+
 def write_synthetic(count: int, backgrounds: list[Image.Image], fonts: list[Path], seed: int, out: Path) -> Path:
-    """Write ``count`` synthetic numbers to ``out/images/`` and their HW2 COCO file to ``out/synth.json``."""
+    """Write ``count`` synthetic numbers and their HW2 COCO file to :func:`set_paths` of ``out``."""
     if not fonts:
         raise FileNotFoundError(f"no TrueType fonts under {FONT_ROOT} (apt install fonts-dejavu fonts-liberation)")
     if not backgrounds:
         raise FileNotFoundError("no background photos (python -m train.scenes --install, or --backgrounds DIR)")
     rng = np.random.default_rng(seed)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    folder, path = set_paths(out)
+    folder.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for i in range(1, count + 1):
         s = render(backgrounds, fonts, rng)
         name = f"synth_{i:06d}.jpg"
-        s.image.save(out / "images" / name, quality=95)
+        s.image.save(folder / name, quality=95)
         images.append({"id": i, "file_name": name, "width": s.image.width, "height": s.image.height,
                        "label_tier": "synthetic"})
         for (x1, y1, x2, y2), d in zip(s.boxes.tolist(), s.digits.tolist()):
@@ -200,7 +206,6 @@ def write_synthetic(count: int, backgrounds: list[Image.Image], fonts: list[Path
     coco = {"images": images, "annotations": annotations,
             "categories": [{"id": d + 1, "name": str(d)} for d in range(10)],
             "info": {"generator": "train.synth", "seed": seed, "fonts": [p.name for p in fonts]}}
-    path = out / "synth.json"
     path.write_text(json.dumps(coco) + "\n")
     return path
 
