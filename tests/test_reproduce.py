@@ -67,6 +67,17 @@ def test_changing_a_config_makes_it_and_what_follows_stale(toy):
     assert make(smoke=True).plan(["a"])[0]["state"] != "up to date"  # smoke and full runs never mix
 
 
+def test_a_new_time_estimate_or_description_keeps_a_finished_stage(toy):
+    make, runs, configs = toy
+    make().run(["a", "b", "c"])
+    cfg = json.loads((configs / "a.json").read_text())
+    cfg["minutes"] = {"cpu": 70, "gpu": 6}
+    cfg["about"] = "the first toy stage"
+    (configs / "a.json").write_text(json.dumps(cfg, indent=2))
+    plan = make().plan(["a", "b", "c"])
+    assert [r["state"] for r in plan] == ["up to date"] * 3 and plan[0]["minutes"] == 70
+
+
 def test_an_interrupted_stage_resumes_and_the_graph_stops_there(toy, capsys):
     make, runs, _ = toy
     (runs / "b").mkdir(parents=True)

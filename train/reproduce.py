@@ -12,7 +12,7 @@ Placeholders in options: ``{data}`` (the dataset), ``{runs}`` (the runs folder),
 stage's folder), ``{release}`` (where the release step writes: ``checkpoints/`` unless ``--release-dir``).
 
 A stage is up to date when its ``runs/<stage>/done.json`` holds the fingerprint it would have now:
-the hash of its config, the mode (full or smoke) and the fingerprints of the stages it needs. Up to
+the hash of its config (less its notes: ``about``, ``minutes``), the mode (full or smoke) and the fingerprints of the stages it needs. Up to
 date stages are skipped; a stage whose folder was started with another fingerprint is cleared; an
 interrupted stage is run again and its trainer resumes from the state it left in its folder. A
 stage's time (``done.json``: ``seconds``, ``attempts``) is the sum over its attempts, kept in
@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "train" / "configs" / "reproduce"
 GRAPH = ("splits", "resnet18_fpn", "pseudo_r1", "resnet18_fpn_self", "pseudo_r2", "resnet34_fpn", "mobilenet_v3_fpn",
          "digit_reader", "number_reader", "number_proposer", "tune", "locator", "calibrate", "report", "release")
+NOTES = ("about", "minutes", "minutes_basis")  # config keys that describe a stage without changing what it does
 HEARTBEAT = 30.0  # seconds between writes of a running stage's spent.json (its time survives the machine stopping)
 
 
@@ -55,7 +56,7 @@ class Stage:
 
     name: str
     config: dict
-    text: str  # the config file's bytes, for the fingerprint
+    text: str  # the config file's text
 
     @classmethod
     def load(cls, name: str, configs: Path = CONFIGS) -> "Stage":
@@ -96,7 +97,10 @@ class Stage:
         return {k: str(v).format(**places) for k, v in self.config.get("env", {}).items()}
 
     def fingerprint(self, smoke: bool, inputs: dict[str, str]) -> str:
-        h = hashlib.sha256(self.text.encode())
+        """What the stage does (its config less the notes in :data:`NOTES`), the mode and its inputs'
+        fingerprints: correcting a time estimate or a description never makes a finished stage stale."""
+        does = {k: v for k, v in self.config.items() if k not in NOTES}
+        h = hashlib.sha256(json.dumps(does, sort_keys=True).encode())
         h.update(b"smoke" if smoke else b"full")
         for name in self.needs:
             h.update(f"{name}={inputs[name]}".encode())
