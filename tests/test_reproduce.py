@@ -207,3 +207,14 @@ def test_the_tuning_split_is_exact_tier_seeded_and_disjoint_from_fit(tmp_path):
     assert len(fit["images"]) == 55 and not ids & {a["image_id"] for a in fit["annotations"]}
     with pytest.raises(ValueError):
         tuning_ids(images, 21)  # only 20 exact images
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_the_plan_warns_where_the_cpu_has_no_amx(tmp_path, monkeypatch, capsys, amx):
+    monkeypatch.setattr(reproduce, "has_amx", lambda: amx)
+    assert reproduce.main(["--plan", "--runs", str(tmp_path / "runs")]) == 0
+    out, err = capsys.readouterr()
+    assert "left to run" in out and all(name in out for name in reproduce.GRAPH)
+    assert (reproduce.NO_AMX in err) is not amx
+    assert reproduce.main(["--plan", "--device", "gpu", "--runs", str(tmp_path / "runs")]) == 0
+    assert reproduce.NO_AMX not in capsys.readouterr().err  # the GPU estimates do not depend on it

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from digit_demo.checkpoints import CHECKPOINTS_ENV
+from digit_demo.inference import has_amx
 
 from .cli import DEFAULT_DATA
 
@@ -47,7 +48,9 @@ CONFIGS = ROOT / "train" / "configs" / "reproduce"
 GRAPH = ("splits", "resnet18_fpn", "pseudo_r1", "resnet18_fpn_self", "pseudo_r2", "resnet34_fpn", "mobilenet_v3_fpn",
          "digit_reader", "number_reader", "number_proposer", "tune", "locator", "calibrate", "report", "release")
 NOTES = ("about", "minutes", "minutes_basis")  # config keys that describe a stage without changing what it does
-HEARTBEAT = 30.0  # seconds between writes of a running stage's spent.json (its time survives the machine stopping)
+HEARTBEAT = 30.0
+NO_AMX = ("this CPU has no AMX: the detector stages train in float32 (bfloat16 has no hardware here), so they take "
+          "about 2.5x their estimates, which were measured with AMX (docs/design.md: Reproduction on other CPUs)")  # seconds between writes of a running stage's spent.json (its time survives the machine stopping)
 
 
 @dataclass(frozen=True)
@@ -340,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             mark = "" if r["selected"] else " (not selected)"
             print(f"{r['stage']:18} {r['state'] + mark:22} {r['minutes']:>8}  {r['took']:24} {', '.join(r['needs'])}")
         print(f"left to run: about {total / 60:.1f} h on {args.device}")
+        if args.device == "cpu" and not has_amx():
+            print(NO_AMX, file=sys.stderr)
         return 0
     return repro.run(names, args.dry_run)
 
