@@ -12,11 +12,11 @@ Placeholders in options: ``{data}`` (the dataset), ``{runs}`` (the runs folder),
 stage's folder), ``{release}`` (where the release step writes: ``checkpoints/`` unless ``--release-dir``).
 
 A stage is up to date when its ``runs/<stage>/done.json`` holds the fingerprint it would have now:
-the hash of its config (less its notes: ``about``, ``minutes``), the mode (full or smoke) and the fingerprints of the stages it needs. Up to
-date stages are skipped; a stage whose folder was started with another fingerprint is cleared; an
-interrupted stage is run again and its trainer resumes from the state it left in its folder. A
-stage's time (``done.json``: ``seconds``, ``attempts``) is the sum over its attempts, kept in
-``spent.json`` while it runs. Only the ``release`` stage writes ``checkpoints/``.
+the hash of its config (less its notes: ``about``, ``minutes``), the mode (full or smoke) and the
+fingerprints of the stages it needs. Up to date stages are skipped; a stage whose folder was started
+with another fingerprint is cleared; an interrupted stage is run again and its trainer resumes from the
+state it left in its folder. A stage's time (``done.json``: ``seconds``, ``attempts``) is the sum over
+its attempts, kept in ``spent.json`` while it runs. Only the ``release`` stage writes ``checkpoints/``.
 
     python -m train.reproduce --plan            # the stages, their state and time estimates
     python -m train.reproduce                   # run (again) whatever is not up to date
@@ -48,9 +48,9 @@ CONFIGS = ROOT / "train" / "configs" / "reproduce"
 GRAPH = ("splits", "resnet18_fpn", "pseudo_r1", "resnet18_fpn_self", "pseudo_r2", "resnet34_fpn", "mobilenet_v3_fpn",
          "digit_reader", "number_reader", "number_proposer", "tune", "locator", "calibrate", "report", "release")
 NOTES = ("about", "minutes", "minutes_basis")  # config keys that describe a stage without changing what it does
-HEARTBEAT = 30.0
+HEARTBEAT = 30.0  # seconds between writes of a running stage's spent.json (its time survives the machine stopping)
 NO_AMX = ("this CPU has no AMX: the detector stages train in float32 (bfloat16 has no hardware here), so they take "
-          "about 2.5x their estimates, which were measured with AMX (docs/design.md: Reproduction on other CPUs)")  # seconds between writes of a running stage's spent.json (its time survives the machine stopping)
+          "about 2.5x their estimates, which were measured with AMX (docs/design.md: Reproduction on other CPUs)")
 
 
 @dataclass(frozen=True)
@@ -59,17 +59,15 @@ class Stage:
 
     name: str
     config: dict
-    text: str  # the config file's text
 
     @classmethod
     def load(cls, name: str, configs: Path = CONFIGS) -> "Stage":
         path = configs / f"{name}.json"
-        text = path.read_text()
-        config = json.loads(text)
+        config = json.loads(path.read_text())
         for key in ("run", "needs", "outputs", "minutes"):
             if key not in config:
                 raise ValueError(f"{path}: no {key!r}")
-        return cls(name, config, text)
+        return cls(name, config)
 
     @property
     def needs(self) -> list[str]:
