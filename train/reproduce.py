@@ -50,7 +50,7 @@ GRAPH = ("splits", "resnet18_fpn", "pseudo_r1", "resnet18_fpn_self", "pseudo_r2"
 NOTES = ("about", "minutes", "minutes_basis")  # config keys that describe a stage without changing what it does
 HEARTBEAT = 30.0  # seconds between writes of a running stage's spent.json (its time survives the machine stopping)
 NO_AMX = ("this CPU has no AMX: the detector stages train in float32 (bfloat16 has no hardware here), so they take "
-          "about 2.5x their estimates, which were measured with AMX (docs/design.md: Reproduction on other CPUs)")
+          "about twice their estimates, which were measured with AMX (docs/design.md: Reproduction on other CPUs)")
 
 
 @dataclass(frozen=True)
