@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import tempfile
 from pathlib import Path
 
 import gradio as gr
@@ -15,16 +16,16 @@ from digit_demo.detect import set_threads
 from digit_demo.ensemble import DEFAULT_FUSION
 from digit_demo.evaluation import best, plot_sweep
 from digit_demo.pipeline import DEFAULT_CACHE, Pipeline, PipelineConfig
-from digit_demo.session import Session, write_downloads
+from digit_demo.session import Session, save_images, write_downloads
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "examples").iterdir() if p.suffix in (".png", ".jpg"))
 MAX_IMAGES = 32
-THREADS = int(os.environ.get("DIGIT_DEMO_THREADS", "2"))
+os.environ.setdefault("DIGIT_DEMO_THREADS", "2")  # read by every pipeline (digit_demo.detect.set_threads)
 # Serving policy: two readings at a time (this CPU has two cores), and a queue long enough that a burst
 # of visitors waits instead of being refused (benchmark.py --load-test measures the wait).
 CONCURRENCY = 2
 QUEUE_SIZE = int(os.environ.get("DIGIT_DEMO_QUEUE", "512"))
-set_threads(THREADS)
+set_threads()
 BASE = PipelineConfig()
 READER = DEFAULT_CACHE.digit_reader(BASE.digit_reader, BASE.precision)  # shipped, if any
 
@@ -77,14 +78,18 @@ def _outputs(session: Session, threshold: float, selected: int = 0):
     html = NUMBER_HTML.format(number=n.text or "?", detail=detail)
     digits = [[int(d), round(float(s), 3), [round(float(v), 1) for v in b]]
               for b, s, d in zip(n.digits.boxes, n.digits.scores, n.digits.digits)]
-    gallery = [(x.annotated, f"{x.name}: {x.number.text or '–'}") for x in rendered]
+    # each drawing is encoded once (a fast PNG) and that file is shown, listed and zipped
+    folder = Path(tempfile.mkdtemp(prefix="digits_"))
+    images = save_images(rendered, folder / "images")
+    shown = images[min(selected, len(rendered) - 1)]
+    gallery = [(str(d), f"{x.name}: {x.number.text or '–'}") for x, (d, _) in zip(rendered, images)]
     table = [[x.name, x.image_id, x.number.text or "-1", round(x.number.confidence, 3)] for x in rendered]
-    files = [str(p) for p in write_downloads(rendered, threshold)]
+    files = [str(p) for p in write_downloads(rendered, threshold, folder, [d for d, _ in images])]
     regions = [[x.name, n.text or "-1", round(n.confidence, 3),
-                "whole image" if g is None else [round(float(v), 1) for v in g.box]]
+                "whole image" if g.whole else [round(float(v), 1) for v in g.box]]
                for x in rendered for g, n in x.reading.numbers(threshold)]
-    whole = gr.update(value=r.whole, visible=r.whole is not None)
-    return session, r.annotated, html, digits, gallery, table, files, note, whole, regions
+    whole = gr.update(value=None if shown[1] is None else str(shown[1]), visible=shown[1] is not None)
+    return session, str(shown[0]), html, digits, gallery, table, files, note, whole, regions
 
 
 def read_numbers(files, webcam, models, fusion, threshold, use_reader=True, multi_scale=False):
@@ -185,8 +190,8 @@ def build_demo() -> gr.Blocks:
                 with gr.Column(scale=3):
                     number = gr.HTML(NUMBER_HTML.format(number="–", detail="no image yet"), elem_id="number")
                     annotated = gr.Image(label="Detected digits (in a whole photo: the number's region, zoomed in)",
-                                         type="pil", interactive=False, height=320)
-                    whole = gr.Image(label="Whole photo: the numbers found", type="pil", interactive=False, height=320,
+                                         type="filepath", interactive=False, height=320)
+                    whole = gr.Image(label="Whole photo: the numbers found", type="filepath", interactive=False, height=320,
                                      visible=False)
                     message = gr.Markdown(elem_id="message")
                     digits = gr.Dataframe(headers=["digit", "score", "box [x1, y1, x2, y2]"], label="Digits, left to right",

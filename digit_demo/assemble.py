@@ -82,7 +82,8 @@ def reading_order(dets: Detections) -> Detections:
     return dets.select(np.argsort(key, kind="stable"))
 
 
-LINE_THRESHOLDS = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2).tolist())
+# The confidence thresholds every sweep reads at, and the number reader's alternatives are read at.
+THRESHOLDS = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2).tolist())
 
 
 def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = DEDUPE_IOU, strays: bool = True,
@@ -95,7 +96,7 @@ def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = DEDUP
     for the number to be).
 
     Where the detections carry the number reader's ``line``, the numbers read at the other
-    thresholds of ``LINE_THRESHOLDS``, and the proposer's reading (:func:`proposed`), are its
+    thresholds of ``THRESHOLDS``, and the proposer's reading (:func:`proposed`), are its
     alternatives: one the line reading finds more likely by ``dets.line_margin`` nats (the number
     reader's tuned margin, default LINE_MARGIN) replaces it (unless ``judge`` is False). So the number reader judges how many digits the number has, and which, and a
     second model with its own backbone proposes what the detector missed.
@@ -116,13 +117,13 @@ def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = DEDUP
 
 def _line_readings(dets: Detections, dedupe_iou: float, strays: bool, max_gap: float | None
                    ) -> tuple[dict[str, HouseNumber], dict[str, float]]:
-    """The distinct numbers read at LINE_THRESHOLDS (the lowest threshold's reading of each) and the
+    """The distinct numbers read at THRESHOLDS (the lowest threshold's reading of each) and the
     line's log-probability of each; computed once per detections, so a threshold sweep or a slider
     move only re-reads at its own threshold."""
     key = (dedupe_iou, strays, max_gap)
     if key not in dets._readings:
         others: dict[str, HouseNumber] = {}
-        for t in LINE_THRESHOLDS:
+        for t in THRESHOLDS:
             number = _assemble(dets, t, dedupe_iou, strays, max_gap)
             if number.text:
                 others.setdefault(number.text, number)
@@ -136,12 +137,12 @@ def _line_readings(dets: Detections, dedupe_iou: float, strays: bool, max_gap: f
 
 def proposed(dets: Detections, dedupe_iou: float = DEDUPE_IOU) -> HouseNumber:
     """The number ``dets.proposal`` reads, each digit on the detected box it falls on (the box of
-    the detection at the lowest of LINE_THRESHOLDS whose centre is nearest its own, within half its
+    the detection at the lowest of THRESHOLDS whose centre is nearest its own, within half its
     width and height; scored by the detection where it read the same digit) or, where none does, its
     placed box."""
     prop = dets.proposal
     boxes, scores = prop.boxes.copy(), prop.scores.copy()
-    found = dedupe(dets.above(min(LINE_THRESHOLDS)), dedupe_iou)
+    found = dedupe(dets.above(min(THRESHOLDS)), dedupe_iou)
     if len(found):
         # P x F x (dx, dy) between the centres of the proposed and the detected digits
         gap = np.abs((prop.boxes[:, None, :2] + prop.boxes[:, None, 2:]) - (found.boxes[None, :, :2] + found.boxes[None, :, 2:])) / 2
@@ -165,7 +166,7 @@ def proposed(dets: Detections, dedupe_iou: float = DEDUPE_IOU) -> HouseNumber:
 
 def _assemble(dets: Detections, threshold: float, dedupe_iou: float, strays: bool, max_gap: float | None) -> HouseNumber:
     """The number read from the detections scoring at least ``threshold``. Thresholds keeping the same
-    detections read the same number, so it is read once per count kept (the 19 LINE_THRESHOLDS keep
+    detections read the same number, so it is read once per count kept (the 19 THRESHOLDS keep
     3.3 distinct sets per valid image on average) and remembered on ``dets``."""
     above = dets.scores >= threshold
     key = (int(above.sum()), dedupe_iou, strays, max_gap)

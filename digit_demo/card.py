@@ -320,9 +320,7 @@ def _locator_section(directory: Path) -> str:
             f"training): at score {tune.get('min_score', float('nan')):g} it finds {tune.get('recall', float('nan')):.3f} "
             f"of the numbers (IoU >= 0.5) with precision {tune.get('precision', float('nan')):.3f}. How its regions are "
             f"read was chosen by what the default pipeline reads on {meta.get('locate_tuning', {}).get('scenes', '?')} "
-            f"full-size tuning scenes: the score threshold {tuned.get('min_score', 0.3):g}, "
-            f"{'a fallback to the best region scoring at least ' + format(tuned['fallback_score'], 'g') if tuned.get('fallback_score') is not None else 'no fallback'}"
-            f", the padding above, {'re-reading wider a number that reaches its crop side (edge, grow: ' + str(tuned['widen']) + ')' if tuned.get('widen') else 'no re-reading'}"
+            f"full-size tuning scenes: the score threshold {tuned.get('min_score', 0.3):g}, the padding above"
             f" and regions ranked by their reading's confidence x the locator's score^{tuned.get('rank_power', 0.0):g} "
             f"(accuracy per option: {_tuning(meta)}). Recipe `{json.dumps(meta.get('recipe', {}))}`.\n")
 
@@ -330,7 +328,7 @@ def _locator_section(directory: Path) -> str:
 def _tuning(meta: dict) -> str:
     rows = meta.get("locate_tuning", {}).get("rows", [])
     def option(r: dict) -> str:
-        text = f"score {r['min_score']:g}{' + fallback' if r['fallback_score'] is not None else ''}"
+        text = f"score {r['min_score']:g}{' + fallback' if r.get('fallback_score') is not None else ''}"
         if "pad_x" in r:
             text += f", pad {r['pad_x']:g}/{r.get('pad_y', 0.25):g}{', re-read' if r.get('widen') else ''}, power {r.get('rank_power', 0):g}"
         return f"{text}: {r['accuracy']:.3f}"

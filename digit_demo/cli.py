@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, CheckpointError
 from .ensemble import DEFAULT_FUSION, FUSIONS
-from .images import ImageError, load_image
+from .images import ImageError
 from .inference import PRECISION_ENV, PRECISIONS
 from .reader import DEFAULT_READER
 from .locator import DEFAULT_LOCATOR
@@ -20,7 +20,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fusion", choices=FUSIONS, default=DEFAULT_FUSION, help="how an ensemble merges boxes")
     p.add_argument("--fusion-iou", type=float, default=0.55)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, help="CPU threads for inference")
+    p.add_argument("--threads", type=int, help="CPU threads for inference (default $DIGIT_DEMO_THREADS, else torch's)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help=f"inference precision (default ${PRECISION_ENV} or auto: bf16 where the CPU has AMX, "
                         "about 1.4x faster at the same accuracy on valid; fp32 elsewhere)")
@@ -90,8 +90,8 @@ def cmd_predict(args) -> int:
         if regions:
             regions.write(json.dumps({"file": str(p), "image_id": image_id, "numbers": [
                 {"text": n.text, "confidence": round(n.confidence, 4),
-                 "region": None if g is None else [round(float(v), 1) for v in g.box],
-                 "region_score": None if g is None else round(g.score, 4),
+                 "region": None if g.whole else [round(float(v), 1) for v in g.box],
+                 "region_score": None if g.whole else round(g.score, 4),
                  "digits": [{"digit": int(d), "score": round(float(sc), 4), "box": [round(float(v), 1) for v in b]}
                             for b, sc, d in zip(n.digits.boxes, n.digits.scores, n.digits.digits)]}
                 for g, n in reading.numbers(threshold)]}) + "\n")
@@ -126,36 +126,30 @@ def _ground_truth(args):
     return gt, images
 
 
-def _detections_for_gt(args, pipe, gt, images):
-    """Raw detections per member (each with its own line reading) and, for an ensemble, fused
-    (:meth:`Pipeline.combine`, reusing the members' lines), keyed by image id; each photo is loaded once."""
-    from tqdm import tqdm
-
-    from .detect import to_tensor
-
-    per_member = {m.name: {} for m in pipe.members}
-    fused = {} if len(pipe.members) > 1 else None
-    with tqdm(total=len(gt["images"]), unit="img", disable=args.quiet) as bar:
-        for i in range(0, len(gt["images"]), args.batch_size):
-            chunk = gt["images"][i : i + args.batch_size]
-            ids = [im["id"] for im in chunk]
-            tensors = [to_tensor(load_image(images / im["file_name"])) for im in chunk]
-            found = [pipe.with_lines(tensors, m.detect_tensors(tensors)) for m in pipe.members]
-            for m, dets in zip(pipe.members, found):
-                per_member[m.name].update(zip(ids, dets))
-            if fused is not None:
-                fused.update(zip(ids, pipe.combine(tensors, found)))
-            bar.update(len(chunk))
-    return per_member, fused
-
-
-def _member_threshold(pipe, name: str, given: float | None) -> float:
-    """``given``, else the threshold calibrated for one member read alone with the same stages."""
+def _readings_for_gt(args, pipe, gt, images) -> dict:
+    """The readings of ``gt``'s images by every configuration measured: each member alone (at its own
+    calibrated threshold) and, for an ensemble, the ensemble; by configuration key, then image id.
+    Every image is read through :meth:`Pipeline.read_iter`, as ``predict`` reads it (locate stage,
+    per-image errors included); members share a memo, so each runs once per image."""
     from dataclasses import replace
 
-    from .calibration import threshold_for
+    from tqdm import tqdm
 
-    return given if given is not None else threshold_for(replace(pipe.config, models=(name,)))
+    from .pipeline import Pipeline
+
+    memo: dict = {}
+    pipes = [Pipeline(replace(pipe.config, models=(model,)), stages=replace(pipe.stages, members=[member]), memo=memo)
+             for model, member in zip(pipe.config.models, pipe.members)]
+    if len(pipes) > 1:
+        pipe.memo = memo
+        pipes.append(pipe)
+    ids = [im["id"] for im in gt["images"]]
+    paths = [images / im["file_name"] for im in gt["images"]]
+    found = {}
+    for p in pipes:
+        readings = tqdm(p.read_iter(paths), total=len(paths), unit="img", desc=p.name, disable=args.quiet)
+        found[p.name] = (p, dict(zip(ids, readings)))
+    return found
 
 
 def cmd_evaluate(args) -> int:
@@ -175,39 +169,29 @@ def cmd_evaluate(args) -> int:
         print(json.dumps({k: round(v, 4) for k, v in out.items()}))
         return 0
     gt, images = _ground_truth(args)
-    pipe = _pipeline(args)
-    per_member, fused = _detections_for_gt(args, pipe, gt, images)
-    # each model at its own calibrated threshold, unless one is given for all
-    rows = {m.name: evaluate(gt, per_member[m.name], _member_threshold(pipe, m.name, args.threshold))
-            for m in pipe.members}
-    if fused is not None:
-        rows[pipe.name] = evaluate(gt, fused, pipe.threshold)
-    for name, r in rows.items():
-        print(json.dumps({"model": name, **{k: round(v, 4) for k, v in r.__dict__.items()}}))
+    for name, (p, readings) in _readings_for_gt(args, _pipeline(args), gt, images).items():
+        row = evaluate(gt, readings, p.threshold)
+        print(json.dumps({"model": name, **{k: round(v, 4) for k, v in row.__dict__.items()}}))
     return 0
 
 
 def cmd_sweep(args) -> int:
     from .evaluation import best, plot_sweep, sweep, write_table
+    from .release import judge_ensembles
 
     gt, images = _ground_truth(args)
     pipe = _pipeline(args)
-    per_member, fused = _detections_for_gt(args, pipe, gt, images)
-    curves = {name: sweep(gt, d) for name, d in per_member.items()}
-    if fused is not None:
-        curves[pipe.name] = sweep(gt, fused)
+    curves = {name: sweep(gt, readings) for name, (_, readings) in _readings_for_gt(args, pipe, gt, images).items()}
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {}
     for name, rows in curves.items():
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
         write_table(rows, args.out / f"sweep_{safe}.csv")
-        b = best(rows)
-        summary[name] = {k: round(v, 4) for k, v in b.__dict__.items()}
+        summary[name] = {k: round(v, 4) for k, v in best(rows).__dict__.items()}
+    if len(pipe.members) > 1:
+        summary[pipe.name]["members"] = [n for n in summary if n != pipe.name]
+        judge_ensembles(summary)
     plot_sweep(curves, args.out / "sweep.png")
-    if fused is not None:
-        top = max((summary[m.name] for m in pipe.members), key=lambda r: r["accuracy"])
-        ens = summary[pipe.name]
-        summary["ensemble_beats_best_member"] = {"accuracy": ens["accuracy"] >= top["accuracy"], "mAP": ens["mAP"] >= top["mAP"]}
     (args.out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out / 'sweep.png'} and tables in {args.out}", file=sys.stderr)
@@ -265,6 +249,18 @@ def cmd_release(args) -> int:
     return 0
 
 
+def cmd_publish(args) -> int:
+    from .publish import ROOT, publish, space_files
+
+    files = space_files(ROOT)
+    size = sum((ROOT / f).stat().st_size for f in files) / 2**20
+    print(f"{len(files)} files, {size:.0f} MB: " + " ".join(files), file=sys.stderr)
+    if args.dry_run:
+        return 0
+    print(publish(args.space, ROOT, private=args.private))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m digit_demo", description="Read house numbers in street photos.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -316,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-worse", action="store_true",
                    help="with --weights, ship even if the new default reads fewer valid numbers than the one it replaces")
     r.set_defaults(func=cmd_release)
+
+    u = sub.add_parser("publish", help="upload the app, library and checkpoints as a Hugging Face Space (online)")
+    u.add_argument("space", help="the Space's repo id, e.g. your-name/house-numbers")
+    u.add_argument("--private", action="store_true")
+    u.add_argument("--dry-run", action="store_true", help="list what would be uploaded and stop")
+    u.set_defaults(func=cmd_publish)
     return p
 
 

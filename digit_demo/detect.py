@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -32,10 +33,28 @@ MAX_TILES = 32
 TILE_OVERLAP = 0.25
 
 
-def set_threads(threads: int | None) -> None:
-    """Bound torch's intra-op threads (None leaves the default)."""
+THREADS_ENV = "DIGIT_DEMO_THREADS"
+
+
+_chosen: list[int] = []  # a count given explicitly (e.g. --threads), which the environment does not override
+
+
+def set_threads(threads: int | None = None) -> None:
+    """Bound torch's intra-op threads to ``threads``; None: to ``$DIGIT_DEMO_THREADS`` where it is set
+    and no count was given explicitly before (else torch's default stands). A value that is not a
+    positive integer raises ValueError."""
     if threads:
-        torch.set_num_threads(threads)
+        _chosen[:] = [int(threads)]
+    chosen = threads or (None if _chosen else os.environ.get(THREADS_ENV))
+    if not chosen:
+        return
+    try:
+        n = int(chosen)
+        assert n > 0
+    except (ValueError, AssertionError):
+        raise ValueError(f"{THREADS_ENV}={chosen!r} is not a positive number of threads") from None
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -12,12 +12,11 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .assemble import assemble
-from .types import Detections
+from .assemble import THRESHOLDS
 from .data import gt_numbers
 from .io import coco_results
-
-DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2).tolist())
+from .reading import Reading
+from .types import Detections
 
 
 def _coco_gt(gt: dict) -> COCO:
@@ -62,23 +61,36 @@ class Metrics:
     accuracy: float
 
 
-def evaluate(gt: dict, dets: dict[int, Detections], threshold: float = 0.5, coco: COCO | None = None, **assemble_kw) -> Metrics:
-    """mAP of the detections scoring at least ``threshold`` and accuracy of the numbers read at it."""
-    kept = {i: d.above(threshold) for i, d in dets.items()}
-    ap = coco_map(coco or gt, coco_results(kept))
-    labels = {i: assemble(d, threshold, **assemble_kw).label for i, d in dets.items()}
+def _readings(found: dict[int, Reading | Detections]) -> dict[int, Reading]:
+    """Readings by image id; raw detections are an image read whole."""
+    return {i: r if isinstance(r, Reading) else Reading.of(str(i), r) for i, r in found.items()}
+
+
+def evaluate(gt: dict, found: dict[int, Reading | Detections], threshold: float = 0.5, coco: COCO | None = None) -> Metrics:
+    """mAP of the detections scoring at least ``threshold`` and accuracy of the numbers read at it,
+    from each image's reading (or raw detections) by image id, exactly as ``predict`` writes them
+    (``pred.json``: :meth:`Reading.kept`; ``pred.csv``: :meth:`Reading.number`)."""
+    readings = _readings(found)
+    ap = coco_map(coco or gt, coco_results({i: r.kept(threshold) for i, r in readings.items()}))
+    labels = {i: r.number(threshold).label for i, r in readings.items()}
     return Metrics(threshold, ap["mAP"], ap["AP50"], ap["AP75"], number_accuracy(gt_numbers(gt), labels))
 
 
-def sweep(gt: dict, dets: dict[int, Detections], thresholds=DEFAULT_THRESHOLDS, **assemble_kw) -> list[Metrics]:
-    """Metrics at each threshold (detections computed once, re-filtered per threshold)."""
-    coco = _coco_gt(gt)
-    return [evaluate(gt, dets, t, coco=coco, **assemble_kw) for t in thresholds]
+def sweep(gt: dict, found: dict[int, Reading | Detections], thresholds=THRESHOLDS) -> list[Metrics]:
+    """Metrics at each threshold (the readings re-read per threshold; no model runs)."""
+    coco, readings = _coco_gt(gt), _readings(found)
+    return [evaluate(gt, readings, t, coco=coco) for t in thresholds]
 
 
-def best(rows: list[Metrics]) -> Metrics:
-    """The threshold with the highest accuracy; ties go to higher mAP, then the lower threshold."""
-    return max(rows, key=lambda r: (round(r.accuracy, 6), round(r.mAP, 6), -r.threshold))
+def rank(row: Metrics | dict) -> tuple[float, float, float]:
+    """How settings are ranked everywhere: higher accuracy, then higher mAP, then the lower threshold."""
+    r = row if isinstance(row, dict) else asdict(row)
+    return round(r.get("accuracy", 0.0), 6), round(r.get("mAP", 0.0), 6), -(r.get("threshold") or 0.0)
+
+
+def best(rows: list) -> Metrics:
+    """The best row (:func:`rank`)."""
+    return max(rows, key=rank)
 
 
 def write_table(rows: list[Metrics], path: str | Path) -> Path:

@@ -53,9 +53,7 @@ class Locator(nn.Module):
         nn.init.constant_(self.head.bias[0], -4.0)  # centres are rare: start near p = 0.02
         # How located regions are read (a loaded locator takes its sidecar's ``tuned`` values):
         self.min_score = 0.3  # a region's least centre score
-        self.fallback_score: float | None = None  # the least score of the best region where none reaches min_score
         self.pad = (PAD_X, PAD_Y)  # :func:`reading_box`
-        self.widen: tuple[float, float] | None = None  # (edge, grow) of :func:`widened_box`; None: never re-read
         self.rank_power = 0.0  # regions rank by reading confidence x locator score ** rank_power
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -102,15 +100,11 @@ def decode(out: torch.Tensor, scale_x: float, scale_y: float, min_score: float =
 @torch.inference_mode()
 def locate(model: Locator, small: torch.Tensor, photo_size: tuple[int, int], min_score: float | None = None) -> list[Region]:
     """The house-number regions in a photo of ``photo_size`` (width, height), read from ``small``, the
-    photo shrunk to :func:`input_size` (float CHW in [0, 1]); best first, boxes in the photo's pixels.
-    Where no region reaches ``min_score`` (default: the locator's), its single best one scoring at
-    least ``model.fallback_score`` is returned: a person uploads a whole photo because it has a number."""
+    photo shrunk to :func:`input_size` (float CHW in [0, 1]), scoring at least ``min_score`` (default:
+    the locator's); best first, boxes in the photo's pixels."""
     out = model(small[None])[0]
     sx, sy = photo_size[0] / small.shape[2], photo_size[1] / small.shape[1]
-    found = decode(out, sx, sy, model.min_score if min_score is None else min_score)
-    if not found and model.fallback_score is not None:
-        found = decode(out, sx, sy, model.fallback_score, top_k=1)
-    return found
+    return decode(out, sx, sy, model.min_score if min_score is None else min_score)
 
 
 # A region is read from a crop around it: padded by these shares of its height above and below, and of
@@ -131,31 +125,12 @@ def reading_box(region: np.ndarray, width: int, height: int, pad: tuple[float, f
     return x1, y1, max(x1 + 1, x2), max(y1 + 1, y2)
 
 
-def widened_box(crop: tuple[int, int, int, int], digits: np.ndarray, width: int, height: int, edge: float,
-                grow: float, pad: tuple[float, float] = (PAD_X, PAD_Y)) -> tuple[int, int, int, int] | None:
-    """The crop to read again where the digits read in ``crop`` (xyxy ``digits`` in the crop's pixels)
-    reach within ``edge`` digit heights of its left or right side, and the photo goes on there: a
-    located region that cut the number short. It spans the digits, ``grow`` digit heights further on
-    each such side, padded as :func:`reading_box`; None where no side is reached."""
-    if not len(digits):
-        return None
-    dh = float(np.median(digits[:, 3] - digits[:, 1]))
-    x1, y1, x2, y2 = float(digits[:, 0].min()), float(digits[:, 1].min()), float(digits[:, 2].max()), float(digits[:, 3].max())
-    left = x1 < edge * dh and crop[0] > 0
-    right = (crop[2] - crop[0]) - x2 < edge * dh and crop[2] < width
-    if not (left or right):
-        return None
-    region = np.array([x1 - grow * dh * left, y1, x2 + grow * dh * right, y2]) + [crop[0], crop[1], crop[0], crop[1]]
-    return reading_box(region, width, height, pad)
-
-
 def save_locator(model: Locator, path: str | Path, meta: dict) -> Path:
     """Write the locator as fp16 safetensors plus its JSON sidecar."""
     fields = {"config": {"width": model.width, "input_side": INPUT_SIDE, "stride": STRIDE},
               "classes": {"0": "house-number region centre"},
               "normalisation": "per image: zero mean, unit variance",
-              "tuned": {"min_score": model.min_score, "fallback_score": model.fallback_score, "pad": list(model.pad),
-                        "widen": None if model.widen is None else list(model.widen), "rank_power": model.rank_power,
+              "tuned": {"min_score": model.min_score, "pad": list(model.pad), "rank_power": model.rank_power,
                         "chosen_on": "tuning scenes (held-back train crops, training backgrounds)"}}
     return write_weights(model, path, LOCATOR_ARCHITECTURE, fields, meta)
 
@@ -166,9 +141,7 @@ def load_locator(name_or_path: str | Path = DEFAULT_LOCATOR) -> Locator:
         model = Locator(int(meta["config"]["width"]))
         tuned = meta.get("tuned", {})
         model.min_score = float(tuned.get("min_score", 0.3))
-        model.fallback_score = None if tuned.get("fallback_score") is None else float(tuned["fallback_score"])
         model.pad = tuple(float(v) for v in tuned.get("pad", (PAD_X, PAD_Y)))
-        model.widen = None if tuned.get("widen") is None else tuple(float(v) for v in tuned["widen"])
         model.rank_power = float(tuned.get("rank_power", 0.0))
         return model
 

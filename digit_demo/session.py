@@ -5,7 +5,6 @@ The Gradio app keeps a :class:`Session` in ``gr.State``; moving the threshold ca
 """
 from __future__ import annotations
 
-import io
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -57,32 +56,51 @@ class Session:
 
 
 def annotate(reading: Reading, threshold: float) -> tuple[HouseNumber, Image.Image, Image.Image | None] | None:
-    """A reading at ``threshold`` drawn: its number, the image with the number's digits boxed (for a
-    whole photo, the number's region zoomed in) and, for a whole photo, the photo with every located
-    number marked (else None); None where the image was not read or not kept."""
-    if reading.error or reading.image is None:
+    """A reading at ``threshold`` drawn: its number, the most confident number's region with its digits
+    boxed (an image read whole: the image) and, where numbers were located in a whole photo, the photo
+    with every one marked (else None); None where the image was not read or not kept."""
+    if reading.error or reading.image is None or not reading.regions:
         return None
     found = reading.numbers(threshold)
-    if not found:
-        return None
     region, number = found[0]
-    if region is None:
-        return number, draw_detections(reading.image, number.digits), None
     x1, y1 = region.crop[:2]
     zoomed = draw_detections(reading.image.crop(region.crop), number.digits.shifted(-x1, -y1))
+    if not reading.located:
+        return number, zoomed, None
     return number, zoomed, draw_regions(reading.image, [g.box for g, _ in found], [n.text for _, n in found])
 
 
-def write_downloads(rendered: list[Rendered], threshold: float, folder: str | Path | None = None) -> list[Path]:
-    """``pred.json``, ``pred.csv`` and ``annotated.zip`` for the readings, in a fresh folder."""
+def save_images(rendered: list[Rendered], folder: str | Path) -> list[tuple[Path, Path | None]]:
+    """Each rendered image written once into ``folder`` (the drawn digits as PNG at the fastest
+    compression, a whole photo's overview as JPEG), for the page to show and the zip to hold;
+    (digits, overview or None) per image."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for k, r in enumerate(rendered):
+        stem = f"{k:03d}_{Path(r.name).stem}"
+        digits = folder / f"{stem}_annotated.png"
+        r.annotated.save(digits, "PNG", compress_level=1)
+        whole = None
+        if r.whole is not None:
+            whole = folder / f"{stem}_photo.jpg"
+            r.whole.save(whole, "JPEG", quality=90)
+        out.append((digits, whole))
+    return out
+
+
+def write_downloads(rendered: list[Rendered], threshold: float, folder: str | Path | None = None,
+                    images: list[Path] | None = None) -> list[Path]:
+    """``pred.json``, ``pred.csv`` and ``annotated.zip`` for the readings, in ``folder`` (default: a
+    fresh one); the zip holds ``images`` (each reading's drawn digits as PNG files, default: written
+    by :func:`save_images`) without encoding them again."""
     folder = Path(folder or tempfile.mkdtemp(prefix="digits_"))
     folder.mkdir(parents=True, exist_ok=True)
+    images = images if images is not None else [d for d, _ in save_images(rendered, folder / "images")]
     pj = write_pred_json(folder / "pred.json", {r.image_id: r.reading.kept(threshold) for r in rendered})
     pc = write_pred_csv(folder / "pred.csv", {r.image_id: r.number.label for r in rendered})
     zp = folder / "annotated.zip"
     with zipfile.ZipFile(zp, "w", zipfile.ZIP_STORED) as z:
-        for r in rendered:
-            buf = io.BytesIO()
-            r.annotated.save(buf, "PNG", compress_level=1)
-            z.writestr(f"{Path(r.name).stem}_annotated.png", buf.getvalue())
+        for r, path in zip(rendered, images):
+            z.write(path, f"{Path(r.name).stem}_annotated.png")
     return [pj, pc, zp]

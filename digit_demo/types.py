@@ -25,7 +25,7 @@ class Detections:
     # how many nats more likely under ``line`` another reading must be to replace the threshold's (the
     # number reader's tuned margin; None: :data:`digit_demo.number_reader.LINE_MARGIN`)
     line_margin: float | None = None
-    # the numbers read at each of LINE_THRESHOLDS and the line's log-probability of each (see assemble)
+    # the numbers read at each of THRESHOLDS and the line's log-probability of each (see assemble)
     _readings: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     # the number read from each set of detections a threshold keeps (see _assemble)
     _numbers: dict = field(default_factory=dict, init=False, repr=False, compare=False)

@@ -31,17 +31,24 @@ def default_pipeline():
 
 
 def raw_detections(config=None, paths=()) -> list:
-    """The raw detections a pipeline of ``config`` (default: the shipped default) finds in ``paths``."""
+    """The raw detections a pipeline of ``config`` (default: the shipped default) finds in crops
+    ``paths`` (each read whole: one region)."""
     from digit_demo.pipeline import Pipeline
 
-    return Pipeline(config).read(paths).raw
+    return raw_of(Pipeline(config).read(paths))
+
+
+def raw_of(readings) -> list:
+    """Each crop's raw detections (a crop is read whole: its one region's), None where it was not read."""
+    return [r.regions[0].raw if r.regions else None for r in readings]
 
 
 def measured_threshold(*keys: str) -> float:
     """The best threshold of a configuration, read straight from the shipped sweeps (the first of
-    ``keys`` measured): the highest accuracy, then mAP, then the lowest threshold."""
+    ``keys`` measured)."""
     import json
 
+    from digit_demo.evaluation import Metrics, best
+
     sweeps = json.loads((ROOT / "checkpoints" / "sweeps.json").read_text())
-    rows = sweeps[next(k for k in keys if k in sweeps)]
-    return min(rows, key=lambda r: (-round(r["accuracy"], 6), -round(r["mAP"], 6), r["threshold"]))["threshold"]
+    return best([Metrics(**r) for r in sweeps[next(k for k in keys if k in sweeps)]]).threshold

@@ -12,7 +12,7 @@ from digit_demo.assemble import assemble
 from digit_demo.models import at_input_size, multi_scale_views, set_test_size
 from digit_demo.inference import PRECISION_ENV, Bfloat16, ChannelsLastMaxPool2d, fast_pools, for_inference, has_amx, inference_precision
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, raw_of
 
 IMAGES = sorted((FIXTURES / "valid").glob("*.png"))
 
@@ -121,7 +121,7 @@ def test_bfloat16_inference_reads_like_float32():
     assert model.roi_heads.box_predictor.cls_score.weight.dtype == torch.float32
     assert not any(isinstance(m, Bfloat16) for m in fp32.members[0].model.modules())
     same = 0
-    for a, b in zip(fp32.read(IMAGES).raw, bf16.read(IMAGES).raw):
+    for a, b in zip(raw_of(fp32.read(IMAGES)), raw_of(bf16.read(IMAGES))):
         assert b.scores.dtype == np.float32 and b.line is not None and b.line.dtype == np.float32
         top_a, top_b = a.above(0.5), b.above(0.5)
         assert sorted(top_a.digits.tolist()) == sorted(top_b.digits.tolist())

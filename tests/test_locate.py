@@ -14,7 +14,7 @@ from torchvision.ops import box_iou
 from digit_demo.checkpoints import CHECKPOINT_DIR
 from digit_demo.images import decode
 from digit_demo.locator import (INPUT_SIDE, MIN_PHOTO_SIDE, Locator, decode as decode_map, input_size, load_locator, reading_box,
-                                save_locator, widened_box)
+                                save_locator)
 from digit_demo.pipeline import Pipeline, PipelineConfig
 
 from .conftest import FIXTURES
@@ -46,25 +46,12 @@ def test_a_reading_crop_pads_the_region_as_svhn_crops_are_and_stays_in_the_photo
     assert reading_box(np.array([-5, -5, 30, 20]), 100, 100)[:2] == (0, 0)
 
 
-def test_a_number_cut_short_by_its_region_is_read_again_wider_on_that_side_only():
-    crop = (100, 50, 300, 110)  # 200 x 60 px crop in a 1000 x 800 photo; digits 40 px tall
-    right = np.array([[110, 10, 135, 50], [170, 10, 195, 50]], np.float32)  # 5 px from the right edge
-    assert widened_box(crop, right, 1000, 800, edge=0.3, grow=1.0, pad=(0.5, 0.25)) == (190, 50, 355, 110)
-    # the digits span x 210-295, y 60-100 in the photo; grown one digit height (40) to the right, to 335;
-    # then padded as a region: 20 px each side, 10 px above and below
-    left = right - [100, 0, 100, 0]  # touching the left edge, where the crop starts at the photo's
-    assert widened_box((0, 50, 200, 110), left, 1000, 800, edge=0.3, grow=1.0) is None
-    assert widened_box(crop, right - [60, 0, 60, 0], 1000, 800, edge=0.3, grow=1.0) is None  # clear of both sides
-    assert widened_box(crop, np.zeros((0, 4), np.float32), 1000, 800, edge=0.3, grow=1.0) is None
-
-
 def test_how_regions_are_read_comes_from_the_sidecar(tmp_path):
     model = Locator(8)
-    model.min_score, model.fallback_score, model.pad, model.widen, model.rank_power = 0.2, None, (1.0, 0.25), (0.3, 1.0), 0.5
+    model.min_score, model.pad, model.rank_power = 0.2, (1.0, 0.25), 0.5
     save_locator(model, tmp_path / "loc.safetensors", {})
     loaded = load_locator(tmp_path / "loc.safetensors")
-    assert (loaded.min_score, loaded.fallback_score, loaded.pad, loaded.widen, loaded.rank_power) == (0.2, None, (1.0, 0.25),
-                                                                                                     (0.3, 1.0), 0.5)
+    assert (loaded.min_score, loaded.pad, loaded.rank_power) == (0.2, (1.0, 0.25), 0.5)
     assert reading_box(np.array([100, 200, 160, 240]), 1600, 1200, loaded.pad) == (60, 190, 200, 250)
 
 
@@ -108,8 +95,10 @@ def test_a_large_jpeg_is_located_from_a_reduced_decode(tmp_path, monkeypatch):
     calls = []
     real = pipeline.decode
     monkeypatch.setattr(pipeline, "decode", lambda *a, **k: calls.append(k) or real(*a, **k))
-    pipe = Pipeline.__new__(Pipeline)
-    pipe.locator = Locator().eval()  # untrained: only where it reads from matters here
+    from digit_demo.pipeline import Stages
+
+    # an untrained locator: only where it reads from matters here
+    pipe = Pipeline(PipelineConfig(threshold=0.5), stages=Stages([], locator=Locator().eval()))
     image, _ = pipe.locate(path, "big.jpg")
     assert calls == [{"draft_side": INPUT_SIDE}] and image.size == (4000, 3000)  # regions read at full size
 
@@ -151,7 +140,7 @@ def test_crops_are_not_located():
     assert all(min(Image.open(p).size) < MIN_PHOTO_SIDE for p in crops)
     with_locator, without = Pipeline(), Pipeline(PipelineConfig(locator=None))
     a, b = with_locator.read(crops), without.read(crops)
-    assert all(not r.regions for r in a)
+    assert all(not r.located and len(r.regions) == 1 for r in a)  # each read whole: one region, the image
     assert [n.text for n in a.at()] == [n.text for n in b.at()]
 
 

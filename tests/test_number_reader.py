@@ -21,7 +21,7 @@ from digit_demo.reader import load_reader
 from digit_demo.types import Detections
 from train.number_reader import main
 
-from .conftest import FIXTURES, raw_detections
+from .conftest import FIXTURES, raw_detections, raw_of
 
 
 def line_for(text: str, steps: int = 8, sure: float = 0.98) -> np.ndarray:
@@ -235,6 +235,6 @@ def test_an_ensemble_carries_its_most_accurate_members_own_reading(fixture_gt, f
     readings = [assemble(o, lead.meta["threshold"]) for o in raw_detections(PipelineConfig(("resnet18_fpn",)), paths)]
     assert any(r.text for r in readings)
     seconds = [assemble(o, other.meta["threshold"]).text for o in raw_detections(PipelineConfig(("mobilenet_v3_fpn",)), paths)]
-    for d, r, second in zip(ens.read(paths).raw, readings, seconds):
+    for d, r, second in zip(raw_of(ens.read(paths)), readings, seconds):
         assert d.line is not None and d.lead.text == r.text and d.others == (second,)
         assert np.array_equal(d.lead.digits.boxes, r.digits.boxes)

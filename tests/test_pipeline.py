@@ -6,7 +6,7 @@ import pytest
 from digit_demo.calibration import measured_key, threshold_for
 from digit_demo.evaluation import Metrics
 from digit_demo.inference import has_amx
-from digit_demo.pipeline import Pipeline, PipelineConfig, Reading, Readings
+from digit_demo.pipeline import Pipeline, PipelineConfig, Reading, Readings, Stages
 from digit_demo.types import Detections
 
 from .conftest import FIXTURES
@@ -56,10 +56,10 @@ def two_digits() -> Detections:
 
 
 def test_readings_are_rethresholded_without_a_model():
-    readings = Readings([Reading("1108.png", two_digits()), Reading("x.png", error="x.png: not a readable image")], 0.3)
+    readings = Readings([Reading.of("1108.png", two_digits()), Reading("x.png", error="x.png: not a readable image")], 0.3)
     assert [n.text for n in readings.at()] == ["49", ""]  # the pipeline's threshold by default
     assert [n.text for n in readings.at(0.5)] == ["4", ""]
-    assert readings.errors == ["x.png: not a readable image"] and readings.raw[1] is None
+    assert readings.errors == ["x.png: not a readable image"] and readings[1].regions == []
     assert len(readings[0].kept(0.5)) == 1 and len(readings[1].kept(0.5)) == 0
     assert readings[1].number(0.1).label == -1
 
@@ -78,9 +78,8 @@ class Member:
 def test_one_failing_image_is_reported_and_the_rest_of_its_batch_is_read():
     from PIL import Image
 
-    pipe = Pipeline.__new__(Pipeline)  # the real pipeline logic around a stand-in detect stage
-    pipe.config, pipe.members, pipe.number_reader, pipe.threshold = PipelineConfig(("m",), batch_size=4), [Member()], None, 0.3
-    pipe.locator = None
+    # the real pipeline logic around a stand-in detect stage
+    pipe = Pipeline(PipelineConfig(("m",), batch_size=4, threshold=0.3), stages=Stages([Member()]))
     images = [Image.new("RGB", (60, 40)), Image.new("RGB", (300, 40)), b"not an image", Image.new("RGB", (50, 50))]
     readings = pipe.read(images, ["a.png", "wide.png", "junk.png", "b.png"])
     assert [r.name for r in readings] == ["a.png", "wide.png", "junk.png", "b.png"]
@@ -91,11 +90,33 @@ def test_one_failing_image_is_reported_and_the_rest_of_its_batch_is_read():
 
 
 def test_the_readings_of_fixture_photos_need_no_images_kept():
-    pipe = Pipeline.__new__(Pipeline)
-    pipe.config, pipe.members, pipe.number_reader, pipe.threshold = PipelineConfig(("m",)), [Member()], None, 0.3
-    pipe.locator = None
+    from PIL import Image
+
+    pipe = Pipeline(PipelineConfig(("m",), threshold=0.3), stages=Stages([Member()]))
     paths = sorted((FIXTURES / "valid").glob("*.png"))[:2]
     found = list(pipe.read_iter(paths))
     assert [r.name for r in found] == [p.name for p in paths]
     assert all(r.image is None for r in found)  # a batch of thousands keeps only detections
-    assert all((r.raw is None) == (r.error is not None) for r in found)
+    for r, p in zip(found, paths):  # wider than 100 px: the stand-in fails, and the reading has no region
+        if Image.open(p).width > 100:
+            assert r.error and r.regions == []
+        else:  # read whole: one region, the image
+            assert len(r.regions) == 1 and r.regions[0].raw is not None and r.regions[0].crop == (0, 0, *Image.open(p).size)
+
+
+def test_digit_demo_threads_sets_every_pipelines_threads_unless_given_explicitly():
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    code = ("import torch; from digit_demo.pipeline import Pipeline, PipelineConfig, Stages;"
+            "torch.set_num_threads(2); Pipeline(PipelineConfig(threshold=0.5), stages=Stages([]));"
+            "a = torch.get_num_threads();"
+            "from digit_demo.detect import set_threads; set_threads(2);"
+            "Pipeline(PipelineConfig(threshold=0.5), stages=Stages([])); print(a, torch.get_num_threads())")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "DIGIT_DEMO_THREADS": "1"})
+    assert r.stdout.split() == ["1", "2"], r.stderr  # the variable, then an explicit --threads over it
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "DIGIT_DEMO_THREADS": "two"})
+    assert r.returncode != 0 and "DIGIT_DEMO_THREADS='two' is not a positive number of threads" in r.stderr

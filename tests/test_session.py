@@ -17,7 +17,7 @@ def item():
     img = Image.open(FIXTURES / "valid" / "1108.png").convert("RGB")
     raw = Detections(np.array([[10, 10, 40, 90], [50, 12, 80, 92]], np.float32), np.array([0.9, 0.4], np.float32),
                      np.array([4, 9]))
-    return Reading("1108.png", raw, img)
+    return Reading.of("1108.png", raw, img)
 
 
 def test_render_rethresholds_cached_detections(tmp_path):

@@ -15,6 +15,7 @@ import torch
 
 from digit_demo.checkpoints import load_checkpoint, save_checkpoint
 from digit_demo.data import DigitDataset, collate, load_coco
+from digit_demo.evaluation import rank
 from digit_demo.inference import has_amx
 from digit_demo.models import ARCHITECTURES, default_config, build_model
 
@@ -286,8 +287,8 @@ def write_rank_digest(model: torch.nn.Module, out_dir: Path, rank: int) -> Path:
 
 
 def _score(row: dict, select: str) -> tuple[float, float]:
-    """What ranks epochs (rounded as logged): whole-number accuracy first, or mAP first."""
-    acc, m = round(row["accuracy"], 4), round(row["mAP"], 4)
+    """What ranks epochs: whole-number accuracy first (:func:`digit_demo.evaluation.rank`), or mAP first."""
+    acc, m, _ = rank(row)
     return (acc, m) if select == "accuracy" else (m, acc)
 
 

@@ -20,6 +20,7 @@ import torch
 
 from digit_demo.checkpoints import load_checkpoint
 from digit_demo.data import DigitDataset, collate, load_coco
+from digit_demo.evaluation import rank
 from digit_demo.detect import set_threads
 from digit_demo.models import set_test_size
 from digit_demo.reader import DEFAULT_READER, DigitReader, optional_reader
@@ -52,7 +53,7 @@ def tune_input_size(checkpoint: str | Path, sizes: list[int], data: Path = DEFAU
                                          batch_size=8, collate_fn=collate)
     digit_reader = optional_reader(reader, "fp32")  # as the shipped sizes were chosen
     results = size_sweep(model, loader, gt, sizes, digit_reader)
-    top = max(results, key=lambda r: (round(r["accuracy"], 4), round(r["mAP"], 4)))
+    top = max(results, key=rank)
     set_test_size(model, top["size"], top["max_size"])
     side = Path(meta["path"]).with_suffix(".json")
     sidecar = json.loads(side.read_text())

@@ -124,10 +124,9 @@ def evaluate(model: Locator, tune: list, thresholds=(0.1, 0.15, 0.2, 0.3, 0.4, 0
     return rows
 
 
-SCORE_OPTIONS = ((0.5, None), (0.3, None), (0.2, None), (0.5, 0.05), (0.3, 0.05))  # (min_score, fallback_score)
-# (pad x, pad y, widen): how a region is cropped (:func:`digit_demo.locator.reading_box`) and re-read
-READ_OPTIONS = ((0.5, 0.25, None), (1.0, 0.25, None), (1.5, 0.25, None), (1.0, 0.4, None), (1.5, 0.4, None),
-                (0.5, 0.25, (0.3, 1.0)), (1.0, 0.25, (0.3, 1.0)))
+SCORE_OPTIONS = (0.5, 0.3, 0.2)  # a region's least centre score
+# (pad x, pad y): how a region is cropped (:func:`digit_demo.locator.reading_box`)
+READ_OPTIONS = ((0.5, 0.25), (1.0, 0.25), (1.5, 0.25), (1.0, 0.4), (1.5, 0.4))
 RANK_POWERS = (0.0, 0.5, 1.0)
 
 
@@ -135,8 +134,8 @@ def tune_reading(checkpoint: Path, data: Path, tune_crops: int = 300, seed: int 
                  backgrounds: list | None = None) -> dict:
     """Choose how the locator's regions are read by what the default pipeline then reads, on
     full-size tuning scenes (the last ``tune_crops`` train crops, which training never pastes, on the
-    training backgrounds): first the score threshold and fallback (:data:`SCORE_OPTIONS`), then the
-    horizontal padding and re-reading of cut regions (:data:`READ_OPTIONS`), and with each the rank
+    training backgrounds): first the score threshold (:data:`SCORE_OPTIONS`), then the padding
+    (:data:`READ_OPTIONS`), and with each the rank
     power (:data:`RANK_POWERS`, which re-ranks the same readings). Ties go to the earlier option (the
     simpler). ``crops`` and ``backgrounds`` replace the defaults (the reproduction's tuning split, a
     folder of photos). Writes the choice and every option's result into the checkpoint's sidecar."""
@@ -150,32 +149,30 @@ def tune_reading(checkpoint: Path, data: Path, tune_crops: int = 300, seed: int 
     pipe = Pipeline(PipelineConfig(locator=str(checkpoint)))
     loc, rows = pipe.locator, []
 
-    def run(min_score, fallback, pad_x, pad_y, widen, stage):
-        loc.min_score, loc.fallback_score, loc.pad, loc.widen = min_score, fallback, (pad_x, pad_y), widen
+    def run(min_score, pad_x, pad_y, stage):
+        loc.min_score, loc.pad = min_score, (pad_x, pad_y)
         readings = pipe.read([sc.image for sc in scenes], keep_images=False)
         for power in RANK_POWERS if stage == "read" else (0.0,):
             for r in readings:
                 for region in r.regions:
                     region.rank_power = power
-            rows.append({"stage": stage, "min_score": min_score, "fallback_score": fallback, "pad_x": pad_x, "pad_y": pad_y,
-                         "widen": None if widen is None else list(widen), "rank_power": power,
+            rows.append({"stage": stage, "min_score": min_score, "pad_x": pad_x, "pad_y": pad_y, "rank_power": power,
                          "accuracy": sum(r.number(pipe.threshold).text == sc.texts[0] for r, sc in zip(readings, scenes)) / len(scenes),
-                         "located": sum(bool(r.regions) for r in readings) / len(scenes)})
+                         "located": sum(r.located for r in readings) / len(scenes)})
             print(json.dumps(rows[-1]), file=sys.stderr)
 
     def best(stage):
         return max((r for r in rows if r["stage"] == stage), key=lambda r: round(r["accuracy"], 6))  # first of ties
 
-    for min_score, fallback in SCORE_OPTIONS:
-        run(min_score, fallback, PAD_X, PAD_Y, None, "score")
+    for min_score in SCORE_OPTIONS:
+        run(min_score, PAD_X, PAD_Y, "score")
     top = best("score")
-    for pad_x, pad_y, widen in READ_OPTIONS:
-        run(top["min_score"], top["fallback_score"], pad_x, pad_y, widen, "read")
+    for pad_x, pad_y in READ_OPTIONS:
+        run(top["min_score"], pad_x, pad_y, "read")
     top = best("read")
     side = checkpoint.with_suffix(".json")
     meta = json.loads(side.read_text())
-    meta["tuned"].update(min_score=top["min_score"], fallback_score=top["fallback_score"], pad=[top["pad_x"], top["pad_y"]],
-                         widen=top["widen"], rank_power=top["rank_power"],
+    meta["tuned"].update(min_score=top["min_score"], pad=[top["pad_x"], top["pad_y"]], rank_power=top["rank_power"],
                          chosen_on=f"tuning scenes: {len(crops)} held-out train crops (never pasted in training) on the "
                                    f"training backgrounds, seed {seed}, read by the default pipeline")
     meta["locate_tuning"] = {"scenes": len(scenes), "rows": rows}

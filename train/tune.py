@@ -26,7 +26,7 @@ from pathlib import Path
 from digit_demo.checkpoints import read_sidecar
 from digit_demo.data import load_coco
 from digit_demo.detect import set_threads, to_tensor
-from digit_demo.evaluation import best, sweep
+from digit_demo.evaluation import best, rank, sweep
 from digit_demo.images import load_image
 
 from .cli import DEFAULT_DATA
@@ -46,8 +46,8 @@ def copy_checkpoint(src: Path, out: Path, name: str) -> Path:
 
 
 def _score(rows) -> tuple[float, float]:
-    top = best(rows)
-    return round(top.accuracy, 6), round(top.mAP, 6)
+    """A setting's accuracy and mAP at its best threshold (:func:`digit_demo.evaluation.rank`)."""
+    return rank(best(rows))[:2]
 
 
 def _record(path: Path, chosen: dict, rows: list[dict], split: str) -> None:
