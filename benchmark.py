@@ -42,35 +42,42 @@ SPLIT = {"gt": DATA / "valid.json", "images": DATA / "valid"}
 
 
 def _valid(limit: int | None) -> dict:
-    from digit_demo.data import load_coco
+    from digit_demo.data import load_coco, subset
 
     gt = load_coco(SPLIT["gt"])
-    if limit:
-        gt = {**gt, "images": gt["images"][:limit]}
-        keep = {im["id"] for im in gt["images"]}
-        gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
-    return gt
+    return subset(gt, [im["id"] for im in gt["images"][:limit]]) if limit else gt
 
 
 def _dets_json(d) -> dict:
-    return {"boxes": d.boxes.tolist(), "scores": d.scores.tolist(), "digits": d.digits.tolist(),
-            "line": None if d.line is None else d.line.tolist(), "line_margin": d.line_margin,
-            "proposal": None if d.proposal is None else _dets_json(d.proposal)}
+    return {"boxes": d.boxes.tolist(), "scores": d.scores.tolist(), "digits": d.digits.tolist()}
 
 
 def _dets(v: dict):
     from digit_demo.types import Detections
 
     return Detections(np.array(v["boxes"], np.float32).reshape(-1, 4), np.array(v["scores"], np.float32),
-                      np.array(v["digits"], np.int64), line=None if v.get("line") is None else np.array(v["line"], np.float32),
-                      proposal=None if v.get("proposal") is None else _dets(v["proposal"]), line_margin=v.get("line_margin"))
+                      np.array(v["digits"], np.int64))
+
+
+def _found_json(f) -> dict:
+    line = None if f.line is None else {"log_probs": f.line.log_probs.tolist(), "margin": f.line.margin,
+                                        "proposal": None if f.line.proposal is None else _dets_json(f.line.proposal)}
+    return {"detections": _dets_json(f.detections), "line": line}
+
+
+def _found(v: dict):
+    from digit_demo.types import Found, LineReading
+
+    line = v["line"] and LineReading(np.array(v["line"]["log_probs"], np.float32), v["line"]["margin"],
+                                     None if v["line"]["proposal"] is None else _dets(v["line"]["proposal"]))
+    return Found(_dets(v["detections"]), line or None)
 
 
 def to_json(found: dict) -> dict:
-    """Readings by image id as JSON: each region and its raw detections."""
+    """Readings by image id as JSON: each region and what was found there (a member's: no lead)."""
     return {k: {"name": r.name, "error": r.error, "regions": [
         {"box": g.box.tolist(), "score": g.score, "crop": list(g.crop), "whole": g.whole, "rank_power": g.rank_power,
-         "raw": None if g.raw is None else _dets_json(g.raw)} for g in r.regions]} for k, r in found.items()}
+         "raw": None if g.raw is None else _found_json(g.raw)} for g in r.regions]} for k, r in found.items()}
 
 
 def from_json(found: dict) -> dict:
@@ -78,7 +85,7 @@ def from_json(found: dict) -> dict:
     from digit_demo.pipeline import Reading, RegionReading
 
     return {int(k): Reading(v["name"], error=v["error"], regions=[
-        RegionReading(np.array(g["box"], np.float32), g["score"], tuple(g["crop"]), None if g["raw"] is None else _dets(g["raw"]),
+        RegionReading(np.array(g["box"], np.float32), g["score"], tuple(g["crop"]), None if g["raw"] is None else _found(g["raw"]),
                       g["rank_power"], g["whole"]) for g in v["regions"]]) for k, v in found.items()}
 
 

@@ -5,8 +5,6 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
-from .ensemble import prefer_lead
-from .number_reader import LINE_MARGIN, line_log_prob
 from .types import Detections, HouseNumber
 
 # Distinct digits barely overlap: in train.json, 99.7% of multi-digit images have no two digit boxes
@@ -87,96 +85,16 @@ THRESHOLDS = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2).tolist())
 
 
 def assemble(dets: Detections, threshold: float = 0.5, dedupe_iou: float = DEDUPE_IOU, strays: bool = True,
-             max_gap: float | None = MAX_GAP, judge: bool = True) -> HouseNumber:
-    """Read the house number from raw detections at a confidence ``threshold``.
+             max_gap: float | None = MAX_GAP) -> HouseNumber:
+    """The house number the detections scoring at least ``threshold`` read.
 
     Digits on the same spot are deduplicated, strays dropped (``strays``), the rest read in order,
     and only the main group kept where a gap wider than ``max_gap`` digit heights splits them
     (``None``: keep all). Confidence is the product of the digit scores (every digit must be right
-    for the number to be).
-
-    Where the detections carry the number reader's ``line``, the numbers read at the other
-    thresholds of ``THRESHOLDS``, and the proposer's reading (:func:`proposed`), are its
-    alternatives: one the line reading finds more likely by ``dets.line_margin`` nats (the number
-    reader's tuned margin, default LINE_MARGIN) replaces it (unless ``judge`` is False). So the number reader judges how many digits the number has, and which, and a
-    second model with its own backbone proposes what the detector missed.
-
-    An ensemble's detections carry its most accurate member's reading (``lead``), which stands
-    unless :func:`digit_demo.ensemble.prefer_lead` finds the fused reading better.
+    for the number to be). The other evidence a pipeline gathers judges this number afterwards
+    (:func:`digit_demo.judge.read`).
     """
-    number = _assemble(dets, threshold, dedupe_iou, strays, max_gap)
-    if dets.line is not None and judge:
-        margin = LINE_MARGIN if dets.line_margin is None else dets.line_margin
-        others, scores = _line_readings(dets, dedupe_iou, strays, max_gap)
-        base = scores[number.text] if number.text in scores else float(line_log_prob(dets.line, [number.text])[0])
-        best = max((t for t in others if t != number.text), key=scores.get, default=None)
-        if best is not None and scores[best] - base > margin:
-            number = others[best]
-    return number if dets.lead is None else prefer_lead(number, dets, judge)
-
-
-def _line_readings(dets: Detections, dedupe_iou: float, strays: bool, max_gap: float | None
-                   ) -> tuple[dict[str, HouseNumber], dict[str, float]]:
-    """The distinct numbers read at THRESHOLDS (the lowest threshold's reading of each) and the
-    line's log-probability of each; computed once per detections, so a threshold sweep or a slider
-    move only re-reads at its own threshold."""
-    key = (dedupe_iou, strays, max_gap)
-    if key not in dets._readings:
-        others: dict[str, HouseNumber] = {}
-        for t in THRESHOLDS:
-            number = _assemble(dets, t, dedupe_iou, strays, max_gap)
-            if number.text:
-                others.setdefault(number.text, number)
-        if dets.proposal is not None and len(dets.proposal):
-            number = proposed(dets, dedupe_iou)
-            others.setdefault(number.text, number)
-        scores = dict(zip(others, line_log_prob(dets.line, list(others)).tolist())) if others else {}
-        dets._readings[key] = (others, scores)
-    return dets._readings[key]
-
-
-def proposed(dets: Detections, dedupe_iou: float = DEDUPE_IOU) -> HouseNumber:
-    """The number ``dets.proposal`` reads, each digit on the detected box it falls on (the box of
-    the detection at the lowest of THRESHOLDS whose centre is nearest its own, within half its
-    width and height; scored by the detection where it read the same digit) or, where none does, its
-    placed box."""
-    prop = dets.proposal
-    boxes, scores = prop.boxes.copy(), prop.scores.copy()
-    found = dedupe(dets.above(min(THRESHOLDS)), dedupe_iou)
-    if len(found):
-        # P x F x (dx, dy) between the centres of the proposed and the detected digits
-        gap = np.abs((prop.boxes[:, None, :2] + prop.boxes[:, None, 2:]) - (found.boxes[None, :, :2] + found.boxes[None, :, 2:])) / 2
-        half = (prop.boxes[:, 2:] - prop.boxes[:, :2])[:, None] / 2
-        dx = np.where((gap <= half).all(2), gap[..., 0], np.inf)
-        near = dx.argmin(1)
-        closest = dx[np.arange(len(prop)), near]
-        hit = np.isfinite(closest)
-        taken = set()
-        for k in np.argsort(closest, kind="stable"):  # a detected box holds one digit: the proposed digit nearest it
-            if hit[k] and near[k] in taken:
-                hit[k] = False
-            elif hit[k]:
-                taken.add(near[k])
-        boxes[hit] = found.boxes[near[hit]]
-        same = hit & (found.digits[near] == prop.digits)
-        scores[same] = found.scores[near[same]]
-    digits = Detections(boxes, scores, prop.digits.copy())
-    return HouseNumber("".join(str(int(d)) for d in prop.digits), digits, float(np.prod(scores)))
-
-
-def _assemble(dets: Detections, threshold: float, dedupe_iou: float, strays: bool, max_gap: float | None) -> HouseNumber:
-    """The number read from the detections scoring at least ``threshold``. Thresholds keeping the same
-    detections read the same number, so it is read once per count kept (the 19 THRESHOLDS keep
-    3.3 distinct sets per valid image on average) and remembered on ``dets``."""
-    above = dets.scores >= threshold
-    key = (int(above.sum()), dedupe_iou, strays, max_gap)
-    if key not in dets._numbers:
-        dets._numbers[key] = _read(dets.select(above), dedupe_iou, strays, max_gap)
-    return dets._numbers[key]
-
-
-def _read(dets: Detections, dedupe_iou: float, strays: bool, max_gap: float | None) -> HouseNumber:
-    kept = dedupe(dets, dedupe_iou)
+    kept = dedupe(dets.above(threshold), dedupe_iou)
     if strays:
         kept = drop_strays(kept)
     kept = reading_order(kept)

@@ -113,16 +113,14 @@ def cmd_predict(args) -> int:
 
 
 def _ground_truth(args):
-    from .data import load_coco
+    from .data import load_coco, subset
 
     gt = load_coco(args.gt)
     images = args.images or args.gt.parent / args.gt.stem
     if not images.is_dir():
         raise FileNotFoundError(f"{images}: image folder not found (pass --images)")
     if args.limit:
-        gt = {**gt, "images": gt["images"][: args.limit]}
-        keep = {im["id"] for im in gt["images"]}
-        gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
+        gt = subset(gt, [im["id"] for im in gt["images"][: args.limit]])
     return gt, images
 
 

@@ -26,6 +26,13 @@ def annotations_by_image(coco: dict) -> dict[int, list[dict]]:
     return by_image
 
 
+def subset(coco: dict, ids) -> dict:
+    """``coco`` with only the images whose id is in ``ids`` (in their order there) and their annotations."""
+    ids = set(ids)
+    return {**coco, "images": [im for im in coco["images"] if im["id"] in ids],
+            "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
+
+
 def gt_numbers(coco: dict) -> dict[int, str]:
     """Each image's house number: its digits in annotation order (SVHN's reading order)."""
     by_image = annotations_by_image(coco)

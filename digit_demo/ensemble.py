@@ -6,17 +6,12 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms, box_iou
 
-from .number_reader import line_log_prob
-from .types import Detections, HouseNumber
+from .types import Detections
 
 FUSIONS = ("vote", "wbf", "nms")
 # With the digit reader re-reading every member's spots, weighted box fusion read at least as many `valid`
-# numbers as the digit vote in every pair and trio of the shipped members at one input size, and had the best mAP
-# of the three fusions in each (benchmark.py, 2026-11-27, the reader trained with resnet18_fpn's spots:
-# mobilenet+resnet18 0.813 against 0.793, mAP 0.423 against 0.414 and NMS 0.403). NMS read as many or more
-# numbers in some groups (resnet18+resnet34: 0.820 both; all three: 0.820 against 0.803) at a lower mAP.
-# With the whole-number reader added (a later run that day), NMS read the most numbers in every group and
-# WBF still at least as many as the vote at one size, but its mAP lead is gone; the default was not revisited.
+# numbers as the digit vote in every pair and trio of the shipped members at one input size, and had the
+# best mAP of the three fusions (docs/experiments.md, "Ensembles").
 DEFAULT_FUSION = "wbf"
 
 
@@ -143,9 +138,9 @@ def ensemble_key(models: list[str] | tuple[str, ...], fusion: str, reader: bool 
 def member_weights(metas: list[dict], power: float = 2.0) -> list[float]:
     """Fusion weights from each member's measured validation accuracy (``accuracy ** power``).
 
-    On `valid` with the three members shipped before the default was fine-tuned (accuracy 0.51, 0.33,
-    0.16), squared-accuracy weights read more numbers than equal or linear ones (vote: 0.507 against
-    0.453 and 0.493), and the stronger member is not outvoted by two weak ones. Members without a measured accuracy weigh 1.
+    Squared-accuracy weights read more `valid` numbers than equal or linear ones (docs/experiments.md,
+    "Ensembles"): the stronger member is not outvoted by two weak ones. Members without a measured
+    accuracy weigh 1.
     """
     accs = [m.get("metrics", {}).get("valid", {}).get("accuracy") for m in metas]
     if any(a is None or a <= 0 for a in accs):
@@ -171,28 +166,3 @@ def fuse(dets: list[Detections], method: str = DEFAULT_FUSION, iou: float = 0.55
     if method == "vote":
         return vote_fusion(dets, iou, weights, thresholds)
     raise ValueError(f"unknown fusion {method!r}; choose one of {', '.join(FUSIONS)}")
-
-
-# An ensemble's fused reading replaces its lead member's when another member reads it on its own and the
-# fused line finds it more likely by this many nats. On valid (bfloat16 readings), over the 24 shipped
-# ensembles (one size and two), the margin alone (4) kept 21 of them at or above their best member (3
-# were 1-3 numbers short), and they read 15 more numbers than their best members in all; with the other
-# member's agreement, margins 4 / 5 / 6 keep all 24 and read 19 / 10 / 8 more (never replacing: 6 more).
-LEAD_MARGIN = 4.0
-
-
-def prefer_lead(number: HouseNumber, dets: Detections, judged: bool = True) -> HouseNumber:
-    """The reading of an ensemble's fused detections ``dets``: ``number`` (read from the fused digits)
-    or the one its most accurate member reads alone (``dets.lead``).
-
-    The lead's reading stands unless ``number`` is what another member reads on its own
-    (``dets.others``) and the fused line (``dets.line``, when ``judged`` by the number reader) finds it
-    more likely by ``LEAD_MARGIN`` nats. So fusing can add a digit the lead missed where another
-    member saw it, but not trade the best member's right reading for a worse one (the reference's NMS
-    ensemble read fewer numbers than its members)."""
-    if dets.lead is None or dets.lead.text in ("", number.text):
-        return number
-    if not number.text or dets.line is None or not judged or number.text not in dets.others:
-        return dets.lead
-    fused, lead = line_log_prob(dets.line, [number.text, dets.lead.text])
-    return number if fused - lead > LEAD_MARGIN else dets.lead

@@ -16,7 +16,7 @@ from .assemble import THRESHOLDS
 from .data import gt_numbers
 from .io import coco_results
 from .reading import Reading
-from .types import Detections
+from .types import Detections, Found
 
 
 def _coco_gt(gt: dict) -> COCO:
@@ -61,12 +61,12 @@ class Metrics:
     accuracy: float
 
 
-def _readings(found: dict[int, Reading | Detections]) -> dict[int, Reading]:
-    """Readings by image id; raw detections are an image read whole."""
+def _readings(found: dict[int, Reading | Found | Detections]) -> dict[int, Reading]:
+    """Readings by image id; what was found in an image read whole stands for its reading."""
     return {i: r if isinstance(r, Reading) else Reading.of(str(i), r) for i, r in found.items()}
 
 
-def evaluate(gt: dict, found: dict[int, Reading | Detections], threshold: float = 0.5, coco: COCO | None = None) -> Metrics:
+def evaluate(gt: dict, found: dict[int, Reading | Found | Detections], threshold: float = 0.5, coco: COCO | None = None) -> Metrics:
     """mAP of the detections scoring at least ``threshold`` and accuracy of the numbers read at it,
     from each image's reading (or raw detections) by image id, exactly as ``predict`` writes them
     (``pred.json``: :meth:`Reading.kept`; ``pred.csv``: :meth:`Reading.number`)."""
@@ -76,7 +76,7 @@ def evaluate(gt: dict, found: dict[int, Reading | Detections], threshold: float 
     return Metrics(threshold, ap["mAP"], ap["AP50"], ap["AP75"], number_accuracy(gt_numbers(gt), labels))
 
 
-def sweep(gt: dict, found: dict[int, Reading | Detections], thresholds=THRESHOLDS) -> list[Metrics]:
+def sweep(gt: dict, found: dict[int, Reading | Found | Detections], thresholds=THRESHOLDS) -> list[Metrics]:
     """Metrics at each threshold (the readings re-read per threshold; no model runs)."""
     coco, readings = _coco_gt(gt), _readings(found)
     return [evaluate(gt, readings, t, coco=coco) for t in thresholds]

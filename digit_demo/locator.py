@@ -77,7 +77,7 @@ class Region:
     score: float
 
 
-def decode(out: torch.Tensor, scale_x: float, scale_y: float, min_score: float = 0.3, top_k: int = 3,
+def regions_from_map(out: torch.Tensor, scale_x: float, scale_y: float, min_score: float = 0.3, top_k: int = 3,
            iou: float = 0.3) -> list[Region]:
     """Regions from one map (5 x H x W): peaks of the centre map (3 x 3 maxima) scoring at least
     ``min_score``, at most ``top_k`` after NMS at ``iou``, boxes scaled by ``scale_x`` / ``scale_y``
@@ -104,7 +104,7 @@ def locate(model: Locator, small: torch.Tensor, photo_size: tuple[int, int], min
     the locator's); best first, boxes in the photo's pixels."""
     out = model(small[None])[0]
     sx, sy = photo_size[0] / small.shape[2], photo_size[1] / small.shape[1]
-    return decode(out, sx, sy, model.min_score if min_score is None else min_score)
+    return regions_from_map(out, sx, sy, model.min_score if min_score is None else min_score)
 
 
 # A region is read from a crop around it: padded by these shares of its height above and below, and of

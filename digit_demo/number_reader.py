@@ -27,10 +27,10 @@ HEIGHT, WIDTH = 32, 128  # the crop; WIDTH / 4 = 32 time steps
 NUMBER_READER_ARCHITECTURE = "number_reader_crnn"
 DEFAULT_NUMBER_READER = "number_reader"
 DEFAULT_PROPOSER = "number_proposer"
-PAD_X, PAD_Y = 0.4, 0.15  # region padding around the digits, in digit heights
+LINE_PAD_X, LINE_PAD_Y = 0.4, 0.15  # the line region's padding around the digits, in digit heights
 
 
-def number_region(boxes: torch.Tensor, pad_x: float = PAD_X, pad_y: float = PAD_Y) -> torch.Tensor:
+def number_region(boxes: torch.Tensor, pad_x: float = LINE_PAD_X, pad_y: float = LINE_PAD_Y) -> torch.Tensor:
     """The xyxy box around digit ``boxes`` (N x 4), padded by ``pad_x`` / ``pad_y`` x their median height."""
     h = (boxes[:, 3] - boxes[:, 1]).median()
     lo, hi = boxes[:, :2].amin(0), boxes[:, 2:].amax(0)
@@ -126,7 +126,7 @@ def greedy_runs(path: list[int]) -> list[list[int]]:
     return runs
 
 
-def decode(log_probs: torch.Tensor) -> list[str]:
+def greedy_text(log_probs: torch.Tensor) -> list[str]:
     """Greedy CTC decoding of N x T x 11 log-probabilities."""
     return ["".join(str(path[r[0]]) for r in greedy_runs(path)) for path in log_probs.argmax(2).tolist()]
 
@@ -172,7 +172,7 @@ def read_region(model: NumberReader, image: torch.Tensor, digit_boxes: torch.Ten
     x = crop_at(image, crop)
     line = model(x)[0]
     proposal = None
-    if model.proposer is not None and decode(line[None])[0] != text:
+    if model.proposer is not None and greedy_text(line[None])[0] != text:
         proposal = place(model.proposer(x)[0], crop[0], digit_boxes)
     return line.numpy(), proposal
 
@@ -197,7 +197,7 @@ def save_number_reader(model: NumberReader, path: str | Path, meta: dict) -> Pat
     """Write the number reader as fp16 safetensors plus its JSON sidecar."""
     fields = {"config": {"width": model.width, "hidden": model.hidden, "backbone": model.backbone,
                          "height": HEIGHT, "crop_width": WIDTH,
-                         "pad": [PAD_X, PAD_Y]},
+                         "pad": [LINE_PAD_X, LINE_PAD_Y]},
               "classes": {str(d): str(d) for d in range(10)} | {str(BLANK): "blank"},
               "normalisation": "per crop: zero mean, unit variance",
               "tuned": {"region_threshold": model.region_threshold, "line_margin": model.line_margin, "chosen_on": "valid"}}

@@ -31,8 +31,9 @@ from .locator import DEFAULT_LOCATOR, INPUT_SIDE, MIN_PHOTO_SIDE, Locator, input
 from .number_reader import (DEFAULT_NUMBER_READER, DEFAULT_PROPOSER, NumberReader, optional_number_reader,
                             read_region)
 from .reader import DEFAULT_READER, DigitReader, optional_reader
+from .judge import read
 from .reading import Reading, Readings, RegionReading
-from .types import Detections
+from .types import Detections, Found, LeadReading, LineReading
 
 __all__ = ["ModelCache", "Pipeline", "PipelineConfig", "Reading", "Readings", "RegionReading", "Stages"]
 
@@ -178,49 +179,49 @@ class Pipeline:
     def name(self) -> str:
         return self.config.key
 
-    def detect_tensors(self, tensors: Sequence[torch.Tensor], keys: Sequence | None = None) -> list[Detections]:
-        """Each image's raw detections (float CHW tensors in [0, 1]), with the number reader's reading
-        of their line; an ensemble's fused, with its members' own readings (:meth:`combine`). ``keys``
-        name the images for the ``memo``."""
+    def detect_tensors(self, tensors: Sequence[torch.Tensor], keys: Sequence | None = None) -> list[Found]:
+        """What the models find in each image (float CHW tensors in [0, 1]): its digit detections, with
+        the number reader's reading of their line; an ensemble's fused, with its lead member's own
+        reading (:meth:`combine`). ``keys`` name the images for the ``memo``."""
         per_member = [self._member(m, tensors, keys) for m in self.members]
         if len(self.members) == 1:
             return per_member[0]
         return self.combine(tensors, per_member)
 
-    def _member(self, member, tensors: Sequence[torch.Tensor], keys: Sequence | None) -> list[Detections]:
-        """``member``'s detections of ``tensors`` with their lines read, from the memo where it has them."""
+    def _member(self, member, tensors: Sequence[torch.Tensor], keys: Sequence | None) -> list[Found]:
+        """What ``member`` finds in ``tensors``, lines read, from the memo where it has them."""
         if self.memo is None or keys is None:
-            return self.with_lines(tensors, member.detect_tensors(tensors))
+            return self.with_lines(tensors, [Found(d) for d in member.detect_tensors(tensors)])
         alone = self.config.key_for([member.name])
         todo = [k for k, key in enumerate(keys) if (alone, key) not in self.memo]
         if todo:
-            found = self.with_lines([tensors[k] for k in todo], member.detect_tensors([tensors[k] for k in todo]))
+            found = self.with_lines([tensors[k] for k in todo],
+                                    [Found(d) for d in member.detect_tensors([tensors[k] for k in todo])])
             self.memo.update({(alone, keys[k]): d for k, d in zip(todo, found)})
         return [self.memo[alone, key] for key in keys]
 
-    def with_lines(self, tensors: Sequence[torch.Tensor], found: Sequence[Detections]) -> list[Detections]:
-        """``found`` with the number reader's reading of each image's line (unchanged without one, or
-        where a line has been read already)."""
+    def with_lines(self, tensors: Sequence[torch.Tensor], found: Sequence[Found]) -> list[Found]:
+        """``found`` with the number reader's reading of each image's line (unchanged without a number
+        reader, or where a line has been read already)."""
         if self.number_reader is None:
             return list(found)
-        return [read_number_line(self.number_reader, t, d) if d.line is None else d for t, d in zip(tensors, found)]
+        return [f if f.line is not None else replace(f, line=read_number_line(self.number_reader, t, f.detections))
+                for t, f in zip(tensors, found)]
 
-    def combine(self, tensors: Sequence[torch.Tensor], per_member: Sequence[Sequence[Detections]]) -> list[Detections]:
-        """Fuse the members' detections of ``tensors`` (``per_member[m][i]`` for image ``i``, their lines
-        read) by the configured fusion, with the number reader's reading of the fused digits' line, the
-        number the lead member (the largest weight: the most accurate) reads alone at its own threshold
-        (``Detections.lead``) and the numbers the other members read alone (``Detections.others``);
-        :func:`digit_demo.assemble.assemble` weighs them (:func:`digit_demo.ensemble.prefer_lead`)."""
+    def combine(self, tensors: Sequence[torch.Tensor], per_member: Sequence[Sequence[Found]]) -> list[Found]:
+        """Fuse what the members found in ``tensors`` (``per_member[m][i]`` for image ``i``, their lines
+        read) by the configured fusion, with the number reader's reading of the fused digits' line and
+        the lead member's own reading (the largest weight: the most accurate; at its own threshold) and
+        the numbers the other members read alone (``Found.lead``, weighed by :func:`digit_demo.judge.by_lead`)."""
         c = self.config
-        fused = self.with_lines(tensors, [fuse(list(d), c.fusion, c.fusion_iou, self.weights, self.member_thresholds)
-                                          for d in zip(*per_member)])
-        alone = [[assemble(d, **({} if t is None else {"threshold": t})) for d in found]
-                 for found, t in zip(per_member, self.member_thresholds)]
+        fused = self.with_lines(tensors, [Found(fuse([f.detections for f in d], c.fusion, c.fusion_iou, self.weights,
+                                                     self.member_thresholds)) for d in zip(*per_member)])
+        alone = [[read(f, 0.5 if t is None else t) for f in found] for found, t in zip(per_member, self.member_thresholds)]
         lead = int(np.argmax(self.weights))
         rest = [a for m, a in enumerate(alone) if m != lead]
-        return [replace(f, lead=alone[lead][i], others=tuple(r[i].text for r in rest)) for i, f in enumerate(fused)]
+        return [replace(f, lead=LeadReading(alone[lead][i], tuple(r[i].text for r in rest))) for i, f in enumerate(fused)]
 
-    def _detect_each(self, names: list[str], tensors: list[torch.Tensor], keys: list) -> list[tuple[Detections | None, str | None]]:
+    def _detect_each(self, names: list[str], tensors: list[torch.Tensor], keys: list) -> list[tuple[Found | None, str | None]]:
         """Detections for a batch; where the batch fails, image by image, so one image's failure is
         its own error line and not the batch's."""
         try:
@@ -228,7 +229,7 @@ class Pipeline:
         except Exception:
             if len(tensors) == 1:
                 raise
-        out: list[tuple[Detections | None, str | None]] = []
+        out: list[tuple[Found | None, str | None]] = []
         for name, t, key in zip(names, tensors, keys):
             try:
                 out.append((self.detect_tensors([t], [key])[0], None))
@@ -298,16 +299,15 @@ def _name(src: ImageInput, k: int) -> str:
     return Path(src).name if isinstance(src, (str, Path)) else f"image {k}"
 
 
-def read_number_line(model: NumberReader, image: torch.Tensor, dets: Detections) -> Detections:
-    """``dets`` with ``model``'s reading of the line the digits sit on (``line``) and its proposer's
-    number there (``proposal``; :func:`digit_demo.number_reader.read_region`) and its tuned margin
-    (``line_margin``), around the number the detections read at the reader's ``region_threshold``
-    (else at the lowest of THRESHOLDS); unchanged where no
-    digit is found or the digits stand in a column (the reader reads rows)."""
-    number = assemble(dets, model.region_threshold, judge=False)
+def read_number_line(model: NumberReader, image: torch.Tensor, dets: Detections) -> LineReading | None:
+    """``model``'s reading of the line the digits sit on, and its proposer's number there
+    (:func:`digit_demo.number_reader.read_region`), around the number the detections read at the
+    reader's ``region_threshold`` (else at the lowest of THRESHOLDS); None where no digit is found or
+    the digits stand in a column (the reader reads rows)."""
+    number = assemble(dets, model.region_threshold)
     if not number.text:
-        number = assemble(dets, min(THRESHOLDS), judge=False)
+        number = assemble(dets, min(THRESHOLDS))
     if not number.text or is_column(number.digits.boxes):
-        return dets
+        return None
     line, proposal = read_region(model, image, torch.from_numpy(number.digits.boxes).float(), number.text)
-    return replace(dets, line=line, line_margin=model.line_margin, proposal=proposal)
+    return LineReading(line, model.line_margin, proposal)

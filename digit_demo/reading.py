@@ -8,14 +8,14 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from .assemble import assemble
-from .types import Detections, HouseNumber
+from .judge import read
+from .types import Detections, Found, HouseNumber
 
 
 @dataclass
 class RegionReading:
     """One place a house number is read: the located ``box`` and its ``score``, the ``crop`` (x1, y1,
-    x2, y2) read around it at full resolution, and the raw detections there (``raw``, in the crop's
+    x2, y2) read around it at full resolution, and what the models found there (``raw``, in the crop's
     pixels; :meth:`number` and :meth:`kept` give them in the photo's). An image read whole (a crop, or
     a photo where nothing was located) is one region covering it (``whole``: box and crop are the
     image, score 1). Regions rank by their number's confidence times ``score ** rank_power`` (the
@@ -24,12 +24,12 @@ class RegionReading:
     box: np.ndarray
     score: float
     crop: tuple[int, int, int, int]
-    raw: Detections | None = None
+    raw: Found | None = None
     rank_power: float = 0.0
     whole: bool = False
 
     @classmethod
-    def covering(cls, width: int, height: int, raw: Detections | None = None) -> "RegionReading":
+    def covering(cls, width: int, height: int, raw: Found | None = None) -> "RegionReading":
         """The region of an image read whole."""
         return cls(np.array([0, 0, width, height], np.float32), 1.0, (0, 0, width, height), raw, whole=True)
 
@@ -39,10 +39,10 @@ class RegionReading:
     def number(self, threshold: float) -> HouseNumber:
         if self.raw is None:
             return HouseNumber("", Detections(), 0.0)
-        return assemble(self.raw, threshold).shifted(self.crop[0], self.crop[1])
+        return read(self.raw, threshold).shifted(self.crop[0], self.crop[1])
 
     def kept(self, threshold: float) -> Detections:
-        return Detections() if self.raw is None else self.raw.above(threshold).shifted(self.crop[0], self.crop[1])
+        return Detections() if self.raw is None else self.raw.detections.above(threshold).shifted(self.crop[0], self.crop[1])
 
 
 @dataclass
@@ -57,9 +57,11 @@ class Reading:
     regions: list[RegionReading] = field(default_factory=list)
 
     @classmethod
-    def of(cls, name: str, raw: Detections, image: Image.Image | None = None) -> "Reading":
-        """The reading of an image read whole (kept as ``image`` where given), from its raw detections."""
-        return cls(name, image, regions=[RegionReading.covering(*(image.size if image else (0, 0)), raw)])
+    def of(cls, name: str, raw: Found | Detections, image: Image.Image | None = None) -> "Reading":
+        """The reading of an image read whole (kept as ``image`` where given), from what was found in it
+        (detections alone: a detector without the later stages)."""
+        found = raw if isinstance(raw, Found) else Found(raw)
+        return cls(name, image, regions=[RegionReading.covering(*(image.size if image else (0, 0)), found)])
 
     @property
     def located(self) -> bool:

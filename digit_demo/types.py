@@ -1,4 +1,5 @@
-"""The data every stage passes on: one image's digit detections, and the house number read from them."""
+"""The data every stage passes on: digit detections, what the models found in one region, and the
+house number read from them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,40 +9,23 @@ import numpy as np
 
 @dataclass
 class Detections:
-    """Detections of one image: ``boxes`` xyxy in original pixels, ``scores``, ``digits`` 0-9, the
-    number reader's reading of the line they sit on (``line``: T x 11 log-probabilities, blank last)
-    and the number its proposer reads there (``proposal``: digits placed on the line, scored by
-    their peak probability); both None without them (:func:`digit_demo.pipeline.read_number_line`). An
-    ensemble's detections also carry its lead member's own reading (``lead``) and the numbers its
-    other members read on their own (``others``; :meth:`digit_demo.pipeline.Pipeline.combine`)."""
+    """Digit detections: ``boxes`` xyxy in pixels, ``scores``, ``digits`` 0-9."""
 
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     digits: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    line: np.ndarray | None = None
-    proposal: "Detections | None" = None
-    lead: "HouseNumber | None" = None
-    others: tuple[str, ...] = ()
-    # how many nats more likely under ``line`` another reading must be to replace the threshold's (the
-    # number reader's tuned margin; None: :data:`digit_demo.number_reader.LINE_MARGIN`)
-    line_margin: float | None = None
-    # the numbers read at each of THRESHOLDS and the line's log-probability of each (see assemble)
-    _readings: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    # the number read from each set of detections a threshold keeps (see _assemble)
-    _numbers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def select(self, keep) -> "Detections":
-        return Detections(self.boxes[keep], self.scores[keep], self.digits[keep], self.line, self.proposal, self.lead,
-                          self.others, self.line_margin)
+        return Detections(self.boxes[keep], self.scores[keep], self.digits[keep])
 
     def above(self, threshold: float) -> "Detections":
         return self.select(self.scores >= threshold)
 
     def shifted(self, dx: float, dy: float) -> "Detections":
-        """The boxes, scores and digits moved by (``dx``, ``dy``) pixels (a crop's to its photo's)."""
+        """The detections moved by (``dx``, ``dy``) pixels (a crop's to its photo's)."""
         return Detections((self.boxes + np.array([dx, dy, dx, dy], np.float32)).astype(np.float32), self.scores,
                           self.digits)
 
@@ -71,3 +55,37 @@ class HouseNumber:
     def label(self) -> int:
         """The number as ``pred.csv`` writes it: -1 when no digit was found."""
         return int(self.text) if self.text else -1
+
+
+@dataclass
+class LineReading:
+    """The number reader's reading of the line the digits sit on: T x 11 ``log_probs`` (blank last),
+    the ``margin`` in nats by which another reading must be likelier to replace the threshold's (its
+    tuned value), and the number its proposer reads there (``proposal``: digits placed on the line,
+    scored by their peak probability; None where it was not asked)."""
+
+    log_probs: np.ndarray
+    margin: float
+    proposal: Detections | None = None
+
+
+@dataclass
+class LeadReading:
+    """An ensemble's most accurate member's own ``number`` (at its own threshold) and the numbers its
+    other members read alone (``others``)."""
+
+    number: HouseNumber
+    others: tuple[str, ...] = ()
+
+
+@dataclass
+class Found:
+    """What the models found in one image region: its digit ``detections`` and, where those stages ran,
+    the number reader's ``line`` and an ensemble's ``lead``. :func:`digit_demo.judge.read` reads the
+    number at any threshold; what it reads is remembered here (``memo``), so a sweep or a slider move
+    reads each set of kept detections once."""
+
+    detections: Detections = field(default_factory=Detections)
+    line: LineReading | None = None
+    lead: LeadReading | None = None
+    memo: dict = field(default_factory=dict, repr=False, compare=False)

@@ -98,7 +98,7 @@ def test_every_event_has_an_api_name(client):
 
 
 def test_read_rethreshold_and_download(client):
-    from digit_demo.assemble import assemble
+    from digit_demo.judge import read
 
     out = read_all(client, IMAGES, threshold=0.5)
     image, html, digits, gallery, table, files, message, whole, found = out  # gr.State is not part of the API
@@ -109,7 +109,7 @@ def test_read_rethreshold_and_download(client):
     assert sum(r[2] == labelled[int(Path(r[0]).stem)] for r in rows) >= 5, (rows, labelled)
     # the app reads the same numbers as the library at that threshold
     raw = raw_detections(None, IMAGES)
-    assert [r[2] for r in rows] == [assemble(d, 0.5).text or "-1" for d in raw]
+    assert [r[2] for r in rows] == [read(d, 0.5).text or "-1" for d in raw]
     assert len(gallery) == 8 and Path(image).is_file()
     by_name = {Path(f).name: f for f in files}
     assert set(by_name) == {"pred.json", "pred.csv", "annotated.zip"}
@@ -122,7 +122,7 @@ def test_read_rethreshold_and_download(client):
 
     # the slider re-filters cached detections: a high threshold keeps fewer digits
     _, _, digits_hi, _, table_hi, files_hi, _, _, _ = client.predict(0.95, api_name="/rethreshold")
-    expected = [assemble(d, 0.95).text or "-1" for d in raw]
+    expected = [read(d, 0.95).text or "-1" for d in raw]
     assert [r[2] for r in table_hi["data"]] == expected
     assert len(digits_hi["data"]) <= len(digits["data"])
 
@@ -155,22 +155,22 @@ def test_threshold_default_comes_from_the_sweep(client):
 
 
 def test_reader_checkbox_switches_the_second_stages(client):
-    from digit_demo.assemble import assemble
+    from digit_demo.judge import read
     from digit_demo.pipeline import PipelineConfig
 
     for use_reader, config in ((True, None), (False, PipelineConfig(digit_reader=None))):  # off: both readers off
         table = read_all(client, IMAGES[:4], threshold=0.4, use_reader=use_reader)[4]
-        assert [r[2] for r in table["data"]] == [assemble(d, 0.4).text or "-1" for d in raw_detections(config, IMAGES[:4])]
+        assert [r[2] for r in table["data"]] == [read(d, 0.4).text or "-1" for d in raw_detections(config, IMAGES[:4])]
 
 
 def test_multi_scale_checkbox_reads_at_two_sizes(client):
-    from digit_demo.assemble import assemble
+    from digit_demo.judge import read
     from digit_demo.checkpoints import read_sidecar, resolve
     from digit_demo.pipeline import PipelineConfig
 
     table = read_all(client, IMAGES, threshold=0.4, multi_scale=True)[4]
     both = raw_detections(PipelineConfig(multi_scale=True), IMAGES)
-    assert [r[2] for r in table["data"]] == [assemble(d, 0.4).text or "-1" for d in both]
+    assert [r[2] for r in table["data"]] == [read(d, 0.4).text or "-1" for d in both]
     slider, _, rows = client.predict(["resnet18_fpn"], "wbf", True, True, api_name="/model_settings")
     assert rows["data"][0][0] == "resnet18_fpn (multi-scale)"
     measured = read_sidecar(resolve("resnet18_fpn"))["metrics"]["valid_multi_scale"]["threshold"]  # the two-size sweep's best
@@ -207,7 +207,7 @@ def test_model_labels_follow_the_reader_checkbox(client):
 def test_real_browser_upload_slider_and_number(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    from digit_demo.assemble import assemble
+    from digit_demo.judge import read
 
     photo = FIXTURES / "valid" / "1108.png"  # labelled 35
     raw = raw_detections(None, [photo])[0]
@@ -218,14 +218,14 @@ def test_real_browser_upload_slider_and_number(server, tmp_path):
         wait_for_reading(page)
         shown = number.inner_text().split("\n")[0].strip()
         slider_value = float(page.locator("#threshold input[type=number]").input_value())
-        assert shown == truth()[1108] == (assemble(raw, slider_value).text or "?")
+        assert shown == truth()[1108] == (read(raw, slider_value).text or "?")
         (ROOT / "tests" / "artifacts").mkdir(exist_ok=True)
         page.screenshot(path=str(ROOT / "tests" / "artifacts" / "browser_read.png"), full_page=True)
         # move the slider to the top: the number is re-assembled from cached detections
         box = page.locator("#threshold input[type=number]")
         box.fill("0.95")
         box.press("Enter")
-        expected = assemble(raw, 0.95).text or "?"
+        expected = read(raw, 0.95).text or "?"
         page.wait_for_function(f"() => document.querySelector('#number').innerText.split('\\n')[0].trim() === '{expected}'",
                                timeout=30000)
         page.screenshot(path=str(ROOT / "tests" / "artifacts" / "browser_slider.png"), full_page=True)

@@ -122,12 +122,12 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path):
 
 
 def test_predict_in_float32_on_request(tmp_path):
-    from digit_demo.assemble import assemble
+    from digit_demo.judge import read
     from digit_demo.pipeline import PipelineConfig
 
     threshold = measured_threshold(PipelineConfig(precision="fp32").key, "resnet18_fpn")  # fp32 where measured apart
     raw = raw_detections(PipelineConfig(precision="fp32"), IMAGES)
-    expected = {int(p.stem): assemble(d, threshold).label for p, d in zip(IMAGES, raw)}
+    expected = {int(p.stem): read(d, threshold).label for p, d in zip(IMAGES, raw)}
     assert correct(expected) >= 5  # float32 reads the labelled numbers as well as the default precision
     for flags, env in ((["--precision", "fp32"], {}), ([], {"DIGIT_DEMO_PRECISION": "fp32"})):
         r = cli("predict", FIXTURES / "valid", "--out", tmp_path / "o", "-q", *flags, **env)
@@ -155,7 +155,7 @@ def test_models_lists_the_default():
     (("--multi-scale",), "resnet18_fpn (multi-scale)"),
 ])
 def test_each_variant_is_read_at_its_own_measured_threshold(tmp_path, flags, key):
-    from digit_demo.assemble import assemble
+    from digit_demo.judge import read
     from digit_demo.pipeline import PipelineConfig
 
     r = cli("predict", FIXTURES / "valid", "--out", tmp_path, "-q", *flags)
@@ -165,7 +165,7 @@ def test_each_variant_is_read_at_its_own_measured_threshold(tmp_path, flags, key
     fields = {"--no-proposer": {"proposer": None}, "--no-number-reader": {"number_reader": None},
               "--no-reader": {"digit_reader": None}, "--multi-scale": {"multi_scale": True}}
     config = PipelineConfig(**(fields[flags[0]] if flags else {}))
-    expected = {int(p.stem): assemble(d, threshold).label for p, d in zip(IMAGES, raw_detections(config, IMAGES))}
+    expected = {int(p.stem): read(d, threshold).label for p, d in zip(IMAGES, raw_detections(config, IMAGES))}
     assert labels(tmp_path / "pred.csv") == expected
     # against the labels: each variant reads at least half of the eight (the full pipeline 5, the detector alone 4)
     assert correct(labels(tmp_path / "pred.csv")) >= 4
@@ -184,7 +184,7 @@ def _odd_images(folder):
 
 
 def test_one_odd_image_never_stops_the_batch(tmp_path):
-    from digit_demo.assemble import assemble
+    from digit_demo.judge import read
 
     folder = _odd_images(tmp_path / "in")
     r = cli("predict", folder, "--out", tmp_path / "out")
@@ -196,7 +196,7 @@ def test_one_odd_image_never_stops_the_batch(tmp_path):
     assert set(got) == {int(p.stem) for p in GOOD} | {900, 901, 902} and got[900] == -1
     threshold = measured_threshold("resnet18_fpn")
     for p, d in zip(GOOD, raw_detections(None, GOOD)):  # the good ones read as they do alone
-        assert got[int(p.stem)] == assemble(d, threshold).label == truth()[int(p.stem)]  # and as labelled
+        assert got[int(p.stem)] == read(d, threshold).label == truth()[int(p.stem)]  # and as labelled
     preds = json.loads((tmp_path / "out" / "pred.json").read_text())
     for pred in preds:  # boxes of the strips stay inside them
         if pred["image_id"] in (901, 902):

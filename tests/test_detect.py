@@ -9,6 +9,7 @@ from digit_demo.ensemble import ensemble_key
 from digit_demo.images import load_image
 from digit_demo.pipeline import Pipeline, PipelineConfig
 from digit_demo.assemble import assemble
+from digit_demo.judge import read
 from digit_demo.models import at_input_size, multi_scale_views, set_test_size
 from digit_demo.inference import PRECISION_ENV, Bfloat16, ChannelsLastMaxPool2d, fast_pools, for_inference, has_amx, inference_precision
 
@@ -121,14 +122,15 @@ def test_bfloat16_inference_reads_like_float32():
     assert model.roi_heads.box_predictor.cls_score.weight.dtype == torch.float32
     assert not any(isinstance(m, Bfloat16) for m in fp32.members[0].model.modules())
     same = 0
-    for a, b in zip(raw_of(fp32.read(IMAGES)), raw_of(bf16.read(IMAGES))):
-        assert b.scores.dtype == np.float32 and b.line is not None and b.line.dtype == np.float32
+    for fa, fb in zip(raw_of(fp32.read(IMAGES)), raw_of(bf16.read(IMAGES))):
+        a, b = fa.detections, fb.detections
+        assert b.scores.dtype == np.float32 and fb.line is not None and fb.line.log_probs.dtype == np.float32
         top_a, top_b = a.above(0.5), b.above(0.5)
         assert sorted(top_a.digits.tolist()) == sorted(top_b.digits.tolist())
         order_a, order_b = np.argsort(top_a.boxes[:, 0]), np.argsort(top_b.boxes[:, 0])
         assert np.abs(top_a.boxes[order_a] - top_b.boxes[order_b]).max(initial=0) < 2.0  # pixels
         assert np.abs(top_a.scores[order_a] - top_b.scores[order_b]).max(initial=0) < 0.05
-        same += assemble(a, 0.35).text == assemble(b, 0.35).text
+        same += read(fa, 0.35).text == read(fb, 0.35).text
     assert same == len(IMAGES)
 
 

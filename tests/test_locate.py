@@ -13,7 +13,7 @@ from torchvision.ops import box_iou
 
 from digit_demo.checkpoints import CHECKPOINT_DIR
 from digit_demo.images import decode
-from digit_demo.locator import (INPUT_SIDE, MIN_PHOTO_SIDE, Locator, decode as decode_map, input_size, load_locator, reading_box,
+from digit_demo.locator import (INPUT_SIDE, MIN_PHOTO_SIDE, Locator, input_size, load_locator, reading_box, regions_from_map,
                                 save_locator)
 from digit_demo.pipeline import Pipeline, PipelineConfig
 
@@ -32,10 +32,10 @@ def test_a_centre_map_decodes_to_the_region_it_marks():
     out[0, 10, 20] = 5.0  # centre cell (row 10, col 20), offset (0.5, 0.25), size 6 x 2 cells
     out[1, 10, 20], out[2, 10, 20] = 0.5, 0.25
     out[3, 10, 20], out[4, 10, 20] = np.log(6), np.log(2)
-    (region,) = decode_map(out, 2.0, 2.0, 0.5)
+    (region,) = regions_from_map(out, 2.0, 2.0, 0.5)
     cx, cy = (20.5 * 8, 10.25 * 8)
     assert np.allclose(region.box, [2 * (cx - 24), 2 * (cy - 8), 2 * (cx + 24), 2 * (cy + 8)])
-    assert decode_map(out, 1, 1, 0.999) == []  # below the score, nothing
+    assert regions_from_map(out, 1, 1, 0.999) == []  # below the score, nothing
     assert input_size(1600, 1200) == (384, 288) and input_size(1200, 1600) == (288, 384)
 
 
@@ -57,11 +57,11 @@ def test_how_regions_are_read_comes_from_the_sidecar(tmp_path):
 
 def test_regions_rank_by_reading_confidence_times_locator_score_to_the_tuned_power():
     from digit_demo.pipeline import Reading, RegionReading
-    from digit_demo.types import Detections
+    from digit_demo.types import Detections, Found
 
     def region(score, digit, confidence, power):
         raw = Detections(np.array([[10, 10, 30, 50]], np.float32), np.array([confidence], np.float32), np.array([digit]))
-        return RegionReading(np.array([0, 0, 100, 60], np.float32), score, (0, 0, 100, 60), raw, rank_power=power)
+        return RegionReading(np.array([0, 0, 100, 60], np.float32), score, (0, 0, 100, 60), Found(raw), rank_power=power)
 
     for power, first in ((0.0, "1"), (1.0, "5")):  # a sure "1" in a doubtful region against a fair "5" in a sure one
         reading = Reading("x", regions=[region(0.3, 1, 0.9, power), region(0.9, 5, 0.6, power)])

@@ -1,24 +1,23 @@
 """The whole-number reader: its crops, CTC scoring, how assembly uses it, the shipped checkpoint, its trainer."""
 import itertools
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from digit_demo.assemble import LINE_MARGIN, assemble
+from digit_demo.assemble import assemble
 from digit_demo.checkpoints import CheckpointError
 from digit_demo.data import annotations_by_image, clipped_boxes, gt_numbers
 from digit_demo.detect import to_tensor
-from digit_demo.ensemble import LEAD_MARGIN
+from digit_demo.judge import LEAD_MARGIN, read
 from digit_demo.images import load_image
-from digit_demo.number_reader import (BLANK, HEIGHT, REGION_THRESHOLD, WIDTH, NumberReader, crop_boxes, crop_numbers,
-                                      decode, line_log_prob, load_number_reader, number_region, optional_number_reader,
+from digit_demo.number_reader import (BLANK, HEIGHT, LINE_MARGIN, REGION_THRESHOLD, WIDTH, NumberReader, crop_boxes, crop_numbers,
+                                      greedy_text, line_log_prob, load_number_reader, number_region, optional_number_reader,
                                       place)
 from digit_demo.pipeline import Pipeline, PipelineConfig, read_number_line
 from digit_demo.reader import load_reader
-from digit_demo.types import Detections
+from digit_demo.types import Detections, Found, LeadReading, LineReading
 from train.number_reader import main
 
 from .conftest import FIXTURES, raw_detections, raw_of
@@ -32,6 +31,13 @@ def line_for(text: str, steps: int = 8, sure: float = 0.98) -> np.ndarray:
         p[2 * k + 1] = (1 - sure) / BLANK
         p[2 * k + 1, int(c)] = sure
     return np.log(p)
+
+
+def found(dets: Detections, line=None, proposal=None, lead=None, others=()) -> Found:
+    """What a pipeline would have found: ``dets``, a ``line`` reading (log-probabilities) with the
+    shipped default margin and the ``proposal``, and an ensemble's ``lead`` reading with its ``others``."""
+    return Found(dets, None if line is None else LineReading(line, LINE_MARGIN, proposal),
+                 None if lead is None else LeadReading(lead, others))
 
 
 def test_crops_keep_the_readers_aspect_and_hold_the_region():
@@ -53,22 +59,20 @@ def test_ctc_scores_are_probabilities_of_whole_readings():
     sure = line_for("41")
     scores = dict(zip(["41", "4", "1", "", "14", "411"], line_log_prob(sure, ["41", "4", "1", "", "14", "411"])))
     assert max(scores, key=scores.get) == "41" and scores["41"] > np.log(0.8)
-    assert decode(torch.from_numpy(sure)[None]) == ["41"]
-    assert decode(torch.from_numpy(line_for("1100"))[None]) == ["1100"]  # repeats need a blank between them
+    assert greedy_text(torch.from_numpy(sure)[None]) == ["41"]
+    assert greedy_text(torch.from_numpy(line_for("1100"))[None]) == ["1100"]  # repeats need a blank between them
 
 
 def test_the_line_reading_settles_how_many_digits_the_number_has():
     dets = Detections(np.array([[10, 10, 20, 30], [21, 10, 31, 30]], np.float32), np.array([0.9, 0.3], np.float32),
                       np.array([4, 1]))
-    assert assemble(dets, 0.5).text == "4"  # no line: the threshold decides
-    with_line = Detections(dets.boxes, dets.scores, dets.digits, line_for("41"))
-    read = assemble(with_line, 0.5)
-    assert read.text == "41" and len(read.digits) == 2  # the faint "1" is back, with its box
-    assert assemble(with_line, 0.5, judge=False).text == "4"
-    assert assemble(Detections(dets.boxes, dets.scores, dets.digits, line_for("4")), 0.2).text == "4"  # and it drops one
-    unsure = Detections(dets.boxes, dets.scores, dets.digits, line_for("41", sure=0.5))
-    assert assemble(unsure, 0.5).text == "4"  # a weak preference does not overrule the threshold
-    assert with_line.above(0.5).line is with_line.line  # filtering keeps the image's line
+    assert read(found(dets), 0.5).text == "4"  # no line: the threshold decides
+    with_line = found(dets, line_for("41"))
+    number = read(with_line, 0.5)
+    assert number.text == "41" and len(number.digits) == 2  # the faint "1" is back, with its box
+    assert read(with_line, 0.5, judge=False).text == "4"
+    assert read(found(dets, line_for("4")), 0.2).text == "4"  # and it drops one
+    assert read(found(dets, line_for("41", sure=0.5)), 0.5).text == "4"  # a weak preference does not overrule the threshold
 
 
 def test_place_puts_each_digit_read_where_it_was_read():
@@ -91,27 +95,27 @@ def test_place_puts_each_digit_read_where_it_was_read():
 
 def test_a_proposal_restores_a_digit_the_detector_missed_and_keeps_the_detected_boxes():
     dets = Detections(np.array([[10, 10, 20, 30], [32, 10, 42, 30]], np.float32), np.array([0.9, 0.8], np.float32),
-                      np.array([4, 6]), line_for("416"))
+                      np.array([4, 6]))
     proposal = Detections(np.array([[10, 11, 20, 31], [21, 11, 31, 31], [33, 11, 43, 31]], np.float32),
                           np.array([0.95, 0.6, 0.9], np.float32), np.array([4, 1, 6]))
-    read = assemble(replace(dets, proposal=proposal), 0.5)
-    assert read.text == "416"
-    assert np.array_equal(read.digits.boxes, np.stack([dets.boxes[0], proposal.boxes[1], dets.boxes[1]]))
-    assert np.allclose(read.digits.scores, [0.9, 0.6, 0.8])  # detected digits keep the detector's scores
-    assert assemble(dets, 0.5).text == "46"  # the line alone cannot add a digit nothing detected
-    assert assemble(replace(dets, proposal=proposal), 0.5, judge=False).text == "46"
+    number = read(found(dets, line_for("416"), proposal), 0.5)
+    assert number.text == "416"
+    assert np.array_equal(number.digits.boxes, np.stack([dets.boxes[0], proposal.boxes[1], dets.boxes[1]]))
+    assert np.allclose(number.digits.scores, [0.9, 0.6, 0.8])  # detected digits keep the detector's scores
+    assert read(found(dets, line_for("416")), 0.5).text == "46"  # the line alone cannot add a digit nothing detected
+    assert read(found(dets, line_for("416"), proposal), 0.5, judge=False).text == "46"
     swapped = Detections(proposal.boxes[[0, 2]], np.array([0.95, 0.7], np.float32), np.array([4, 5]))
-    read = assemble(replace(dets, line=line_for("45"), proposal=swapped), 0.5)
-    assert read.text == "45" and np.array_equal(read.digits.boxes, dets.boxes)
-    assert np.allclose(read.digits.scores, [0.9, 0.7])  # a digit read differently scores as the proposer read it
-    wide = Detections(np.array([[10, 10, 20, 30], [24, 10, 42, 30]], np.float32), dets.scores, dets.digits, line_for("416"))
+    number = read(found(dets, line_for("45"), swapped), 0.5)
+    assert number.text == "45" and np.array_equal(number.digits.boxes, dets.boxes)
+    assert np.allclose(number.digits.scores, [0.9, 0.7])  # a digit read differently scores as the proposer read it
+    wide = Detections(np.array([[10, 10, 20, 30], [24, 10, 42, 30]], np.float32), dets.scores, dets.digits)
     narrow = Detections(np.array([[10, 11, 20, 31], [24, 11, 34, 31], [30, 11, 40, 31]], np.float32),
                         proposal.scores, proposal.digits)  # a "1" read inside the box the detector drew around "16"
-    read = assemble(replace(wide, proposal=narrow), 0.5)
-    assert read.text == "416" and np.array_equal(read.digits.boxes, np.stack([wide.boxes[0], narrow.boxes[1], wide.boxes[1]]))
-    above = Detections(np.array([[10, 10, 20, 30], [32, -15, 42, 5]], np.float32), dets.scores, dets.digits, line_for("45"))
-    read = assemble(replace(above, proposal=swapped), 0.5)  # a box off the line is not where the 5 was read
-    assert read.text == "45" and np.array_equal(read.digits.boxes, np.stack([above.boxes[0], swapped.boxes[1]]))
+    number = read(found(wide, line_for("416"), narrow), 0.5)
+    assert number.text == "416" and np.array_equal(number.digits.boxes, np.stack([wide.boxes[0], narrow.boxes[1], wide.boxes[1]]))
+    above = Detections(np.array([[10, 10, 20, 30], [32, -15, 42, 5]], np.float32), dets.scores, dets.digits)
+    number = read(found(above, line_for("45"), swapped), 0.5)  # a box off the line is not where the 5 was read
+    assert number.text == "45" and np.array_equal(number.digits.boxes, np.stack([above.boxes[0], swapped.boxes[1]]))
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +130,7 @@ def test_shipped_number_reader_reads_real_fixture_numbers(number_reader, fixture
         img = load_image(FIXTURES / "valid" / im["file_name"])
         boxes, _ = clipped_boxes(anns[im["id"]], img.width, img.height)
         with torch.inference_mode():
-            right += decode(number_reader(crop_numbers(to_tensor(img), number_region(boxes)[None])))[0] == numbers[im["id"]]
+            right += greedy_text(number_reader(crop_numbers(to_tensor(img), number_region(boxes)[None])))[0] == numbers[im["id"]]
     assert right >= len(numbers) // 2  # hard photos (the default detector reads 4 of them too)
     meta = number_reader.meta
     assert meta["architecture"] == "number_reader_crnn" and meta["weights_dtype"] == "float16"
@@ -138,18 +142,18 @@ def test_detector_reads_the_line_with_the_shipped_number_reader(fixture_gt, fixt
     paths = [fixture_images / n for n in names.values()]
     with_line = raw_detections(None, paths)
     without = raw_detections(PipelineConfig(number_reader=None), paths)
-    assert all(d.line is not None and d.line.shape == (WIDTH // 4, BLANK + 1) for d in with_line)
-    assert all(d.line is None and d.proposal is None for d in without)
+    assert all(f.line is not None and f.line.log_probs.shape == (WIDTH // 4, BLANK + 1) for f in with_line)
+    assert all(f.line is None for f in without)
     # the shipped reader comes with its proposer, asked where its own reading and the detections' disagree
-    asked = [decode(torch.from_numpy(d.line)[None])[0] != assemble(b, REGION_THRESHOLD, judge=False).text
-             for d, b in zip(with_line, without)]
-    assert any(asked) and [d.proposal is not None for d in with_line] == asked
+    asked = [greedy_text(torch.from_numpy(f.line.log_probs)[None])[0] != assemble(b.detections, REGION_THRESHOLD).text
+             for f, b in zip(with_line, without)]
+    assert any(asked) and [f.line.proposal is not None for f in with_line] == asked
     for a, b in zip(with_line, without):  # the same digits, only the reading of the line is added
-        assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
+        assert np.array_equal(a.detections.boxes, b.detections.boxes) and np.array_equal(a.detections.scores, b.detections.scores)
     numbers = gt_numbers(fixture_gt)  # hard photos: the default reads 4 of the 8 without the line reader
-    right = sum(assemble(d, 0.3).text == numbers[i] for i, d in zip(names, with_line))
-    assert right >= max(4, sum(assemble(d, 0.3).text == numbers[i] for i, d in zip(names, without)))
-    assert read_number_line(optional_number_reader(), torch.rand(3, 40, 60), Detections()).line is None  # nothing to read
+    right = sum(read(f, 0.3).text == numbers[i] for i, f in zip(names, with_line))
+    assert right >= max(4, sum(read(f, 0.3).text == numbers[i] for i, f in zip(names, without)))
+    assert read_number_line(optional_number_reader(), torch.rand(3, 40, 60), Detections()) is None  # nothing to read
 
 
 def test_wrong_checkpoints_are_refused(tmp_path):
@@ -205,26 +209,26 @@ def test_reader_backbone_starts_from_the_digit_reader_and_round_trips(tmp_path):
 
 def test_an_ensemble_keeps_its_lead_members_reading_unless_another_member_and_the_line_prefer_the_fused_one():
     fused = Detections(np.array([[10, 10, 20, 30], [21, 10, 31, 30]], np.float32), np.array([0.9, 0.8], np.float32),
-                       np.array([1, 7]), line_for("17"), others=("17",))  # another member read 17 alone
+                       np.array([1, 7]))
     lead = assemble(Detections(fused.boxes[:1], fused.scores[:1], np.array([4])), 0.5)
-    assert assemble(replace(fused, lead=lead), 0.5).text == "17"  # the line is sure of the fused reading
+    others = ("17",)  # another member read 17 alone
+    assert read(found(fused, line_for("17"), lead=lead, others=others), 0.5).text == "17"  # the line is sure of the fused reading
     # no other member read the fused number on its own: the lead member's reading stands, however sure the line
-    assert assemble(replace(fused, lead=lead, others=("1",)), 0.5).text == "4"
-    assert assemble(replace(fused, lead=lead, others=()), 0.5).text == "4"
-    assert fused.above(0.85).others == ("17",)  # carried through thresholds
-    assert assemble(replace(fused, line=line_for("4"), lead=lead), 0.5).text == "4"
+    assert read(found(fused, line_for("17"), lead=lead, others=("1",)), 0.5).text == "4"
+    assert read(found(fused, line_for("17"), lead=lead), 0.5).text == "4"
+    assert read(found(fused, line_for("4"), lead=lead, others=others), 0.5).text == "4"
     unsure = np.logaddexp(line_for("17"), line_for("4"))  # as likely either way: the lead member's reading stands
-    assert assemble(replace(fused, line=unsure, lead=lead), 0.5).text == "4"
-    assert assemble(replace(fused, line=None, lead=lead), 0.5).text == "4"  # no line to judge by
+    assert read(found(fused, unsure, lead=lead, others=others), 0.5).text == "4"
+    assert read(found(fused, None, lead=lead, others=others), 0.5).text == "4"  # no line to judge by
     nothing = assemble(Detections(), 0.5)
-    assert assemble(replace(fused, line=None, lead=nothing), 0.5).text == "17"  # the lead member read nothing
+    assert read(found(fused, None, lead=nothing, others=others), 0.5).text == "17"  # the lead member read nothing
     # the fused reading must be likelier by LEAD_MARGIN nats (more than LINE_MARGIN) to replace the lead's
     lines = [np.logaddexp(np.log(w) + line_for("17"), np.log(1 - w) + line_for("4")) for w in np.linspace(0.5, 0.9999, 400)]
     gaps = [np.subtract(*line_log_prob(x, ["17", "4"])) for x in lines]
     between = next(x for x, g in zip(lines, gaps) if LINE_MARGIN < g < LEAD_MARGIN)
     beyond = next(x for x, g in zip(lines, gaps) if g > LEAD_MARGIN)
-    assert assemble(replace(fused, line=between, lead=lead), 0.5).text == "4"
-    assert assemble(replace(fused, line=beyond, lead=lead), 0.5).text == "17"
+    assert read(found(fused, between, lead=lead, others=others), 0.5).text == "4"
+    assert read(found(fused, beyond, lead=lead, others=others), 0.5).text == "17"
 
 
 def test_an_ensemble_carries_its_most_accurate_members_own_reading(fixture_gt, fixture_images):
@@ -232,9 +236,9 @@ def test_an_ensemble_carries_its_most_accurate_members_own_reading(fixture_gt, f
     ens = Pipeline(PipelineConfig(("mobilenet_v3_fpn", "resnet18_fpn")))
     lead, other = ens.members[1], ens.members[0]
     assert lead.meta["metrics"]["valid"]["accuracy"] > other.meta["metrics"]["valid"]["accuracy"]
-    readings = [assemble(o, lead.meta["threshold"]) for o in raw_detections(PipelineConfig(("resnet18_fpn",)), paths)]
+    readings = [read(f, lead.meta["threshold"]) for f in raw_detections(PipelineConfig(("resnet18_fpn",)), paths)]
     assert any(r.text for r in readings)
-    seconds = [assemble(o, other.meta["threshold"]).text for o in raw_detections(PipelineConfig(("mobilenet_v3_fpn",)), paths)]
-    for d, r, second in zip(raw_of(ens.read(paths)), readings, seconds):
-        assert d.line is not None and d.lead.text == r.text and d.others == (second,)
-        assert np.array_equal(d.lead.digits.boxes, r.digits.boxes)
+    seconds = [read(f, other.meta["threshold"]).text for f in raw_detections(PipelineConfig(("mobilenet_v3_fpn",)), paths)]
+    for f, r, second in zip(raw_of(ens.read(paths)), readings, seconds):
+        assert f.line is not None and f.lead.number.text == r.text and f.lead.others == (second,)
+        assert np.array_equal(f.lead.number.digits.boxes, r.digits.boxes)

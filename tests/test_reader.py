@@ -119,7 +119,8 @@ def test_detector_uses_the_shipped_reader_unless_told_not_to(fixture_gt, fixture
     with_reader, plain = Pipeline(PipelineConfig(number_reader=None)), Pipeline(PipelineConfig(digit_reader=None))
     assert with_reader.digit_reader is not None and plain.digit_reader is None and plain.number_reader is None
     paths = [fixture_images / im["file_name"] for im in fixture_gt["images"]]
-    a, b = raw_of(with_reader.read(paths)), raw_of(plain.read(paths))
+    a = [f.detections for f in raw_of(with_reader.read(paths))]
+    b = [f.detections for f in raw_of(plain.read(paths))]
     assert any(len(x) != len(y) or not np.allclose(x.scores[:1], y.scores[:1]) for x, y in zip(a, b))
     truth = gt_numbers(fixture_gt)  # eight hard photos: the detector alone reads four
 

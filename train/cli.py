@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from digit_demo.checkpoints import load_checkpoint, save_checkpoint
-from digit_demo.data import DigitDataset, collate, load_coco
+from digit_demo.data import DigitDataset, collate, load_coco, subset
 from digit_demo.evaluation import rank
 from digit_demo.inference import has_amx
 from digit_demo.models import ARCHITECTURES, default_config, build_model
@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     val_set = DigitDataset(data / args.val_images, data / args.val_json, eval_transforms(), limit=args.val_limit)
     val_gt = load_coco(data / args.val_json)
     if args.val_limit:
-        keep = {im["id"] for im in val_set.images}
-        val_gt = {**val_gt, "images": val_set.images, "annotations": [a for a in val_gt["annotations"] if a["image_id"] in keep]}
+        val_gt = subset(val_gt, [im["id"] for im in val_set.images])
     sampler = engine.EpochSampler(train_set, world, rank, seed=args.seed)
     # the loader draws its workers' seeds from its own generator, not from the global one that a resume restores
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,

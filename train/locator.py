@@ -24,7 +24,7 @@ from torchvision.ops import box_iou
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
-from digit_demo.locator import INPUT_SIDE, STRIDE, Locator, decode, save_locator
+from digit_demo.locator import INPUT_SIDE, STRIDE, Locator, regions_from_map, save_locator
 
 from . import engine
 from .scenes import SIZES, background_pool, compose, load_crops, open_background
@@ -113,7 +113,7 @@ def evaluate(model: Locator, tune: list, thresholds=(0.1, 0.15, 0.2, 0.3, 0.4, 0
     for t in thresholds:
         hit = total = kept = right = 0
         for out, regions in outs:
-            found = decode(out, 1.0, 1.0, t)
+            found = regions_from_map(out, 1.0, 1.0, t)
             total += len(regions)
             kept += len(found)
             if found and regions:

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from digit_demo.assemble import assemble, reading_order
+from digit_demo.assemble import reading_order
+from digit_demo.judge import read
 from digit_demo.calibration import threshold_for
 from digit_demo.data import load_coco
 from digit_demo.detect import to_tensor
@@ -28,7 +29,7 @@ from digit_demo.pipeline import Pipeline, PipelineConfig
 from digit_demo.types import Detections
 from digit_demo.reader import DEFAULT_READER, load_reader
 from digit_demo.number_reader import (BACKBONES, DEFAULT_NUMBER_READER, HEIGHT, WIDTH, NumberReader, crop_at, crop_boxes,
-                                      crop_numbers, ctc_nll, decode, number_region, save_number_reader)
+                                      crop_numbers, ctc_nll, greedy_text, number_region, save_number_reader)
 
 from .cli import add_data_args
 from .reader import RunState, Sample, add_run_args, augment, begin_run, load_samples
@@ -91,7 +92,7 @@ def self_labels(detector: str, folder: Path, min_confidence: float, skip: set[st
     paths = [p for p in sorted(folder.glob("*.png")) if p.name not in skip][:limit]
     for path in tqdm(paths, desc=f"self-labelling with {detector}", unit="img", disable=quiet):
         image = to_tensor(load_image(path))
-        number = assemble(pipe.detect_tensors([image])[0], threshold)
+        number = read(pipe.detect_tensors([image])[0], threshold)
         if number.text and number.confidence >= min_confidence:
             d = number.digits
             out.append(((image * 255).round().to(torch.uint8), torch.from_numpy(d.boxes), torch.from_numpy(d.digits)))
@@ -102,7 +103,7 @@ def self_labels(detector: str, folder: Path, min_confidence: float, skip: set[st
 def accuracy(model: NumberReader, crops: torch.Tensor, texts: list[str]) -> float:
     """Share of crops read exactly."""
     model.eval()
-    read = [t for i in range(0, len(crops), 256) for t in decode(model(crops[i : i + 256]))]
+    read = [t for i in range(0, len(crops), 256) for t in greedy_text(model(crops[i : i + 256]))]
     return sum(a == b for a, b in zip(read, texts)) / max(len(texts), 1)
 
 

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from digit_demo.data import load_coco
+from digit_demo.data import load_coco, subset
 
 from .cli import DEFAULT_DATA
 
@@ -33,12 +33,7 @@ def tuning_ids(images: list[dict], size: int = TUNE_SIZE, seed: int = 0) -> set[
 
 def split(coco: dict, ids: set[int]) -> tuple[dict, dict]:
     """(fit, tune): ``coco`` without and with the images in ``ids``, each with its own annotations."""
-    def part(keep: bool) -> dict:
-        images = [im for im in coco["images"] if (im["id"] in ids) == keep]
-        chosen = {im["id"] for im in images}
-        return {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in chosen]}
-
-    return part(False), part(True)
+    return subset(coco, [im["id"] for im in coco["images"] if im["id"] not in ids]), subset(coco, ids)
 
 
 def write_splits(data: Path, out: Path, size: int = TUNE_SIZE, seed: int = 0) -> dict[str, Path]:

@@ -63,6 +63,7 @@ def tune_readers(out: Path, detector: str, gt: dict, images: Path, blends: list[
     """Choose the digit reader's box blend, then the number reader's region threshold and line margin,
     by what the pipeline of ``detector`` (with the readers in ``out``) reads on ``gt``'s images."""
     from digit_demo.pipeline import Pipeline, PipelineConfig, read_number_line
+    from digit_demo.types import Found
 
     reader, number = out / "digit_reader.safetensors", out / "number_reader.safetensors"
     proposer = out / "number_proposer.safetensors"
@@ -77,7 +78,7 @@ def tune_readers(out: Path, detector: str, gt: dict, images: Path, blends: list[
     for blend in blends:
         member.reader.box_blend = blend
         dets = member.detect_tensors([tensors[i] for i in ids])
-        key = _score(sweep(gt, dict(zip(ids, pipe.with_lines([tensors[i] for i in ids], dets)))))
+        key = _score(sweep(gt, dict(zip(ids, pipe.with_lines([tensors[i] for i in ids], [Found(d) for d in dets])))))
         rows["box_blend"].append({"box_blend": blend, "accuracy": key[0], "mAP": key[1]})
         print(json.dumps(rows["box_blend"][-1]), file=sys.stderr)
         if best_key is None or key > best_key:
@@ -89,7 +90,7 @@ def tune_readers(out: Path, detector: str, gt: dict, images: Path, blends: list[
     for region in regions:
         for margin in margins:
             model.region_threshold, model.line_margin = region, margin
-            lined = [read_number_line(model, tensors[i], d) for i, d in zip(ids, found)]
+            lined = [Found(d, read_number_line(model, tensors[i], d)) for i, d in zip(ids, found)]
             key = _score(sweep(gt, dict(zip(ids, lined))))
             rows["line"].append({"region_threshold": region, "line_margin": margin, "accuracy": key[0], "mAP": key[1]})
             print(json.dumps(rows["line"][-1]), file=sys.stderr)
