@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, available, read_sidecar
+from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, available, measured, read_sidecar
 from .models import ModelConfig
 
 HEADER = """# Shipped checkpoints
@@ -63,7 +63,7 @@ def _stages(meta: dict) -> str:
     """One indented line per training stage, oldest first: epochs, device, recipe, validation result."""
     lines = []
     for i, st in enumerate(_chain(meta), 1):
-        tr, rec, m = st.get("training", {}), st.get("recipe", {}), st.get("metrics", {})
+        tr, rec, m = st.get("training", {}), st.get("recipe", {}), measured(st)
         # each stage as its trainer scored its epochs: the detector alone, on the split that chose them
         split, v = next(((k, m[k]) for k in ("tune", "valid_detector_only", "valid") if m.get(k)), ("valid", {}))
         config = f", `{rec['config']}`" if rec.get("config") else ""
@@ -114,7 +114,7 @@ def _input(cfg: dict) -> str:
 
 
 def _accuracy(meta: dict, metrics: str) -> str:
-    v = meta.get("metrics", {}).get(metrics)
+    v = measured(meta, metrics)
     return f"{v['accuracy']:.3f}" if v else "-"
 
 
@@ -128,7 +128,7 @@ def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
     lines = [HEADER.format(**_selection(directory))]
     notes = []
     for meta in card_rows(directory):
-        v = meta.get("metrics", {}).get("valid", {})
+        v = measured(meta, "valid")
         cfg = meta["config"]
         name = meta["name"] + (" (default)" if meta["name"] == DEFAULT_MODEL else "")
         lines.append(
@@ -164,7 +164,7 @@ def _selection(directory: Path) -> dict[str, str]:
         meta = read_sidecar(directory / f"{DEFAULT_MODEL}.safetensors")
     except (OSError, ValueError):
         meta = {}
-    if meta.get("metrics", {}).get("valid", {}).get("threshold_chosen_on") == "tune":
+    if measured(meta, "valid").get("threshold_chosen_on") == "tune":
         return {"selection": "Every threshold, margin, input size and epoch was chosen on a tuning split carved from "
                              "`train` (300 exact-tier images, `python -m train.splits`); the 300 `valid` images below only "
                              "report, at the thresholds chosen there.",
@@ -234,7 +234,7 @@ def _reader_section(directory: Path) -> str:
     meta = reader_sidecar(directory)
     if meta is None:
         return ""
-    m, tr, cfg = meta.get("metrics", {}), meta.get("training", {}), meta["config"]
+    m, tr, cfg = measured(meta), meta.get("training", {}), meta["config"]
     extra = "".join(f" + {e['count']} resolved `{e['images']}/` images" for e in meta.get("data", {}).get("extra", []))
     return (f"\n## Second-stage digit reader (`{meta['name']}`)\n\n"
             f"A small CNN (`{meta['architecture']}`, width {cfg['width']}) that reads each spot a detector found from a "
@@ -271,7 +271,7 @@ def _mined(meta: dict) -> str:
 def _box_head(meta: dict) -> str:
     from .reader import BOX_BLEND
 
-    m = meta.get("metrics", {})
+    m = measured(meta)
     if not meta["config"].get("box_head") or "valid_refined_box_iou" not in m:
         return ""
     blend = meta.get("tuned", {}).get("box_blend", BOX_BLEND)
@@ -285,7 +285,7 @@ def model_label(name: str, directory: Path = CHECKPOINT_DIR, reader: bool = True
     """'name · acc 0.85 · mAP 0.41 · 45 ms' from the sidecar's measured numbers, with the second-stage readers
     or (``reader=False``, where measured) for the detector alone."""
     meta = read_sidecar(directory / f"{name}.safetensors")
-    metrics, bench = meta.get("metrics", {}), meta.get("benchmark", {})
+    metrics, bench = measured(meta), meta.get("benchmark", {})
     alone = not reader and "valid_detector_only" in metrics
     v = metrics.get("valid_detector_only" if alone else "valid", {})
     p50 = bench.get("detector_only", {}).get("p50_ms") if alone else bench.get("p50_ms")
@@ -305,7 +305,7 @@ def _locator_section(directory: Path) -> str:
     if meta is None:
         return ""
     cfg, tuned, tr = meta["config"], meta.get("tuned", {}), meta.get("training", {})
-    tune = meta.get("metrics", {}).get("tune_scenes", {})
+    tune = measured(meta, "tune_scenes")
     return (f"\n## Locator (`{meta['name']}`)\n\n"
             f"A small fully convolutional network (`{meta['architecture']}`, width {cfg['width']}) that finds house "
             f"numbers in whole photos: it reads the photo at {cfg['input_side']} px on its long side (a JPEG decoded at a "

@@ -1,10 +1,12 @@
 """Checkpoints: fp16 safetensors weights + a JSON sidecar that says how to rebuild and trust them."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +25,41 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be found or does not match what it claims to be."""
+
+
+Settings = TypeVar("Settings")
+NOTES = ("chosen_on",)  # what a sidecar's ``tuned`` block may say beside the settings
+
+
+def tuned(meta: dict, kind: type[Settings], **given) -> Settings:
+    """The frozen settings ``kind`` (a dataclass of numbers and tuples of numbers) read once from the
+    sidecar's ``tuned`` block, ``given`` (values kept elsewhere in the sidecar) overriding it; absent
+    fields keep their defaults. A key that is no field of ``kind`` (nor a note), or a value of the
+    wrong type, is a :class:`CheckpointError` naming the sidecar and the key."""
+    block = dict(meta.get("tuned") or {}, **given)
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    values = {}
+    where = f"{meta.get('name', '?')}.json: tuned"
+    for key, value in block.items():
+        if key in NOTES:
+            continue
+        if key not in fields:
+            raise CheckpointError(f"{where} has {key!r}, which a {kind.__name__} does not have ({', '.join(fields)})")
+        default = fields[key].default
+        try:
+            values[key] = tuple(float(v) for v in value) if isinstance(default, tuple) else float(value)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{where}[{key!r}] = {value!r} is not a number{'s' * isinstance(default, tuple)}") from None
+        if isinstance(default, tuple) and len(values[key]) != len(default):
+            raise CheckpointError(f"{where}[{key!r}] = {value!r} does not hold {len(default)} numbers")
+    return kind(**values)
+
+
+def measured(meta: dict, key: str | None = None) -> dict:
+    """What the sidecar's ``metrics`` record under ``key`` (e.g. "valid", "valid_multi_scale",
+    "tune_scenes"), or all of them; empty where nothing was measured."""
+    metrics = meta.get("metrics") or {}
+    return metrics if key is None else metrics.get(key) or {}
 
 
 def write_weights(model: nn.Module, path: str | Path, architecture: str, fields: dict, meta: dict,

@@ -198,30 +198,31 @@ def cmd_sweep(args) -> int:
 
 def cmd_models(args) -> int:
     from .card import card_rows, reader_sidecar, write_model_card
+    from .checkpoints import measured
 
     if args.write_card:
         print(f"wrote {write_model_card()}", file=sys.stderr)
     for meta in card_rows():
-        v = meta.get("metrics", {}).get("valid", {})
+        v = measured(meta, "valid")
         line = {"name": meta["name"], "architecture": meta["architecture"], "threshold": meta.get("threshold"),
                 "valid_mAP": round(v.get("mAP", 0), 4), "valid_accuracy": round(v.get("accuracy", 0), 4),
                 "default": meta["name"] == DEFAULT_MODEL}
         print(json.dumps(line if not args.verbose else {k: x for k, x in meta.items() if k != "sweep"}))
     meta = reader_sidecar()
     if meta is not None:  # the second stage every detector uses unless --no-reader
-        m = meta.get("metrics", {})
+        m = measured(meta)
         print(json.dumps({"name": meta["name"], "architecture": meta["architecture"], "role": "second-stage digit reader",
                           "valid_digit_accuracy": round(m.get("valid_digit_accuracy", 0), 4)}))
     roles = {DEFAULT_NUMBER_READER: "whole-number reader", DEFAULT_PROPOSER: "whole-number reader's proposer"}
     meta = reader_sidecar(name=DEFAULT_LOCATOR)
     if meta is not None:  # finds the numbers in whole photos unless --no-locator
         print(json.dumps({"name": meta["name"], "architecture": meta["architecture"], "role": "locator",
-                          "tune_scenes": meta.get("metrics", {}).get("tune_scenes")}))
+                          "tune_scenes": measured(meta, "tune_scenes") or None}))
     for name, role in roles.items():  # read the whole line unless --no-number-reader / --no-proposer
         meta = reader_sidecar(name=name)
         if meta is not None:
             print(json.dumps({"name": meta["name"], "architecture": meta["architecture"], "role": role,
-                              "valid_number_accuracy_true_boxes": round(meta["metrics"]["valid_number_accuracy_true_boxes"], 4)}))
+                              "valid_number_accuracy_true_boxes": round(measured(meta)["valid_number_accuracy_true_boxes"], 4)}))
     return 0
 
 

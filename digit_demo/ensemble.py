@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms, box_iou
 
+from .checkpoints import measured
 from .types import Detections
 
 FUSIONS = ("vote", "wbf", "nms")
@@ -142,7 +143,7 @@ def member_weights(metas: list[dict], power: float = 2.0) -> list[float]:
     "Ensembles"): the stronger member is not outvoted by two weak ones. Members without a measured
     accuracy weigh 1.
     """
-    accs = [m.get("metrics", {}).get("valid", {}).get("accuracy") for m in metas]
+    accs = [measured(m, "valid").get("accuracy") for m in metas]
     if any(a is None or a <= 0 for a in accs):
         return [1.0] * len(metas)
     return [a**power for a in accs]
@@ -151,7 +152,7 @@ def member_weights(metas: list[dict], power: float = 2.0) -> list[float]:
 def member_threshold(meta: dict, multi_scale: bool = False) -> float | None:
     """A member's best threshold on valid (its sidecar's ``threshold``), read at two input sizes where it
     runs so (``metrics.valid_multi_scale``, where measured)."""
-    at_two = meta.get("metrics", {}).get("valid_multi_scale", {}).get("threshold") if multi_scale else None
+    at_two = measured(meta, "valid_multi_scale").get("threshold") if multi_scale else None
     return at_two if at_two is not None else meta.get("threshold")
 
 

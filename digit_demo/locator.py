@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import nms
 
-from .checkpoints import load_module, resolve_optional, write_weights
+from .checkpoints import load_module, resolve_optional, tuned, write_weights
 from .inference import for_inference
 
 LOCATOR_ARCHITECTURE = "number_locator_centernet"
@@ -28,6 +28,23 @@ STRIDE = 8
 # Photos whose short side is below this are read whole, as crops: SVHN's photos are at most 417 px on
 # their short side (269 in valid), a phone photo 1200 px or more.
 MIN_PHOTO_SIDE = 600
+
+
+# A region is read from a crop around it: padded by these shares of its height above and below, and of
+# its height left and right, so that its digits fill about two thirds of the crop's height, as the
+# readers saw them in SVHN's photos (digits 34-75% of the height, median 66%, in train.json).
+PAD_Y, PAD_X = 0.25, 0.5
+
+
+@dataclass(frozen=True)
+class LocateSettings:
+    """How a locator's regions are read (tuned with the locator): a region's least centre score
+    ``min_score``, the crop's ``pad`` (x, y) in shares of the region's height (:func:`reading_box`), and
+    ``rank_power``: regions rank by their reading's confidence x the locator's score ** rank_power."""
+
+    min_score: float = 0.3
+    pad: tuple[float, float] = (PAD_X, PAD_Y)
+    rank_power: float = 0.0
 
 
 def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -51,10 +68,7 @@ class Locator(nn.Module):
             _conv(4 * w, 4 * w))
         self.head = nn.Conv2d(4 * w, 5, 1)
         nn.init.constant_(self.head.bias[0], -4.0)  # centres are rare: start near p = 0.02
-        # How located regions are read (a loaded locator takes its sidecar's ``tuned`` values):
-        self.min_score = 0.3  # a region's least centre score
-        self.pad = (PAD_X, PAD_Y)  # :func:`reading_box`
-        self.rank_power = 0.0  # regions rank by reading confidence x locator score ** rank_power
+        self.settings = LocateSettings()  # how its regions are read (a loaded locator: its sidecar's ``tuned``)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         mean = images.mean((1, 2, 3), keepdim=True)
@@ -104,13 +118,9 @@ def locate(model: Locator, small: torch.Tensor, photo_size: tuple[int, int], min
     the locator's); best first, boxes in the photo's pixels."""
     out = model(small[None])[0]
     sx, sy = photo_size[0] / small.shape[2], photo_size[1] / small.shape[1]
-    return regions_from_map(out, sx, sy, model.min_score if min_score is None else min_score)
+    return regions_from_map(out, sx, sy, model.settings.min_score if min_score is None else min_score)
 
 
-# A region is read from a crop around it: padded by these shares of its height above and below, and of
-# its height left and right, so that its digits fill about two thirds of the crop's height, as the
-# readers saw them in SVHN's photos (digits 34-75% of the height, median 66%, in train.json).
-PAD_Y, PAD_X = 0.25, 0.5
 
 
 def reading_box(region: np.ndarray, width: int, height: int, pad: tuple[float, float] = (PAD_X, PAD_Y)
@@ -130,7 +140,8 @@ def save_locator(model: Locator, path: str | Path, meta: dict) -> Path:
     fields = {"config": {"width": model.width, "input_side": INPUT_SIDE, "stride": STRIDE},
               "classes": {"0": "house-number region centre"},
               "normalisation": "per image: zero mean, unit variance",
-              "tuned": {"min_score": model.min_score, "pad": list(model.pad), "rank_power": model.rank_power,
+              "tuned": {"min_score": model.settings.min_score, "pad": list(model.settings.pad),
+                        "rank_power": model.settings.rank_power,
                         "chosen_on": "tuning scenes (held-back train crops, training backgrounds)"}}
     return write_weights(model, path, LOCATOR_ARCHITECTURE, fields, meta)
 
@@ -139,10 +150,7 @@ def load_locator(name_or_path: str | Path = DEFAULT_LOCATOR) -> Locator:
     """Load a locator (fp32, eval mode); :class:`CheckpointError` when it is not one."""
     def build(meta: dict) -> Locator:
         model = Locator(int(meta["config"]["width"]))
-        tuned = meta.get("tuned", {})
-        model.min_score = float(tuned.get("min_score", 0.3))
-        model.pad = tuple(float(v) for v in tuned.get("pad", (PAD_X, PAD_Y)))
-        model.rank_power = float(tuned.get("rank_power", 0.0))
+        model.settings = tuned(meta, LocateSettings)
         return model
 
     return load_module(name_or_path, LOCATOR_ARCHITECTURE, build, "locator")

@@ -8,6 +8,7 @@ the number a second such model (the proposer, built on the digit reader's backbo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from .checkpoints import load_module, resolve_optional, write_weights
+from .checkpoints import load_module, resolve_optional, tuned, write_weights
 from .inference import for_inference
 from .reader import DigitReader, trunk
 from .types import Detections
@@ -96,8 +97,7 @@ class NumberReader(nn.Module):
         self.rnn = nn.GRU(8 * w, hidden, batch_first=True, bidirectional=True)
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(2 * hidden, BLANK + 1))
         self.proposer: NumberReader | None = None  # a second reader whose reading joins the alternatives
-        # tuned with this reader (its sidecar's ``tuned``): where it reads, and how sure it must be to overrule
-        self.region_threshold, self.line_margin = REGION_THRESHOLD, LINE_MARGIN
+        self.settings = LineSettings()  # tuned with this reader (its sidecar's ``tuned``)
 
     def init_from_reader(self, reader: DigitReader) -> None:
         """Start the "reader" backbone from a trained digit reader's convolutional blocks."""
@@ -158,6 +158,16 @@ REGION_THRESHOLD = 0.3
 LINE_MARGIN = 3.0
 
 
+
+@dataclass(frozen=True)
+class LineSettings:
+    """How a number reader's line reading is used (tuned with the reader): the ``region_threshold`` at
+    which the detections' number marks the line it reads, and the ``line_margin`` in nats by which another
+    reading must be likelier to replace the threshold's (:func:`digit_demo.judge.by_line`)."""
+
+    region_threshold: float = REGION_THRESHOLD
+    line_margin: float = LINE_MARGIN
+
 @torch.inference_mode()
 def read_region(model: NumberReader, image: torch.Tensor, digit_boxes: torch.Tensor, text: str
                 ) -> tuple[np.ndarray, Detections | None]:
@@ -200,7 +210,8 @@ def save_number_reader(model: NumberReader, path: str | Path, meta: dict) -> Pat
                          "pad": [LINE_PAD_X, LINE_PAD_Y]},
               "classes": {str(d): str(d) for d in range(10)} | {str(BLANK): "blank"},
               "normalisation": "per crop: zero mean, unit variance",
-              "tuned": {"region_threshold": model.region_threshold, "line_margin": model.line_margin, "chosen_on": "valid"}}
+              "tuned": {"region_threshold": model.settings.region_threshold, "line_margin": model.settings.line_margin,
+                        "chosen_on": "valid"}}
     return write_weights(model, path, NUMBER_READER_ARCHITECTURE, fields, meta)
 
 
@@ -209,9 +220,7 @@ def load_number_reader(name_or_path: str | Path = DEFAULT_NUMBER_READER) -> Numb
     def build(meta: dict) -> NumberReader:
         model = NumberReader(int(meta["config"]["width"]), int(meta["config"]["hidden"]),
                              str(meta["config"].get("backbone", "crnn")))
-        tuned = meta.get("tuned", {})
-        model.region_threshold = float(tuned.get("region_threshold", REGION_THRESHOLD))
-        model.line_margin = float(tuned.get("line_margin", LINE_MARGIN))
+        model.settings = tuned(meta, LineSettings)
         return model
 
     return load_module(name_or_path, NUMBER_READER_ARCHITECTURE, build, "number reader")

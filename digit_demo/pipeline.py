@@ -249,8 +249,8 @@ class Pipeline:
         regions = []
         if min(seen.size) >= MIN_PHOTO_SIDE:
             small = seen.image.resize(input_size(*seen.size), Image.BILINEAR)
-            regions = [RegionReading(r.box, r.score, reading_box(r.box, *full.size, self.locator.pad),
-                                     rank_power=self.locator.rank_power)
+            regions = [RegionReading(r.box, r.score, reading_box(r.box, *full.size, self.locator.settings.pad),
+                                     rank_power=self.locator.settings.rank_power)
                        for r in locate(self.locator, to_tensor(small), full.size)]
         return full, regions or [RegionReading.covering(*full.size)]
 
@@ -304,10 +304,10 @@ def read_number_line(model: NumberReader, image: torch.Tensor, dets: Detections)
     (:func:`digit_demo.number_reader.read_region`), around the number the detections read at the
     reader's ``region_threshold`` (else at the lowest of THRESHOLDS); None where no digit is found or
     the digits stand in a column (the reader reads rows)."""
-    number = assemble(dets, model.region_threshold)
+    number = assemble(dets, model.settings.region_threshold)
     if not number.text:
         number = assemble(dets, min(THRESHOLDS))
     if not number.text or is_column(number.digits.boxes):
         return None
     line, proposal = read_region(model, image, torch.from_numpy(number.digits.boxes).float(), number.text)
-    return LineReading(line, model.line_margin, proposal)
+    return LineReading(line, model.settings.line_margin, proposal)

@@ -7,6 +7,7 @@ none (class 10, background). :func:`refine` merges its answer with the detector'
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch import nn
 from torchvision.ops import box_iou, nms, roi_align
 
 from .types import Detections
-from .checkpoints import load_module, resolve_optional, write_weights
+from .checkpoints import load_module, resolve_optional, tuned, write_weights
 from .inference import for_inference
 
 CROP = 32
@@ -57,17 +58,26 @@ def trunk(width: int, last_stride: int | tuple[int, int] = 2) -> list[nn.Sequent
             _block(4 * width, 8 * width, last_stride)]
 
 
+@dataclass(frozen=True)
+class RefineSettings:
+    """How :func:`refine` uses a digit reader: ``box_blend``, how far a box moves to where the reader's
+    box head sees the digit (tuned with the reader), and ``verify``, how far the reader's background
+    class overrules the detector's presence (0 for readers trained without the detector's false boxes)."""
+
+    box_blend: float = BOX_BLEND
+    verify: float = 0.0
+
+
 class DigitReader(nn.Module):
     """A VGG-style CNN on 32 x 32 crops; each crop is standardised to zero mean and unit variance,
     so dark-on-light and light-on-dark plates differ only in sign. With ``box_head`` it also says
     where the digit sits in the crop (x1, y1, x2, y2 as fractions of the crop's side)."""
 
-    def __init__(self, width: int = 32, classes: int = READER_CLASSES, box_head: bool = False, verify: float = 0.0,
-                 box_blend: float = BOX_BLEND):
+    def __init__(self, width: int = 32, classes: int = READER_CLASSES, box_head: bool = False,
+                 settings: "RefineSettings | None" = None):
         super().__init__()
         self.width = width
-        self.box_blend = box_blend  # how far :func:`refine` moves a box to where the box head sees the digit
-        self.verify = verify  # how far :func:`refine` trusts the reader's background class over the detector
+        self.settings = settings or RefineSettings()  # how :func:`refine` uses this reader
         blocks = trunk(width)
         self.net = nn.Sequential(
             *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(8 * width, classes),
@@ -138,8 +148,8 @@ def refine(reader: DigitReader, image: torch.Tensor, dets: Detections, min_score
     boxes, presence = spots(dets, min_score)
     if not len(boxes):
         return Detections()
-    verify = reader.verify if verify is None else verify
-    box_blend = reader.box_blend if box_blend is None else box_blend
+    verify = reader.settings.verify if verify is None else verify
+    box_blend = reader.settings.box_blend if box_blend is None else box_blend
     logits, where = reader.read(crop_digits(image, torch.from_numpy(boxes)))
     p = logits.softmax(1).numpy()
     digit = p[:, :BACKGROUND].sum(1, keepdims=True)
@@ -158,10 +168,10 @@ def save_reader(model: DigitReader, path: str | Path, meta: dict) -> Path:
     """Write the reader as fp16 safetensors plus its JSON sidecar."""
     fields = {
         "config": {"width": model.width, "crop": CROP, "context": CONTEXT, "box_head": model.box is not None,
-                   "verify": model.verify},
+                   "verify": model.settings.verify},
         "classes": {str(d): str(d) for d in range(10)} | {str(BACKGROUND): "background"},
         "normalisation": "per crop: zero mean, unit variance",
-        "tuned": {"box_blend": model.box_blend, "chosen_on": "valid"},
+        "tuned": {"box_blend": model.settings.box_blend, "chosen_on": "valid"},
     }
     return write_weights(model, path, READER_ARCHITECTURE, fields, meta)
 
@@ -171,8 +181,7 @@ def load_reader(name_or_path: str | Path = DEFAULT_READER) -> DigitReader:
     def build(meta: dict) -> DigitReader:
         config = meta["config"]
         return DigitReader(int(config.get("width", 32)), box_head=bool(config.get("box_head")),
-                           verify=float(config.get("verify", 0.0)),
-                           box_blend=float(meta.get("tuned", {}).get("box_blend", BOX_BLEND)))
+                           settings=tuned(meta, RefineSettings, verify=config.get("verify", 0.0)))
 
     return load_module(name_or_path, READER_ARCHITECTURE, build, "digit reader")
 

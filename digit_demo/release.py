@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .card import write_model_card
-from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, available, read_sidecar
+from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, available, read_sidecar, measured
 from .evaluation import Metrics, best
 from .pipeline import PipelineConfig
 
@@ -94,7 +94,7 @@ def shipped_accuracy(directory: Path, name: str = DEFAULT_MODEL) -> float | None
     side = directory / f"{name}.json"
     if not side.is_file():
         return None
-    return ((read_sidecar(side).get("metrics") or {}).get("valid") or {}).get("accuracy")
+    return measured(read_sidecar(side), "valid").get("accuracy")
 
 
 def check_not_worse(results: dict, directory: Path, name: str = DEFAULT_MODEL) -> None:
@@ -144,7 +144,7 @@ def release(results_dir: Path, directory: Path = CHECKPOINT_DIR, calibration: Pa
             meta["metrics"]["tune"] = dict(top.__dict__)
         meta["metrics"]["valid"] = {**shown.__dict__, "measured_by": "benchmark.py",
                                     "threshold_chosen_on": "tune" if calibration is not None else "valid",
-                                    "epoch": (meta["metrics"].get("valid") or meta["metrics"].get("tune") or {}).get("epoch"),
+                                    "epoch": (measured(meta, "valid") or measured(meta, "tune")).get("epoch"),
                                     "reader": results[name].get("reader")}
         for variant in VARIANTS:  # each variant measured now, and none left from an earlier release
             config = configs.get(variant)

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from digit_demo.checkpoints import CHECKPOINT_DIR
+from digit_demo.checkpoints import CHECKPOINT_DIR, CheckpointError
 from digit_demo.images import decode
-from digit_demo.locator import (INPUT_SIDE, MIN_PHOTO_SIDE, Locator, input_size, load_locator, reading_box, regions_from_map,
+from digit_demo.locator import (INPUT_SIDE, MIN_PHOTO_SIDE, LocateSettings, Locator, input_size, load_locator, reading_box, regions_from_map,
                                 save_locator)
 from digit_demo.pipeline import Pipeline, PipelineConfig
 
@@ -48,11 +48,18 @@ def test_a_reading_crop_pads_the_region_as_svhn_crops_are_and_stays_in_the_photo
 
 def test_how_regions_are_read_comes_from_the_sidecar(tmp_path):
     model = Locator(8)
-    model.min_score, model.pad, model.rank_power = 0.2, (1.0, 0.25), 0.5
+    model.settings = LocateSettings(0.2, (1.0, 0.25), 0.5)
     save_locator(model, tmp_path / "loc.safetensors", {})
     loaded = load_locator(tmp_path / "loc.safetensors")
-    assert (loaded.min_score, loaded.pad, loaded.rank_power) == (0.2, (1.0, 0.25), 0.5)
-    assert reading_box(np.array([100, 200, 160, 240]), 1600, 1200, loaded.pad) == (60, 190, 200, 250)
+    assert loaded.settings == LocateSettings(min_score=0.2, pad=(1.0, 0.25), rank_power=0.5)
+    assert reading_box(np.array([100, 200, 160, 240]), 1600, 1200, loaded.settings.pad) == (60, 190, 200, 250)
+    side = tmp_path / "loc.json"  # a setting no locator has, or a value that is not a number: one clear error
+    meta = json.loads(side.read_text())
+    for bad, message in (({"widen": [0.3, 1.0]}, "has 'widen', which a LocateSettings does not have"),
+                         ({"pad": [1.0]}, "does not hold 2 numbers"), ({"min_score": "high"}, "is not a number")):
+        side.write_text(json.dumps({**meta, "tuned": {**meta["tuned"], **bad}}))
+        with pytest.raises(CheckpointError, match=message):
+            load_locator(tmp_path / "loc.safetensors")
 
 
 def test_regions_rank_by_reading_confidence_times_locator_score_to_the_tuned_power():

@@ -95,7 +95,7 @@ def test_verify_weighs_the_readers_own_presence_against_the_detectors(reader, fi
     assert np.allclose(own[0].scores, own[1].scores)  # only the reader's: presence no longer matters
     p = reader(crop_digits(image, boxes)).detach().softmax(1)
     assert np.allclose(np.sort(own[0].scores), np.sort(p[:, :BACKGROUND].amax(1).numpy()), atol=1e-5)
-    assert reader.verify == read_sidecar(resolve(DEFAULT_READER))["config"].get("verify", 0.0)
+    assert reader.settings.verify == read_sidecar(resolve(DEFAULT_READER))["config"].get("verify", 0.0)
 
 
 def test_mined_spots_are_labelled_by_the_true_boxes(fixture_gt):
@@ -177,7 +177,7 @@ def test_training_with_a_detectors_false_boxes_picks_a_verify_weight(tmp_path):
     assert mined["detector"] == "resnet18_fpn" and mined["train_spots"] >= 8 and mined["train_false_boxes"] <= mined["train_spots"]
     rows = meta["verify_sweep"]["rows"]
     assert sorted(r["verify"] for r in rows) == [0.0, 1.0] and rows[0]["accuracy"] >= rows[1]["accuracy"]
-    assert load_reader(out).verify == meta["config"]["verify"] == rows[0]["verify"]
+    assert load_reader(out).settings.verify == meta["config"]["verify"] == rows[0]["verify"]
     assert {"valid_spot_digit_accuracy", "valid_spot_background_accuracy"} <= set(meta["metrics"])
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from digit_demo.checkpoints import load_checkpoint, save_checkpoint
+from digit_demo.checkpoints import load_checkpoint, measured, save_checkpoint
 from digit_demo.data import DigitDataset, collate, load_coco, subset
 from digit_demo.evaluation import rank
 from digit_demo.inference import has_amx
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     # epochs are scored by the detector alone: compare with the parent's detector-alone result where
     # benchmark.py has also measured it with the digit reader
     split = "valid" if Path(args.val_json).name == "valid.json" else "tune"  # what picks epochs: the sidecar says which
-    best_row = (parent["metrics"].get(f"{split}_detector_only") or parent["metrics"].get(split)) if parent else None
+    best_row = (measured(parent, f"{split}_detector_only") or measured(parent, split) or None) if parent else None
     partial = None  # what the epoch being resumed did before its interruption
     if resuming:
         progress = engine.load_state(state_path, model, optimizer, scheduler)
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             rec = recipe(args)
             if parent:
                 rec["init_from"] = {"checkpoint": parent["name"], "recipe": parent.get("recipe"),
-                                    "training": parent.get("training"), "metrics": parent["metrics"]}
+                                    "training": parent.get("training"), "metrics": measured(parent)}
             device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
             meta = {"recipe": rec, "data": data_info, "device": str(device), "world_size": world, "device_name": device_name,
                     "metrics": {split: best_row}, "threshold": top.threshold,

@@ -12,6 +12,7 @@ pipeline reads on full-size tuning scenes (:func:`tune_reading`). ``valid`` is n
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import math
 import sys
@@ -150,7 +151,7 @@ def tune_reading(checkpoint: Path, data: Path, tune_crops: int = 300, seed: int 
     loc, rows = pipe.locator, []
 
     def run(min_score, pad_x, pad_y, stage):
-        loc.min_score, loc.pad = min_score, (pad_x, pad_y)
+        loc.settings = replace(loc.settings, min_score=min_score, pad=(pad_x, pad_y))
         readings = pipe.read([sc.image for sc in scenes], keep_images=False)
         for power in RANK_POWERS if stage == "read" else (0.0,):
             for r in readings:
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"step": step, "loss": round(loss.item(), 4), **top}), file=sys.stderr)
             if best is None or merit(top) > merit(best):
                 best = {"step": step, **top}
-                model.min_score = top["min_score"]
+                model.settings = replace(model.settings, min_score=top["min_score"])
                 save_locator(model, args.out, {
                     "recipe": {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "width", "seed", "tune_crops")},
                     "data": {"crops": f"{args.train_json} ({len(crops)} crops)",

@@ -13,6 +13,7 @@ false boxes as background), and then picks :func:`digit_demo.reader.refine`'s ``
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import math
 import sys
 import time
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = tune_verify(model, detector, args.data, args.val_json, args.val_images, args.verify)
         print("verify sweep on valid: " + "; ".join(f"{r['verify']}: {r['accuracy']:.3f} / mAP {r['mAP']:.3f}"
                                                      for r in rows), file=sys.stderr)
-        model.verify = rows[0]["verify"]
+        model.settings = replace(model.settings, verify=rows[0]["verify"])
         save_reader(model, args.out, best_meta | {"verify_sweep": {"detector": args.hard_negatives, "rows": rows}})
     return 0
 

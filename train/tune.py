@@ -18,6 +18,7 @@ the earlier candidate, and written into the sidecar's ``tuned`` block with ``cho
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import shutil
 import sys
@@ -63,6 +64,7 @@ def tune_readers(out: Path, detector: str, gt: dict, images: Path, blends: list[
     """Choose the digit reader's box blend, then the number reader's region threshold and line margin,
     by what the pipeline of ``detector`` (with the readers in ``out``) reads on ``gt``'s images."""
     from digit_demo.pipeline import Pipeline, PipelineConfig, read_number_line
+    from digit_demo.number_reader import LineSettings
     from digit_demo.types import Found
 
     reader, number = out / "digit_reader.safetensors", out / "number_reader.safetensors"
@@ -76,20 +78,20 @@ def tune_readers(out: Path, detector: str, gt: dict, images: Path, blends: list[
     member = pipe.members[0]
     best_key, found = None, None
     for blend in blends:
-        member.reader.box_blend = blend
+        member.reader.settings = replace(member.reader.settings, box_blend=blend)
         dets = member.detect_tensors([tensors[i] for i in ids])
         key = _score(sweep(gt, dict(zip(ids, pipe.with_lines([tensors[i] for i in ids], [Found(d) for d in dets])))))
         rows["box_blend"].append({"box_blend": blend, "accuracy": key[0], "mAP": key[1]})
         print(json.dumps(rows["box_blend"][-1]), file=sys.stderr)
         if best_key is None or key > best_key:
             best_key, found, chosen["box_blend"] = key, dets, blend
-    member.reader.box_blend = chosen["box_blend"]
+    member.reader.settings = replace(member.reader.settings, box_blend=chosen["box_blend"])
     _record(reader, {"box_blend": chosen["box_blend"]}, rows["box_blend"], split)
     best_key = None
     model = pipe.number_reader
     for region in regions:
         for margin in margins:
-            model.region_threshold, model.line_margin = region, margin
+            model.settings = LineSettings(region, margin)
             lined = [Found(d, read_number_line(model, tensors[i], d)) for i, d in zip(ids, found)]
             key = _score(sweep(gt, dict(zip(ids, lined))))
             rows["line"].append({"region_threshold": region, "line_margin": margin, "accuracy": key[0], "mAP": key[1]})
