@@ -78,18 +78,28 @@ def _outputs(session: Session, threshold: float, selected: int = 0):
     html = NUMBER_HTML.format(number=n.text or "?", detail=detail)
     digits = [[int(d), round(float(s), 3), [round(float(v), 1) for v in b]]
               for b, s, d in zip(n.digits.boxes, n.digits.scores, n.digits.digits)]
-    # each drawing is encoded once (a fast PNG) and that file is shown, listed and zipped
-    folder = Path(tempfile.mkdtemp(prefix="digits_"))
-    images = save_images(rendered, folder / "images")
+    # each drawing is encoded once (JPEG) and that file is shown and listed; the downloads are
+    # written when asked for (prepare_downloads), and cleared here so they never lag the threshold
+    images = save_images(rendered, tempfile.mkdtemp(prefix="digits_"))
     shown = images[min(selected, len(rendered) - 1)]
     gallery = [(str(d), f"{x.name}: {x.number.text or '–'}") for x, (d, _) in zip(rendered, images)]
     table = [[x.name, x.image_id, x.number.text or "-1", round(x.number.confidence, 3)] for x in rendered]
-    files = [str(p) for p in write_downloads(rendered, threshold, folder, [d for d, _ in images])]
+    files = None
     regions = [[x.name, n.text or "-1", round(n.confidence, 3),
                 "whole image" if g.whole else [round(float(v), 1) for v in g.box]]
                for x in rendered for g, n in x.reading.numbers(threshold)]
     whole = gr.update(value=None if shown[1] is None else str(shown[1]), visible=shown[1] is not None)
     return session, str(shown[0]), html, digits, gallery, table, files, note, whole, regions
+
+
+def prepare_downloads(session: Session | None, threshold: float) -> list[str] | None:
+    """``pred.json``, ``pred.csv`` and ``annotated.zip`` for what the session read, at ``threshold``."""
+    rendered = (session or Session()).render(threshold)
+    if not rendered:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="digits_"))
+    images = [d for d, _ in save_images(rendered, folder / "images")]
+    return [str(p) for p in write_downloads(rendered, threshold, folder, images)]
 
 
 def read_numbers(files, webcam, models, fusion, threshold, use_reader=True, multi_scale=False):
@@ -200,7 +210,9 @@ def build_demo() -> gr.Blocks:
             results = gr.Dataframe(headers=["file", "image_id", "number", "confidence"], label="Results", interactive=False)
             found = gr.Dataframe(headers=["file", "number", "confidence", "region [x1, y1, x2, y2]"],
                                  label="Every number found (a whole photo may hold several)", interactive=False)
-            downloads = gr.File(label="Downloads: pred.json, pred.csv, annotated.zip", file_count="multiple")
+            with gr.Row():
+                prepare = gr.Button("Prepare downloads: pred.json, pred.csv, annotated.zip", size="sm")
+                downloads = gr.File(label="Downloads", file_count="multiple")
         with gr.Tab("Threshold explorer"):
             gr.Markdown("Whole-number accuracy (solid) and COCO mAP (dashed) on the validation set at each threshold; "
                         "the dot marks the best threshold, which is also the slider's default.")
@@ -214,6 +226,7 @@ def build_demo() -> gr.Blocks:
         files.change(read_numbers, inputs, outs, api_name="read_uploads")
         webcam.change(read_numbers, inputs, outs, api_name="read_snapshot")
         threshold.change(rethreshold, [session, threshold], outs, api_name="rethreshold", show_progress="hidden")
+        prepare.click(prepare_downloads, [session, threshold], [downloads], api_name="downloads")
         gallery.select(select_image, [session, threshold], outs, api_name="select_image")
         # a new model (or fusion) means new detections: re-read the current uploads with it
         for control, name in ((models, "model_settings"), (fusion, "fusion_settings"), (use_reader, "reader_settings"),

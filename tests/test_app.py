@@ -94,7 +94,7 @@ def read_all(client, paths, models=("resnet18_fpn",), fusion="vote", threshold=0
 
 def test_every_event_has_an_api_name(client):
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/read_numbers", "/rethreshold", "/model_settings", "/reader_settings", "/explorer"} <= set(api)
+    assert {"/read_numbers", "/rethreshold", "/downloads", "/model_settings", "/reader_settings", "/explorer"} <= set(api)
 
 
 def test_read_rethreshold_and_download(client):
@@ -111,7 +111,8 @@ def test_read_rethreshold_and_download(client):
     raw = raw_detections(None, IMAGES)
     assert [r[2] for r in rows] == [read(d, 0.5).text or "-1" for d in raw]
     assert len(gallery) == 8 and Path(image).is_file()
-    by_name = {Path(f).name: f for f in files}
+    assert files is None  # written only when asked for, at the threshold shown
+    by_name = {Path(f).name: f for f in client.predict(0.5, api_name="/downloads")}
     assert set(by_name) == {"pred.json", "pred.csv", "annotated.zip"}
     with open(by_name["pred.csv"]) as f:
         csv_rows = list(csv.DictReader(f))
@@ -301,5 +302,5 @@ def test_the_readmes_api_example_runs_against_the_served_app(server):
     assert "http://127.0.0.1:7860/" in code
     out = run_python(code.replace("http://127.0.0.1:7860/", server))
     # examples/10963.png shows 23 (by eye): file, image id, number, confidence
-    name, image_id, number, confidence = eval(out.splitlines()[0])[0]
+    name, image_id, number, confidence = eval(out.splitlines()[-1])[0]  # the printed table (after the client's own line)
     assert (name, image_id, number) == ("10963.png", 10963, "23") and 0 < confidence <= 1

@@ -29,7 +29,7 @@ def test_render_rethresholds_cached_detections(tmp_path):
     assert [f.name for f in files] == ["pred.json", "pred.csv", "annotated.zip"]
     assert json.loads(files[0].read_text())[0]["category_id"] == 5
     assert list(csv.reader(files[1].open())) == [["image_id", "pred_label"], ["1108", "4"]]
-    assert zipfile.ZipFile(files[2]).namelist() == ["1108_annotated.png"]
+    assert zipfile.ZipFile(files[2]).namelist() == ["1108_annotated.jpg"]
 
 
 def test_draw_uses_the_digit_colour():
