@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: demo test install install-dev browser benchmark reproduce clean
+.PHONY: demo test install install-dev browser benchmark benchmark-real reproduce clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(VENV)/.installed-dev browser
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmark.py
+
+# real_dev rows, with RapidOCR off the shelf measured beside them on the same photos
+benchmark-real: $(VENV)/.installed
+	$(PY) benchmark.py --real-only --rapidocr
 
 # Rebuild every checkpoint (hours on a CPU; resumable: run it again after an interruption).
 reproduce: $(VENV)/.installed

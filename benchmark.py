@@ -197,6 +197,14 @@ def scene_configs(names: list[str] | None) -> dict:
     return configs
 
 
+def real_configs() -> dict:
+    """The pipelines read on real_dev: the default, and the default with PP-OCR's text lines as regions."""
+    from digit_demo.ocr import PPOCR
+    from digit_demo.pipeline import PipelineConfig
+
+    return {"default": PipelineConfig(), "text lines": PipelineConfig(locator=PPOCR)}
+
+
 def load_test(calls: int, clients: int, threads: int) -> dict:
     """Serve the app and fire ``calls`` reads of one example photo from ``clients`` clients at once
     (each client in a thread of this process, on the same machine as the server): how many were
@@ -308,6 +316,62 @@ def scene_rows(sets: dict[str, Path], configs: dict, threads: int) -> dict:
     return rows
 
 
+REAL = ROOT.parent / "shared" / "data" / "real_dev"
+SIZES = ((0, 0.05, "<=5%"), (0.05, 0.10, "5-10%"), (0.10, 0.20, "10-20%"), (0.20, 1.01, ">20%"))
+
+
+def real_rows(configs: dict, threads: int, rapidocr: bool = False) -> dict:
+    """Each configuration on real_dev (real photos of house numbers; its labels and manifest):
+    whole-number accuracy, by digit height (a share of the photo's, estimated by eye) and for vertical
+    stacks, and p50 / p95 per photo from the file to the number. With ``rapidocr``, RapidOCR off the
+    shelf on the same photos (its most confident run of digits)."""
+    import csv
+    import re
+
+    from digit_demo.detect import set_threads
+    from digit_demo.pipeline import Pipeline
+
+    set_threads(threads)
+    manifest = list(csv.DictReader((REAL / "manifest.tsv").open(), delimiter="\t"))
+    paths = [REAL / m["file"] for m in manifest]
+
+    def row(read) -> dict:
+        read(paths[0])  # warm-up
+        times, right = [], []
+        for path, m in zip(paths, manifest):
+            start = time.perf_counter()
+            text = read(path)
+            times.append((time.perf_counter() - start) * 1000)
+            right.append(text == m["number"])
+        out = {"accuracy": float(np.mean(right)), "images": len(paths), "p50_ms": float(np.percentile(times, 50)),
+               "p95_ms": float(np.percentile(times, 95))}
+        for lo, hi, name in SIZES:
+            sel = [r for r, m in zip(right, manifest) if lo <= float(m["digit_height_frac"]) < hi]
+            out[f"digits {name}"] = [int(sum(sel)), len(sel)]
+        sel = [r for r, m in zip(right, manifest) if m["vertical"] == "yes"]
+        out["vertical"] = [int(sum(sel)), len(sel)]
+        return out
+
+    rows = {}
+    for label, config in configs.items():
+        pipe = Pipeline(config)
+        rows[f"{label}: {pipe.name}" + (f" ({config.locator})" if config.locator else "")] = row(
+            lambda p: next(pipe.read_iter([p])).number(pipe.threshold).text)
+    if rapidocr:
+        from rapidocr import RapidOCR
+
+        engine = RapidOCR(params={"Global.log_level": "error"})
+
+        def ocr(path) -> str:
+            out = engine(str(path))
+            runs = [(s, len(r), r) for t, s in zip(out.txts or [], out.scores or []) for r in re.findall(r"\d+", t)]
+            return max(runs)[2] if runs else ""
+        rows["RapidOCR 3.10, off the shelf"] = row(ocr)
+    for key, r in rows.items():
+        print(json.dumps({"row": key, **r}), file=sys.stderr)
+    return rows
+
+
 def table(results: dict, threads: int, repeats: int, images: int) -> str:
     lines = [f"Measured {time.strftime('%Y-%m-%d')} on {images} images of `{SPLIT['gt'].name}`, {threads} CPU threads; latency per "
              f"image at batch 1, the fastest of {repeats} passes; ensembles add up their members' latencies; "
@@ -315,7 +379,7 @@ def table(results: dict, threads: int, repeats: int, images: int) -> str:
              "| pipeline | threshold | mAP | AP50 | accuracy | p50 ms | p95 ms | batch img/s | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
-        if key in ("load_test", "scenes"):
+        if key in ("load_test", "scenes", "real_dev"):
             continue
         rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-"
         ips = f"{r['batch_images_per_s']:.1f}" if r.get("batch_images_per_s") else "-"
@@ -330,6 +394,14 @@ def table(results: dict, threads: int, repeats: int, images: int) -> str:
         for r in results["scenes"].values():
             lines.append(f"| {r['set']} | {r['pipeline']} | {r['threshold']:.2f} | {r['mAP']:.3f} | {r['accuracy']:.3f} "
                          f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['located_share']:.2f} |")
+    if "real_dev" in results:
+        lines += ["", "real_dev (118 real photos of house numbers; digit height as a share of the photo's, by eye):", "",
+                  "| reading | accuracy | " + " | ".join(f"digits {n}" for _, _, n in SIZES) + " | vertical | p50 ms | p95 ms |",
+                  "|---|---|" + "---|" * len(SIZES) + "---|---|---|"]
+        for key, r in results["real_dev"].items():
+            cells = " | ".join(f"{r[f'digits {n}'][0]}/{r[f'digits {n}'][1]}" for _, _, n in SIZES)
+            lines.append(f"| {key} | {r['accuracy']:.3f} | {cells} | {r['vertical'][0]}/{r['vertical'][1]} "
+                         f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} |")
     if "load_test" in results:
         lt = results["load_test"]
         lines += ["", f"Load test: {lt['calls']} calls from {lt['clients']} clients at once: {lt['ok']} answered, "
@@ -351,6 +423,9 @@ def main() -> int:
     ap.add_argument("--load-only", action="store_true", help="only the load test (merged into an existing results.json)")
     ap.add_argument("--scenes", action="store_true", help="also read whole photos (train.scenes; needs its background packages)")
     ap.add_argument("--scenes-only", action="store_true", help="only the scene sets (merged into an existing results.json)")
+    ap.add_argument("--real", action="store_true", help="also read real_dev (real photos; ../shared/data/real_dev)")
+    ap.add_argument("--real-only", action="store_true", help="only real_dev (merged into results.json where one exists)")
+    ap.add_argument("--rapidocr", action="store_true", help="with --real: RapidOCR off the shelf on the same photos")
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--clients", type=int, default=48)
     ap.add_argument("--gt", type=Path, default=SPLIT["gt"], help="COCO json of the crops to measure (default: valid)")
@@ -367,6 +442,15 @@ def main() -> int:
     from digit_demo.release import judge_ensembles
 
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.real_only:
+        path = args.out / "results.json"
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        results["real_dev"] = real_rows(real_configs(), args.threads, args.rapidocr)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        text = table(results, args.threads, args.repeats, 300)
+        (args.out / "table.md").write_text(text + "\n")
+        print(text)
+        return 0
     if args.scenes_only:
         results = json.loads((args.out / "results.json").read_text())
         results["scenes"] = scene_rows(scene_sets(ROOT / "out"), scene_configs(args.models), args.threads)
@@ -405,6 +489,8 @@ def main() -> int:
     judge_ensembles(results)
     if args.scenes:
         results["scenes"] = scene_rows(scene_sets(ROOT / "out"), scene_configs(names), args.threads)
+    if args.real:
+        results["real_dev"] = real_rows(real_configs(), args.threads, args.rapidocr)
     if args.load_test:
         results["load_test"] = load_test(args.calls, args.clients, args.threads)
     (args.out / "sweeps.json").write_text(json.dumps({k: [r.__dict__ for r in v] for k, v in curves.items()}, indent=1))

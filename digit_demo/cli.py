@@ -35,7 +35,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-proposer", dest="proposer", action="store_const", const=None,
                    help="judge only the numbers the detections allow (it is asked where the readings disagree: 1-2 ms at the median)")
     p.add_argument("--locator", default=DEFAULT_LOCATOR,
-                   help=f"the locator that finds the numbers in whole photos (default {DEFAULT_LOCATOR})")
+                   help=f"what finds the numbers in a photo: a locator checkpoint (default {DEFAULT_LOCATOR}), or "
+                        "'ppocr': PP-OCR's text lines that hold digits, in any image (best on real photos)")
     p.add_argument("--no-locator", dest="locator", action="store_const", const=None,
                    help="read every photo whole, as a crop")
     p.add_argument("--multi-scale", action="store_true",

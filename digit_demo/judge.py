@@ -7,6 +7,9 @@ then judged in order by the other evidence the pipeline gathered (:class:`digit_
    has, and which, and a second model with its own backbone proposes what the detector missed.
 2. :func:`by_lead` - an ensemble's lead member: its own reading stands unless another member read the
    fused number alone and the fused line finds it likelier by LEAD_MARGIN.
+3. :func:`by_text` - a text recognizer's reading of the region's line (PP-OCR, where the locate stage
+   ran it): its digits replace the readers' where it is surer of them than they are of theirs, and at
+   least as sure as the locate stage asks (``TextReading.min_score``).
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ def read(found: Found, threshold: float, judge: bool = True) -> HouseNumber:
     number = at(found, threshold)
     if judge:
         number = by_line(found, number)
-    return by_lead(found, number, judge)
+    number = by_lead(found, number, judge)
+    return by_text(found, number) if judge else number
 
 
 def at(found: Found, threshold: float) -> HouseNumber:
@@ -72,13 +76,18 @@ def alternatives(found: Found) -> tuple[dict[str, HouseNumber], dict[str, float]
 
 
 def proposed(found: Found) -> HouseNumber:
-    """The number the proposer reads, each digit on the detected box it falls on (the box of the
-    detection at the lowest of THRESHOLDS whose centre is nearest its own, within half its width and
-    height; scored by the detection where it read the same digit) or, where none does, its placed box."""
-    prop = found.line.proposal
+    """The number the number reader's proposer reads, on the detected boxes (:func:`snapped`)."""
+    return snapped(found.line.proposal, found)
+
+
+def snapped(prop: Detections, found: Found) -> HouseNumber:
+    """The number ``prop`` (digits placed by another reader) reads, each digit on the detected box it
+    falls on (the box of the detection at the lowest of THRESHOLDS whose centre is nearest its own,
+    within half its width and height; scored by the detection where it read the same digit) or, where
+    none does, its placed box."""
     boxes, scores = prop.boxes.copy(), prop.scores.copy()
     kept = dedupe(found.detections.above(min(THRESHOLDS)))
-    if len(kept):
+    if len(kept) and len(prop):
         # P x F x (dx, dy) between the centres of the proposed and the detected digits
         gap = np.abs((prop.boxes[:, None, :2] + prop.boxes[:, None, 2:]) - (kept.boxes[None, :, :2] + kept.boxes[None, :, 2:])) / 2
         half = (prop.boxes[:, 2:] - prop.boxes[:, :2])[:, None] / 2
@@ -96,7 +105,35 @@ def proposed(found: Found) -> HouseNumber:
         same = hit & (kept.digits[near] == prop.digits)
         scores[same] = kept.scores[near[same]]
     digits = Detections(boxes, scores, prop.digits.copy())
-    return HouseNumber("".join(str(int(d)) for d in prop.digits), digits, float(np.prod(scores)))
+    return HouseNumber("".join(str(int(d)) for d in prop.digits), digits, float(np.prod(scores)) if len(scores) else 0.0)
+
+
+def by_text(found: Found, number: HouseNumber) -> HouseNumber:
+    """``number``, or the text recognizer's digits where they differ and it is surer of them than the
+    readers of ``number`` (and at least ``min_score`` sure): each digit on a detected box where one lies under it (:func:`snapped`), else on its share of
+    the recognized line, side by side (a line taller than wide, a vertical stack: top to bottom).
+    The number's confidence is then the recognizer's score (where both read the same, the higher of
+    the two)."""
+    text = found.text
+    if text is None or not text.digits or text.score < text.min_score:
+        return number
+    if text.digits == number.text:  # two readers agree: as sure as the surer
+        return HouseNumber(number.text, number.digits, max(number.confidence, text.score))
+    if number.text and number.confidence >= text.score:  # the surer reader's number stands
+        return number
+    n = len(text.digits)
+    x1, y1, x2, y2 = text.box
+    k = np.arange(n, dtype=np.float32)
+    if (y2 - y1) > 1.5 * (x2 - x1) and n > 1:  # a vertical stack
+        step = (y2 - y1) / n
+        boxes = np.stack([np.full(n, x1), y1 + k * step, np.full(n, x2), y1 + (k + 1) * step], 1)
+    else:
+        step = (x2 - x1) / n
+        boxes = np.stack([x1 + k * step, np.full(n, y1), x1 + (k + 1) * step, np.full(n, y2)], 1)
+    placed = Detections(boxes.astype(np.float32), np.full(n, text.score, np.float32),
+                        np.array([int(c) for c in text.digits], np.int64))
+    read = snapped(placed, found)
+    return HouseNumber(read.text, read.digits, text.score)
 
 
 def by_lead(found: Found, number: HouseNumber, judged: bool = True) -> HouseNumber:

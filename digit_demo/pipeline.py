@@ -33,7 +33,10 @@ from .number_reader import (DEFAULT_NUMBER_READER, DEFAULT_PROPOSER, NumberReade
 from .reader import DEFAULT_READER, DigitReader, optional_reader
 from .judge import read
 from .reading import Reading, Readings, RegionReading
-from .types import Detections, Found, LeadReading, LineReading
+from .ocr import PPOCR, TextFinder, TextLine, TextSettings, number_lines
+from .types import Detections, Found, LeadReading, LineReading, TextReading
+
+
 
 __all__ = ["ModelCache", "Pipeline", "PipelineConfig", "Reading", "Readings", "RegionReading", "Stages"]
 
@@ -122,7 +125,9 @@ class ModelCache:
         return self._get(("number_reader", name, proposer, precision),
                          lambda: optional_number_reader(name, proposer, precision))
 
-    def locator(self, name: str | None, precision: str) -> Locator | None:
+    def locator(self, name: str | None, precision: str) -> "Locator | TextFinder | None":
+        if name == PPOCR:
+            return self._get(("locator", name), TextFinder)
         return self._get(("locator", name, precision), lambda: optional_locator(name, precision))
 
 
@@ -138,7 +143,7 @@ class Stages:
     members: list
     digit_reader: DigitReader | None = None
     number_reader: NumberReader | None = None
-    locator: Locator | None = None
+    locator: "Locator | TextFinder | None" = None
 
     @classmethod
     def load(cls, config: PipelineConfig, cache: ModelCache | None = None) -> "Stages":
@@ -238,12 +243,16 @@ class Pipeline:
         return out
 
     def locate(self, src: ImageInput, name: str) -> tuple[Image.Image, list[RegionReading]]:
-        """The full-resolution image and the regions to read in it: the house numbers located in a
-        whole photo, else one region covering the image (a crop: short side under MIN_PHOTO_SIDE; no
-        locator; or nothing located). The locator reads a JPEG decoded at a reduced scale."""
+        """The full-resolution image and the regions to read in it: the house numbers located in it,
+        else one region covering the image (no locator, or nothing located). PP-OCR's lines that hold
+        digits are regions in any image, each with what PP-OCR read there; the CNN locator reads a JPEG
+        decoded at a reduced scale, and only photos whose short side reaches MIN_PHOTO_SIDE."""
         if self.locator is None:
             full = load_image(src, name)
             return full, [RegionReading.covering(*full.size)]
+        if isinstance(self.locator, TextFinder):
+            full = load_image(src, name)
+            return full, text_regions(number_lines(self.locator.lines(full)), full.size, self.locator.settings)
         seen = decode(src, name, draft_side=INPUT_SIDE)
         full = seen.image if not seen.reduced else load_image(src, name)
         regions = []
@@ -283,7 +292,7 @@ class Pipeline:
                     if error:
                         reading.error, reading.regions = error, []
                     elif not reading.error:
-                        region.raw = raw
+                        region.raw = raw if region.text is None else replace(raw, text=region.text)
             for reading in batch:
                 if not keep_images or reading.error:
                     reading.image = None
@@ -293,6 +302,27 @@ class Pipeline:
              keep_images: bool = True) -> Readings:
         """Read every image (:meth:`read_iter`); the readings keep the decoded images by default."""
         return Readings(list(self.read_iter(sources, names, keep_images)), self.threshold)
+
+
+def text_regions(lines: list[TextLine], size: tuple[int, int], settings: TextSettings) -> list[RegionReading]:
+    """The regions to read for PP-OCR's digit ``lines`` in a photo of ``size`` (width, height): the
+    photo whole where the first line is at least ``crop_share`` of its height (the number fills it),
+    else each line's padded crop; each with what PP-OCR read there; the photo whole where none holds digits."""
+    width, height = size
+    if not lines:
+        return [RegionReading.covering(width, height)]
+    first = lines[0]
+    if first.box[3] - first.box[1] >= settings.crop_share * height:
+        whole = RegionReading.covering(width, height)
+        whole.text = TextReading(first.digits, first.score, first.box, settings.min_score_whole)
+        return [whole]
+    regions = []
+    for line in lines:
+        box = np.array(line.box, np.float32)
+        crop = reading_box(box, width, height, settings.pad)
+        inside = (line.box[0] - crop[0], line.box[1] - crop[1], line.box[2] - crop[0], line.box[3] - crop[1])
+        regions.append(RegionReading(box, line.score, crop, text=TextReading(line.digits, line.score, inside, settings.min_score)))
+    return regions
 
 
 def _name(src: ImageInput, k: int) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from .judge import read
-from .types import Detections, Found, HouseNumber
+from .types import Detections, Found, HouseNumber, TextReading
 
 
 @dataclass
@@ -27,6 +27,7 @@ class RegionReading:
     raw: Found | None = None
     rank_power: float = 0.0
     whole: bool = False
+    text: TextReading | None = None  # a text recognizer's reading of the region's line, in the crop's pixels
 
     @classmethod
     def covering(cls, width: int, height: int, raw: Found | None = None) -> "RegionReading":

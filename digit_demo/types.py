@@ -79,13 +79,27 @@ class LeadReading:
 
 
 @dataclass
+class TextReading:
+    """What a text recognizer (PP-OCR) read on a region's line: its ``digits``, how sure it is
+    (``score``), the line's ``box`` (xyxy, in the region crop's pixels), and how sure it must be to
+    overrule the readers there (``min_score``, set by the locate stage)."""
+
+    digits: str
+    score: float
+    box: tuple[float, float, float, float]
+    min_score: float = 0.5
+
+
+@dataclass
 class Found:
     """What the models found in one image region: its digit ``detections`` and, where those stages ran,
-    the number reader's ``line`` and an ensemble's ``lead``. :func:`digit_demo.judge.read` reads the
+    the number reader's ``line``, an ensemble's ``lead`` and a text recognizer's reading of the region's
+    line (``text``). :func:`digit_demo.judge.read` reads the
     number at any threshold; what it reads is remembered here (``memo``), so a sweep or a slider move
     reads each set of kept detections once."""
 
     detections: Detections = field(default_factory=Detections)
     line: LineReading | None = None
     lead: LeadReading | None = None
+    text: TextReading | None = None
     memo: dict = field(default_factory=dict, repr=False, compare=False)

@@ -30,6 +30,11 @@ BROWSER = importlib.util.find_spec("playwright") is not None and shutil.which("c
 needs_browser = pytest.mark.skipif(not BROWSER, reason="needs playwright and Debian chromium (make browser)")
 
 
+def page_finder() -> str:
+    """What the page finds numbers with by default (app.FINDER, without importing the app)."""
+    return "ppocr" if importlib.util.find_spec("rapidocr") and importlib.util.find_spec("onnxruntime") else "locator"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,11 +90,14 @@ def wait_for_reading(page) -> None:
                            timeout=60000)
 
 
-def read_all(client, paths, models=("resnet18_fpn",), fusion="vote", threshold=0.5, use_reader=True, multi_scale=False):
+def read_all(client, paths, models=("resnet18_fpn",), fusion="vote", threshold=0.5, use_reader=True, multi_scale=False,
+             finder="locator"):
+    """The app's reading of ``paths``; with the CNN locator unless ``finder`` says otherwise, as the
+    library's default pipeline reads (the page itself starts on PP-OCR's text lines)."""
     from gradio_client import handle_file
 
     return client.predict([handle_file(str(p)) for p in paths], None, list(models), fusion, threshold, use_reader,
-                          multi_scale, api_name="/read_numbers")
+                          multi_scale, finder, api_name="/read_numbers")
 
 
 def test_every_event_has_an_api_name(client):
@@ -210,8 +218,10 @@ def test_real_browser_upload_slider_and_number(server, tmp_path):
 
     from digit_demo.judge import read
 
+    from digit_demo.pipeline import PipelineConfig
+
     photo = FIXTURES / "valid" / "1108.png"  # labelled 35
-    raw = raw_detections(None, [photo])[0]
+    raw = raw_detections(PipelineConfig(locator=page_finder()), [photo])[0]  # as the page reads by default
     with sync_playwright() as p:
         browser, page = open_page(p, server)
         page.locator("input[type=file]").first.set_input_files(str(photo))
@@ -279,8 +289,10 @@ def test_real_browser_reads_a_whole_photo(server):
 
     from digit_demo.pipeline import Pipeline
 
+    from digit_demo.pipeline import PipelineConfig
+
     photo = SCENES / "scene1.jpg"
-    pipe = Pipeline()
+    pipe = Pipeline(PipelineConfig(locator=page_finder()))  # as the page reads by default
     with sync_playwright() as p:
         browser, page = open_page(p, server)
         page.locator("input[type=file]").first.set_input_files(str(photo))
@@ -304,3 +316,18 @@ def test_the_readmes_api_example_runs_against_the_served_app(server):
     # examples/10963.png shows 23 (by eye): file, image id, number, confidence
     name, image_id, number, confidence = eval(out.splitlines()[-1])[0]  # the printed table (after the client's own line)
     assert (name, image_id, number) == ("10963.png", 10963, "23") and 0 < confidence <= 1
+
+
+@pytest.mark.skipif(page_finder() != "ppocr", reason="rapidocr / onnxruntime not installed")
+def test_a_small_number_in_a_photo_comes_back_with_its_region(client, tmp_path):
+    from .test_ocr import photo
+
+    path = tmp_path / "wall.png"
+    photo([("Main Street", (60, 60), 22), ("4702", (300, 250), 14)]).save(path)  # digits under 4% of 375 px
+    out = read_all(client, [path], finder="ppocr", threshold=0.35)
+    table, whole, found = out[4], out[7], out[8]
+    assert [r[2] for r in table["data"]] == ["4702"]
+    (row,) = [r for r in found["data"] if r[1] == "4702"]
+    x1, y1, x2, y2 = row[3]  # its region, in the photo's pixels, where it was drawn
+    assert 280 <= x1 and x2 <= 360 and 240 <= y1 and y2 <= 275
+    assert Path(_file(whole)).is_file()  # the whole photo with the number marked

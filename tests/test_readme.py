@@ -28,7 +28,7 @@ def run_python(code: str) -> str:
 
 
 def test_the_readme_is_short_and_its_commands_name_real_subcommands():
-    assert len(README.read_bytes()) <= 12 * 1024
+    assert len(README.read_bytes()) <= 12_000
     from digit_demo.cli import build_parser
 
     commands = set(build_parser()._subparsers._group_actions[0].choices)

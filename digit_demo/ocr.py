@@ -1,0 +1,107 @@
+"""PP-OCR's text detector and recognizer (the ONNX models inside the ``rapidocr`` wheel, run by
+onnxruntime on the CPU, offline): where a photo holds text and what it says. The locate stage uses it to
+find the lines that hold digits (:class:`TextFinder`); each such line's digits are also a reading the
+judge weighs against the readers' (:func:`digit_demo.judge.by_ocr`)."""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+PPOCR = "ppocr"  # the locator name that selects this stage
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    """How PP-OCR's lines become regions, each value chosen on real_dev (real photos; docs/experiments.md):
+
+    - ``det_side``: the detector reads the photo shrunk to this long side (Det.limit_type "max"): PP-OCR
+      alone read 0.924 of real_dev at p50 208 ms on 2 cores, against 0.898 and 493 ms with the package's
+      defaults (short side 736);
+    - ``pad``: a line is read from a crop padded by these shares of its height (x, y);
+    - ``crop_share``: where the first digit line is at least this share of the photo's height, the number
+      fills the photo (an SVHN-like crop) and the photo is read whole, as today's readers read best;
+    - ``min_score`` / ``min_score_whole``: how sure PP-OCR must be to overrule the readers in a line's
+      region, or in a photo read whole (0.9: at 0.8, real_dev read 0.932 but `valid` 2 numbers fewer)."""
+
+    det_side: int = 640
+    pad: tuple[float, float] = (0.5, 0.3)
+    crop_share: float = 0.2
+    min_score: float = 0.5
+    min_score_whole: float = 0.9
+
+
+@dataclass(frozen=True)
+class TextLine:
+    """A line of text PP-OCR found: its axis-aligned ``box`` (xyxy, photo pixels), what it reads
+    (``text``) and how sure the recognizer is (``score``)."""
+
+    box: tuple[float, float, float, float]
+    text: str
+    score: float
+    stack: bool = False  # one-digit lines joined top to bottom (:func:`number_lines`)
+
+    @property
+    def digits(self) -> str:
+        """The line's longest run of digits ("" where it has none): "1502A" reads "1502"."""
+        return max(re.findall(r"\d+", self.text), key=len, default="")
+
+
+class TextFinder:
+    """PP-OCR detection and recognition of a whole photo (:meth:`lines`), loaded once and safe to
+    call from several threads. Raises ImportError where ``rapidocr`` / ``onnxruntime`` are not installed."""
+
+    def __init__(self, settings: TextSettings | None = None, threads: int | None = None):
+        from rapidocr import RapidOCR  # imported here: only this locator needs the package
+
+        self.settings = settings = settings or TextSettings()
+        threads = threads or int(os.environ.get("DIGIT_DEMO_THREADS") or 2)
+        self.engine = RapidOCR(params={"Global.log_level": "error", "Det.limit_type": "max",
+                                       "Det.limit_side_len": settings.det_side,
+                                       "EngineConfig.onnxruntime.intra_op_num_threads": threads,
+                                       "EngineConfig.onnxruntime.inter_op_num_threads": 1})
+        self._lock = threading.Lock()
+
+    def lines(self, image: Image.Image) -> list[TextLine]:
+        """Every line of text in ``image`` (RGB), most confident first."""
+        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+        with self._lock:  # one onnxruntime session per model: one photo at a time
+            out = self.engine(bgr)
+        if out.boxes is None or not out.txts:
+            return []
+        found = []
+        for quad, text, score in zip(np.asarray(out.boxes, np.float32), out.txts, out.scores):
+            box = (float(quad[:, 0].min()), float(quad[:, 1].min()), float(quad[:, 0].max()), float(quad[:, 1].max()))
+            found.append(TextLine(box, str(text), float(score)))
+        return sorted(found, key=lambda t: t.score, reverse=True)
+
+
+def number_lines(lines: list[TextLine]) -> list[TextLine]:
+    """The lines that may be house numbers: those holding digits, with a vertical stack of one-digit
+    lines (each below the last, overlapping it sideways) joined into one line read top to bottom."""
+    digit_lines = [t for t in lines if t.digits]
+    singles = sorted((t for t in digit_lines if len(t.digits) == 1 and len(t.text.strip()) == 1), key=lambda t: t.box[1])
+    stacks: list[list[TextLine]] = []
+    for t in singles:
+        last = stacks[-1][-1] if stacks else None
+        if last is not None and _stacked(last, t):
+            stacks[-1].append(t)
+        else:
+            stacks.append([t])
+    joined = [TextLine((min(t.box[0] for t in s), s[0].box[1], max(t.box[2] for t in s), s[-1].box[3]),
+                       "".join(t.digits for t in s), float(np.prod([t.score for t in s])), stack=True)
+              for s in stacks if len(s) > 1]
+    used = {id(t) for s in stacks if len(s) > 1 for t in s}
+    return sorted([t for t in digit_lines if id(t) not in used] + joined, key=lambda t: t.score, reverse=True)
+
+
+def _stacked(upper: TextLine, lower: TextLine) -> bool:
+    """Whether ``lower`` sits right under ``upper`` (a gap under one line height, overlapping sideways)."""
+    h = upper.box[3] - upper.box[1]
+    gap = lower.box[1] - upper.box[3]
+    overlap = min(upper.box[2], lower.box[2]) - max(upper.box[0], lower.box[0])
+    return -0.5 * h <= gap <= h and overlap > 0.3 * min(upper.box[2] - upper.box[0], lower.box[2] - lower.box[0])

@@ -1,0 +1,89 @@
+"""PP-OCR as the locate stage (``--locator ppocr``): its digit lines become regions, and its reading of
+each is weighed against the readers'. Oracles: hand-placed lines and boxes, and photos drawn here whose
+text is known."""
+import importlib.util
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from digit_demo.judge import read
+from digit_demo.ocr import TextLine, TextSettings, number_lines
+from digit_demo.pipeline import text_regions
+from digit_demo.types import Detections, Found, TextReading
+
+needs_ppocr = pytest.mark.skipif(importlib.util.find_spec("rapidocr") is None or importlib.util.find_spec("onnxruntime") is None,
+                                 reason="rapidocr / onnxruntime not installed (requirements.txt)")
+
+
+def test_lines_with_digits_are_number_lines_and_a_stack_of_single_digits_joins_top_to_bottom():
+    lines = [TextLine((10, 10, 200, 40), "Main Street", 0.99), TextLine((300, 10, 360, 40), "12A", 0.95),
+             TextLine((500, 100, 520, 130), "9", 0.9), TextLine((501, 135, 521, 165), "0", 0.8),
+             TextLine((499, 170, 519, 200), "5", 0.9), TextLine((50, 300, 400, 330), "tel 0123 456789", 0.7)]
+    found = number_lines(lines)
+    assert [(t.digits, t.stack) for t in found] == [("12", False), ("456789", False), ("905", True)]
+    stack = found[2]
+    assert stack.box == (499, 100, 521, 200) and stack.score == pytest.approx(0.9 * 0.8 * 0.9)
+    # two single digits side by side are not a stack
+    assert [t.digits for t in number_lines([TextLine((0, 0, 20, 30), "4", 0.9), TextLine((30, 0, 50, 30), "7", 0.9)])] == ["4", "7"]
+
+
+def test_a_number_that_fills_the_photo_is_read_whole_and_a_small_one_from_its_padded_line():
+    settings = TextSettings()
+    big = text_regions([TextLine((20, 10, 180, 60), "49", 0.97)], (200, 100), settings)  # half the height
+    assert len(big) == 1 and big[0].whole and big[0].text == TextReading("49", 0.97, (20, 10, 180, 60), settings.min_score_whole)
+    small = text_regions([TextLine((400, 300, 440, 320), "7", 0.8)], (1000, 800), settings)  # 2.5% of the height
+    (region,) = small
+    assert not region.whole and region.crop == (390, 294, 450, 326)  # padded by 0.5 / 0.3 of its 20 px height
+    assert region.text.box == (10, 6, 50, 26) and region.text.min_score == settings.min_score  # in the crop's pixels
+    (alone,) = text_regions([], (640, 480), settings)
+    assert alone.whole and alone.text is None
+
+
+def dets(rows):
+    a = np.array(rows, np.float32).reshape(-1, 6)
+    return Detections(a[:, :4], a[:, 4], a[:, 5].astype(np.int64))
+
+
+def test_the_surer_reader_wins_and_agreement_keeps_the_higher_confidence():
+    two = dets([(10, 10, 30, 50, 0.9, 4), (32, 10, 52, 50, 0.8, 9)])  # the readers read 49 (0.72 sure)
+    line = (8, 8, 80, 52)
+    assert read(Found(two, text=TextReading("49", 0.6, line)), 0.5).confidence == pytest.approx(0.72)
+    assert read(Found(two, text=TextReading("49", 0.95, line)), 0.5).confidence == pytest.approx(0.95)
+    assert read(Found(two, text=TextReading("43", 0.7, line)), 0.5).text == "49"  # less sure than the readers
+    number = read(Found(two, text=TextReading("493", 0.9, line)), 0.5)  # surer: its digits, on the detected boxes
+    assert number.text == "493" and number.confidence == pytest.approx(0.9)
+    assert np.array_equal(number.digits.boxes[:2], two.boxes) and number.digits.boxes[2][0] == pytest.approx(56)
+    assert read(Found(two, text=TextReading("493", 0.9, line, min_score=0.95)), 0.5).text == "49"  # below its bar
+    stack = read(Found(Detections(), text=TextReading("905", 0.99, (10, 0, 30, 90))), 0.5)  # taller than wide
+    assert stack.text == "905" and np.allclose(stack.digits.boxes[:, 1], [0, 30, 60])  # top to bottom
+
+
+def photo(lines, size=(500, 375), colour=(120, 140, 110)) -> Image.Image:
+    """A plain 'wall' with ``lines`` of (text, (x, y), pixel size) drawn dark on it; "|" stacks a text's characters."""
+    im = Image.new("RGB", size, colour)
+    draw = ImageDraw.Draw(im)
+    for text, (x, y), px in lines:
+        font = ImageFont.load_default(size=px)
+        chars = text[1:] if text.startswith("|") else [text]
+        for k, c in enumerate(chars):
+            draw.text((x, y + k * int(px * 1.2)), c, fill=(15, 15, 15), font=font)
+    return im
+
+
+@pytest.mark.slow
+@needs_ppocr
+def test_photos_drawn_here_are_read_as_drawn():
+    from digit_demo.pipeline import Pipeline, PipelineConfig
+
+    pipe = Pipeline(PipelineConfig(locator="ppocr"))
+    cases = {"12": photo([("12A", (200, 150), 40)]),  # a letter suffix is not a digit
+             "4702": photo([("4702", (200, 160), 15)]),  # digits 3% of a 500 px photo's height
+             "905": photo([("|905", (240, 60), 30)]),  # a vertical stack, top to bottom
+             "27": photo([("Main Street 27", (100, 150), 30)])}  # a street name beside it
+    readings = pipe.read(list(cases.values()))
+    assert [n.text for n in readings.at()] == list(cases)
+    small = readings[1]
+    assert small.located and not small.regions[0].whole  # found as a region of the photo, not read whole
+    x1, y1, x2, y2 = small.regions[0].box
+    assert x1 >= 190 and x2 <= 260 and y1 >= 150 and y2 <= 185  # where it was drawn
