@@ -145,16 +145,18 @@ class Detector:
         return math.ceil(math.floor(h * scale) / d) * d, math.ceil(math.floor(w * scale) / d) * d
 
     def _forward(self, view: nn.Module, images: list[torch.Tensor]) -> list[Detections]:
-        """``view`` on each image, batched only with images it pads to the same size, so an image reads
-        exactly as it does alone (torchvision pads a batch to its largest image, which moves proposals)."""
+        """``view`` on each image (on the model's device), batched only with images it pads to the same
+        size, so an image reads exactly as it does alone (torchvision pads a batch to its largest image,
+        which moves proposals)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for k, image in enumerate(images):
             groups.setdefault(self._input_shape(view, image), []).append(k)
         out: list[Detections | None] = [None] * len(images)
+        device = next(self.model.parameters()).device  # a model training on a GPU reads there
         for members in groups.values():
             for i in range(0, len(members), self.batch_size):
                 chunk = members[i : i + self.batch_size]
-                for k, d in zip(chunk, outputs_to_detections(view([images[k] for k in chunk]))):
+                for k, d in zip(chunk, outputs_to_detections(view([images[k].to(device) for k in chunk]))):
                     out[k] = d
         return out
 

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torchvision.models.detection import roi_heads
 from tqdm import tqdm
 
-from digit_demo.types import Detections
 from digit_demo.detect import Detector
 from digit_demo.evaluation import Metrics, best, sweep
-from digit_demo.reader import DigitReader, refine
+from digit_demo.pipeline import Pipeline, PipelineConfig, Reading, Stages
+from digit_demo.reader import DigitReader
 
 
 def focal_fastrcnn_loss(alpha: float, gamma: float):
@@ -135,16 +135,19 @@ def train_one_epoch(model, optimizer, scheduler, loader, device, epoch: int, log
 
 
 @torch.inference_mode()
-def predict(model, loader, device, reader: DigitReader | None = None) -> dict[int, Detections]:
-    """Detections per image id, re-read by the digit ``reader`` when one is given."""
+def predict(model, loader, device, reader: DigitReader | None = None) -> dict[int, Reading]:
+    """Each validation image's reading by id, through :meth:`digit_demo.pipeline.Pipeline.read_iter`
+    as ``predict`` reads an image (the detector on ``device``, re-read by the digit ``reader`` when one
+    is given; each image read whole, as a crop)."""
     model.eval()
-    out: dict[int, Detections] = {}
+    config = PipelineConfig(digit_reader=None, number_reader=None, locator=None, threshold=0.5)
+    out: dict[int, Reading] = {}
     for images, targets in loader:
-        # the detect stage as the pipeline runs it, on ``device``; the reader reads the CPU images
-        dets = Detector(model, {}, batch_size=len(images)).detect_tensors([im.to(device) for im in images])
-        if reader is not None:
-            dets = [refine(reader, im, d) for im, d in zip(images, dets)]
-        out.update({t["image_id"]: d for t, d in zip(targets, dets)})
+        pipe = Pipeline(config, stages=Stages([Detector(model, {}, batch_size=len(images), reader=reader)], reader))
+        # the loader's float images came from 8-bit files: back to 8 bits exactly, as the pipeline loads them
+        arrays = [im.mul(255).round().byte().permute(1, 2, 0).cpu().numpy() for im in images]
+        ids = [t["image_id"] for t in targets]
+        out.update(zip(ids, pipe.read_iter(arrays, [str(i) for i in ids])))
     return out
 
 
