@@ -218,3 +218,16 @@ def test_the_plan_warns_where_the_cpu_has_no_amx(tmp_path, monkeypatch, capsys, 
     assert (reproduce.NO_AMX in err) is not amx
     assert reproduce.main(["--plan", "--device", "gpu", "--runs", str(tmp_path / "runs")]) == 0
     assert reproduce.NO_AMX not in capsys.readouterr().err  # the GPU estimates do not depend on it
+
+
+def test_the_graphs_state_lives_outside_the_work_tree_and_the_plan_says_where(tmp_path, monkeypatch, capsys):
+    from train import reproduce
+
+    monkeypatch.delenv(reproduce.RUNS_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert reproduce.default_runs() == tmp_path / "home" / ".cache" / "digit_demo" / "reproduce"
+    monkeypatch.setenv(reproduce.RUNS_ENV, str(tmp_path / "elsewhere"))
+    assert reproduce.default_runs() == tmp_path / "elsewhere"
+    assert reproduce.main(["--plan"]) == 0
+    out = capsys.readouterr().out
+    assert f"state: {tmp_path / 'elsewhere'} (0 of " in out and "not there yet: a run starts over" in out

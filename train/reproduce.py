@@ -303,11 +303,22 @@ def select(stages: list[str], only: list[str] | None, start: str | None) -> list
     return list(stages)
 
 
+RUNS_ENV = "DIGIT_DEMO_RUNS"
+# The graph's state lives outside the work tree, like any tool's cache, so a fresh checkout finds it.
+CACHE = Path("~/.cache/digit_demo/reproduce")
+
+
+def default_runs() -> Path:
+    """Where the graph keeps its stages: ``$DIGIT_DEMO_RUNS``, else ~/.cache/digit_demo/reproduce."""
+    return Path(os.environ.get(RUNS_ENV) or CACHE).expanduser()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.reproduce", description=__doc__.split("\n\n")[0],
                                 epilog="\n".join(__doc__.split("\n\n")[-1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--runs", type=Path, default=ROOT / "runs")
+    p.add_argument("--runs", type=Path, default=default_runs(),
+                   help=f"the graph's state: each stage's outputs (default ${RUNS_ENV}, else {CACHE})")
     p.add_argument("--release-dir", type=Path, help="where the release stage writes (default: checkpoints/)")
     p.add_argument("--only", nargs="+", metavar="STAGE")
     p.add_argument("--from", dest="start", metavar="STAGE")
@@ -341,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             mark = "" if r["selected"] else " (not selected)"
             print(f"{r['stage']:18} {r['state'] + mark:22} {r['minutes']:>8}  {r['took']:24} {', '.join(r['needs'])}")
         print(f"left to run: about {total / 60:.1f} h on {args.device}")
+        done = sum(r["state"] == "up to date" for r in rows)
+        print(f"state: {runs} ({done} of {len(rows)} stages done{'' if runs.is_dir() else '; not there yet: a run starts over'})")
         if args.device == "cpu" and not has_amx():
             print(NO_AMX, file=sys.stderr)
         return 0
