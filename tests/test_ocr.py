@@ -87,3 +87,19 @@ def test_photos_drawn_here_are_read_as_drawn():
     assert small.located and not small.regions[0].whole  # found as a region of the photo, not read whole
     x1, y1, x2, y2 = small.regions[0].box
     assert x1 >= 190 and x2 <= 260 and y1 >= 150 and y2 <= 185  # where it was drawn
+
+
+def test_the_detector_looks_again_at_a_larger_size_only_where_a_large_photo_showed_no_digits():
+    from digit_demo.ocr import TextFinder
+
+    finder = TextFinder.__new__(TextFinder)  # the retry rule alone: no engine loaded
+    finder.settings = TextSettings(det_side=640, retry_side=960)
+    seen = {640: [TextLine((0, 0, 50, 20), "EXIT", 0.9)], 960: [TextLine((5, 5, 25, 40), "3", 0.8)]}
+    calls = []
+    finder._lines = lambda image, side: calls.append(side) or seen[side]
+    assert [t.text for t in finder.lines(Image.new("RGB", (1024, 768)))] == ["3"] and calls == [640, 960]
+    calls.clear()
+    assert [t.text for t in finder.lines(Image.new("RGB", (600, 400)))] == ["EXIT"] and calls == [640]  # no larger
+    seen[640] = [TextLine((0, 0, 50, 20), "No 12", 0.9)]
+    calls.clear()
+    assert [t.text for t in finder.lines(Image.new("RGB", (1024, 768)))] == ["No 12"] and calls == [640]  # digits found
