@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ from digit_demo.ensemble import DEFAULT_FUSION
 from digit_demo.evaluation import best, plot_sweep
 from digit_demo.locator import DEFAULT_LOCATOR
 from digit_demo.ocr import PPOCR
+from digit_demo.ocr import available as ocr_available
 from digit_demo.pipeline import DEFAULT_CACHE, Pipeline, PipelineConfig
 from digit_demo.session import Session, save_images, write_downloads
 
@@ -34,7 +34,7 @@ BASE = PipelineConfig()
 # pipeline read 0.907 of the numbers with them against 0.542 with the CNN locator, and the same 0.857 of
 # SVHN valid), where its packages are installed.
 FINDERS = [("PP-OCR text lines (best on real photos)", PPOCR), ("CNN locator (faster on SVHN-style crops)", DEFAULT_LOCATOR)]
-FINDER = PPOCR if importlib.util.find_spec("rapidocr") and importlib.util.find_spec("onnxruntime") else DEFAULT_LOCATOR
+FINDER = PPOCR if ocr_available() else DEFAULT_LOCATOR
 READER = DEFAULT_CACHE.digit_reader(BASE.digit_reader, BASE.precision)  # shipped, if any
 
 
@@ -89,16 +89,21 @@ def _outputs(session: Session, threshold: float, selected: int = 0):
               for b, s, d in zip(n.digits.boxes, n.digits.scores, n.digits.digits)]
     # each drawing is encoded once (JPEG) and that file is shown and listed; the downloads are
     # written when asked for (prepare_downloads), and cleared here so they never lag the threshold
-    images = save_images(rendered, tempfile.mkdtemp(prefix="digits_"))
+    folder = Path(tempfile.mkdtemp(prefix="digits_"))
+    images = save_images(rendered, folder)
     shown = images[min(selected, len(rendered) - 1)]
-    gallery = [(str(d), f"{x.name}: {x.number.text or '–'}") for x, (d, _) in zip(rendered, images)]
+    gallery = [(str(d), f"{x.name}: {x.number.text or '–'}") for x, d in zip(rendered, images)]
     table = [[x.name, x.image_id, x.number.text or "-1", round(x.number.confidence, 3)] for x in rendered]
     files = None
     regions = [[x.name, n.text or "-1", round(n.confidence, 3),
                 "whole image" if g.whole else [round(float(v), 1) for v in g.box]]
                for x in rendered for g, n in x.reading.numbers(threshold)]
-    whole = gr.update(value=None if shown[1] is None else str(shown[1]), visible=shown[1] is not None)
-    return session, str(shown[0]), html, digits, gallery, table, files, note, whole, regions
+    overview = None
+    if r.whole is not None:  # a whole photo: the one shown also with every number found marked
+        overview = folder / f"{shown.stem}_photo.jpg"
+        r.whole.save(overview, "JPEG", quality=90)
+    whole = gr.update(value=None if overview is None else str(overview), visible=overview is not None)
+    return session, str(shown), html, digits, gallery, table, files, note, whole, regions
 
 
 def prepare_downloads(session: Session | None, threshold: float) -> list[str] | None:
@@ -107,8 +112,7 @@ def prepare_downloads(session: Session | None, threshold: float) -> list[str] | 
     if not rendered:
         return None
     folder = Path(tempfile.mkdtemp(prefix="digits_"))
-    images = [d for d, _ in save_images(rendered, folder / "images")]
-    return [str(p) for p in write_downloads(rendered, threshold, folder, images)]
+    return [str(p) for p in write_downloads(rendered, threshold, folder)]
 
 
 def read_numbers(files, webcam, models, fusion, threshold, use_reader=True, multi_scale=False, finder=FINDER):

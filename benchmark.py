@@ -68,9 +68,11 @@ def _found_json(f) -> dict:
 def _found(v: dict):
     from digit_demo.types import Found, LineReading
 
-    line = v["line"] and LineReading(np.array(v["line"]["log_probs"], np.float32), v["line"]["margin"],
-                                     None if v["line"]["proposal"] is None else _dets(v["line"]["proposal"]))
-    return Found(_dets(v["detections"]), line or None)
+    line = v["line"]
+    if line is not None:
+        line = LineReading(np.array(line["log_probs"], np.float32), line["margin"],
+                           None if line["proposal"] is None else _dets(line["proposal"]))
+    return Found(_dets(v["detections"]), line)
 
 
 def to_json(found: dict) -> dict:
@@ -161,7 +163,7 @@ def ensembles(names: list[str], raw: dict, curves: dict, results: dict, gt: dict
     their own readings (``raw[key][image_id]``, through the pipeline's memo)."""
     from digit_demo.ensemble import FUSIONS
     from digit_demo.evaluation import sweep
-    from digit_demo.pipeline import Pipeline, PipelineConfig
+    from digit_demo.pipeline import Pipeline, PipelineConfig, memo_of
 
     ids = [im["id"] for im in gt["images"]]
     paths = [SPLIT["images"] / im["file_name"] for im in gt["images"]]
@@ -170,7 +172,7 @@ def ensembles(names: list[str], raw: dict, curves: dict, results: dict, gt: dict
             members = [PipelineConfig((g,), multi_scale=multi_scale).key for g in group]
             if not all(m in raw for m in members):
                 continue
-            memo = {(m, (r.name, g.crop)): g.raw for m in members for r in raw[m].values() for g in r.regions}
+            memo = {k: v for m in members for k, v in memo_of(m, raw[m].values()).items()}
             pipe = Pipeline(PipelineConfig(group, method, multi_scale=multi_scale), memo=memo)
             start = time.perf_counter()
             fused = dict(zip(ids, pipe.read_iter(paths)))

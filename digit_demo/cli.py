@@ -64,7 +64,7 @@ def cmd_predict(args) -> int:
     from tqdm import tqdm
 
     from .images import expand_paths
-    from .session import annotate
+    from .session import draw_number, draw_overview
     from .io import image_id_for, write_pred_csv, write_pred_json
 
     paths = expand_paths(args.paths)
@@ -97,11 +97,12 @@ def cmd_predict(args) -> int:
                             for b, sc, d in zip(n.digits.boxes, n.digits.scores, n.digits.digits)]}
                 for g, n in reading.numbers(threshold)]}) + "\n")
         lines.append(f"{p}\t{number.text or '-1'}\t{number.confidence:.3f}")
-        drawn = annotate(reading, threshold) if args.annotate else None
+        drawn = draw_number(reading, threshold) if args.annotate else None
         if drawn:
             drawn[1].save(args.out / "annotated" / f"{p.stem}.png")
-            if drawn[2] is not None:  # a whole photo: also the photo with every number found marked
-                drawn[2].save(args.out / "annotated" / f"{p.stem}_photo.png")
+            overview = draw_overview(reading, threshold)
+            if overview is not None:  # a whole photo: also the photo with every number found marked
+                overview.save(args.out / "annotated" / f"{p.stem}_photo.png")
     if regions:
         regions.close()
     write_pred_json(args.out / "pred.json", kept)
@@ -140,8 +141,7 @@ def _readings_for_gt(args, pipe, gt, images) -> dict:
     pipes = [Pipeline(replace(pipe.config, models=(model,)), stages=replace(pipe.stages, members=[member]), memo=memo)
              for model, member in zip(pipe.config.models, pipe.members)]
     if len(pipes) > 1:
-        pipe.memo = memo
-        pipes.append(pipe)
+        pipes.append(Pipeline(pipe.config, stages=pipe.stages, memo=memo))
     ids = [im["id"] for im in gt["images"]]
     paths = [images / im["file_name"] for im in gt["images"]]
     found = {}

@@ -8,7 +8,6 @@ import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 

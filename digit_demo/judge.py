@@ -110,8 +110,9 @@ def snapped(prop: Detections, found: Found) -> HouseNumber:
 
 def by_text(found: Found, number: HouseNumber) -> HouseNumber:
     """``number``, or the text recognizer's digits where they differ and it is surer of them than the
-    readers of ``number`` (and at least ``min_score`` sure): each digit on a detected box where one lies under it (:func:`snapped`), else on its share of
-    the recognized line, side by side (a line taller than wide, a vertical stack: top to bottom).
+    readers of ``number`` (and at least ``min_score`` sure): each digit on a detected box where one
+    lies under it (:func:`snapped`), else on its share of the recognized line, side by side (a line
+    taller than wide, a vertical stack: top to bottom).
     The number's confidence is then the recognizer's score (where both read the same, the higher of
     the two)."""
     text = found.text

@@ -1,18 +1,24 @@
 """PP-OCR's text detector and recognizer (the ONNX models inside the ``rapidocr`` wheel, run by
 onnxruntime on the CPU, offline): where a photo holds text and what it says. The locate stage uses it to
 find the lines that hold digits (:class:`TextFinder`); each such line's digits are also a reading the
-judge weighs against the readers' (:func:`digit_demo.judge.by_ocr`)."""
+judge weighs against the readers' (:func:`digit_demo.judge.by_text`)."""
 from __future__ import annotations
 
-import os
+import importlib.util
 import re
 import threading
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
 PPOCR = "ppocr"  # the locator name that selects this stage
+
+
+def available() -> bool:
+    """Whether the packages PP-OCR runs on (``rapidocr``, ``onnxruntime``) are installed."""
+    return all(importlib.util.find_spec(name) is not None for name in ("rapidocr", "onnxruntime"))
 
 
 @dataclass(frozen=True)
@@ -55,13 +61,16 @@ class TextLine:
 
 class TextFinder:
     """PP-OCR detection and recognition of a whole photo (:meth:`lines`), loaded once and safe to
-    call from several threads. Raises ImportError where ``rapidocr`` / ``onnxruntime`` are not installed."""
+    call from several threads; onnxruntime runs on ``threads`` (default: torch's, which
+    ``$DIGIT_DEMO_THREADS`` and ``--threads`` set). Raises ImportError where its packages are not
+    installed (:func:`available`)."""
 
     def __init__(self, settings: TextSettings | None = None, threads: int | None = None):
-        import rapidocr  # noqa: F401 (fail here, not on the first photo, where the package is missing)
+        if not available():  # fail here, not on the first photo
+            raise ImportError("PP-OCR needs the rapidocr and onnxruntime packages (pip install -r requirements.txt)")
 
         self.settings = settings = settings or TextSettings()
-        self.threads = threads or int(os.environ.get("DIGIT_DEMO_THREADS") or 2)
+        self.threads = threads or torch.get_num_threads()
         self._engines: dict[int, object] = {}
         self._lock = threading.Lock()
 

@@ -12,7 +12,7 @@ model again. The app, the CLI, the benchmark and the trainers that run a detecto
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -35,8 +35,6 @@ from .judge import read
 from .reading import Reading, Readings, RegionReading
 from .ocr import PPOCR, TextFinder, TextLine, TextSettings, number_lines
 from .types import Detections, Found, LeadReading, LineReading, TextReading
-
-
 
 __all__ = ["ModelCache", "Pipeline", "PipelineConfig", "Reading", "Readings", "RegionReading", "Stages"]
 
@@ -287,7 +285,7 @@ class Pipeline:
                     jobs.append((reading, region, to_tensor(crop)))
             if jobs:
                 found = self._detect_each([r.name for r, _, _ in jobs], [t for _, _, t in jobs],
-                                          [(r.name, g.crop) for r, g, _ in jobs])
+                                          [_region_key(r, g) for r, g, _ in jobs])
                 for (reading, region, _), (raw, error) in zip(jobs, found):
                     if error:
                         reading.error, reading.regions = error, []
@@ -323,6 +321,17 @@ def text_regions(lines: list[TextLine], size: tuple[int, int], settings: TextSet
         inside = (line.box[0] - crop[0], line.box[1] - crop[1], line.box[2] - crop[0], line.box[3] - crop[1])
         regions.append(RegionReading(box, line.score, crop, text=TextReading(line.digits, line.score, inside, settings.min_score)))
     return regions
+
+
+def _region_key(reading: Reading, region: RegionReading) -> tuple:
+    """How a ``memo`` names one image region: the image's name and the region's crop."""
+    return reading.name, region.crop
+
+
+def memo_of(member_key: str, readings: Iterable[Reading]) -> dict:
+    """A ``memo`` (:class:`Pipeline`) holding what the member read alone as ``member_key`` found in
+    each region of ``readings``: an ensemble with that member, reading the same images, runs it no more."""
+    return {(member_key, _region_key(r, g)): g.raw for r in readings for g in r.regions if g.raw is not None}
 
 
 def _name(src: ImageInput, k: int) -> str:

@@ -5,6 +5,7 @@ The Gradio app keeps a :class:`Session` in ``gr.State``; moving the threshold ca
 """
 from __future__ import annotations
 
+import functools
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -20,20 +21,25 @@ from .types import HouseNumber
 
 @dataclass
 class Rendered:
-    """One image's reading at a threshold: its HW2 ``image_id``, the number, the drawn digits
-    (``annotated``: the whole crop, or in a whole photo the most confident number's region zoomed in)
-    and, for a whole photo, the photo with every located number marked (``whole``)."""
+    """One image's reading at a threshold: its HW2 ``image_id``, the number and the drawn digits
+    (``annotated``: the whole crop, or in a whole photo the most confident number's region zoomed in);
+    for a whole photo, :attr:`whole` draws the photo with every located number marked."""
 
     reading: Reading
     image_id: int
     number: HouseNumber
     annotated: Image.Image
     threshold: float
-    whole: Image.Image | None = None
 
     @property
     def name(self) -> str:
         return self.reading.name
+
+    @functools.cached_property
+    def whole(self) -> Image.Image | None:
+        """The photo with every located number marked (None for an image read whole), drawn when
+        first asked for: the page shows one image's, however many were read."""
+        return draw_overview(self.reading, self.threshold)
 
 
 @dataclass
@@ -49,43 +55,41 @@ class Session:
         """The readable images' numbers at ``threshold``, drawn."""
         out = []
         for k, r in enumerate(self.readings, 1):
-            drawn = annotate(r, threshold)
+            drawn = draw_number(r, threshold)
             if drawn is not None:
-                out.append(Rendered(r, image_id_for(Path(r.name), k), *drawn[:2], threshold, drawn[2]))
+                out.append(Rendered(r, image_id_for(Path(r.name), k), *drawn, threshold))
         return out
 
 
-def annotate(reading: Reading, threshold: float) -> tuple[HouseNumber, Image.Image, Image.Image | None] | None:
-    """A reading at ``threshold`` drawn: its number, the most confident number's region with its digits
-    boxed (an image read whole: the image) and, where numbers were located in a whole photo, the photo
-    with every one marked (else None); None where the image was not read or not kept."""
+def draw_number(reading: Reading, threshold: float) -> tuple[HouseNumber, Image.Image] | None:
+    """A reading's number at ``threshold`` and its most confident region with the digits boxed (an
+    image read whole: the image); None where the image was not read or not kept."""
     if reading.error or reading.image is None or not reading.regions:
         return None
-    found = reading.numbers(threshold)
-    region, number = found[0]
+    region, number = reading.numbers(threshold)[0]
     x1, y1 = region.crop[:2]
-    zoomed = draw_detections(reading.image.crop(region.crop), number.digits.shifted(-x1, -y1))
-    if not reading.located:
-        return number, zoomed, None
-    return number, zoomed, draw_regions(reading.image, [g.box for g, _ in found], [n.text for _, n in found])
+    return number, draw_detections(reading.image.crop(region.crop), number.digits.shifted(-x1, -y1))
 
 
-def save_images(rendered: list[Rendered], folder: str | Path) -> list[tuple[Path, Path | None]]:
-    """Each rendered image written once into ``folder`` as JPEG (quality 90: about 20x faster to
-    write than PNG and 5x smaller, the boxes and labels as legible), for the page to show and the zip
-    to hold; (drawn digits, whole photo's overview or None) per image."""
+def draw_overview(reading: Reading, threshold: float) -> Image.Image | None:
+    """Where numbers were located in a whole photo, the photo with every one marked with the number
+    read there at ``threshold``; else (or where the image was not kept) None."""
+    if reading.error or reading.image is None or not reading.located:
+        return None
+    found = reading.numbers(threshold)
+    return draw_regions(reading.image, [g.box for g, _ in found], [n.text for _, n in found])
+
+
+def save_images(rendered: list[Rendered], folder: str | Path) -> list[Path]:
+    """Each rendered image's drawn digits written once into ``folder`` as JPEG (quality 90: about 20x
+    faster to write than PNG and 5x smaller, the boxes and labels as legible), for the page to show
+    and the zip to hold."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for k, r in enumerate(rendered):
-        stem = f"{k:03d}_{Path(r.name).stem}"
-        digits = folder / f"{stem}_annotated.jpg"
-        r.annotated.save(digits, "JPEG", quality=90)
-        whole = None
-        if r.whole is not None:
-            whole = folder / f"{stem}_photo.jpg"
-            r.whole.save(whole, "JPEG", quality=90)
-        out.append((digits, whole))
+        out.append(folder / f"{k:03d}_{Path(r.name).stem}_annotated.jpg")
+        r.annotated.save(out[-1], "JPEG", quality=90)
     return out
 
 
@@ -96,7 +100,7 @@ def write_downloads(rendered: list[Rendered], threshold: float, folder: str | Pa
     :func:`save_images`) without encoding them again."""
     folder = Path(folder or tempfile.mkdtemp(prefix="digits_"))
     folder.mkdir(parents=True, exist_ok=True)
-    images = images if images is not None else [d for d, _ in save_images(rendered, folder / "images")]
+    images = images if images is not None else save_images(rendered, folder / "images")
     pj = write_pred_json(folder / "pred.json", {r.image_id: r.reading.kept(threshold) for r in rendered})
     pc = write_pred_csv(folder / "pred.csv", {r.image_id: r.number.label for r in rendered})
     zp = folder / "annotated.zip"

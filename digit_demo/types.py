@@ -102,4 +102,4 @@ class Found:
     line: LineReading | None = None
     lead: LeadReading | None = None
     text: TextReading | None = None
-    memo: dict = field(default_factory=dict, repr=False, compare=False)
+    memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # a copy starts its own

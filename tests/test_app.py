@@ -32,7 +32,9 @@ needs_browser = pytest.mark.skipif(not BROWSER, reason="needs playwright and Deb
 
 def page_finder() -> str:
     """What the page finds numbers with by default (app.FINDER, without importing the app)."""
-    return "ppocr" if importlib.util.find_spec("rapidocr") and importlib.util.find_spec("onnxruntime") else "locator"
+    from digit_demo.ocr import available
+
+    return "ppocr" if available() else "locator"
 
 
 def free_port() -> int:

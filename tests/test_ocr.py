@@ -1,19 +1,16 @@
 """PP-OCR as the locate stage (``--locator ppocr``): its digit lines become regions, and its reading of
 each is weighed against the readers'. Oracles: hand-placed lines and boxes, and photos drawn here whose
 text is known."""
-import importlib.util
-
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from digit_demo.judge import read
-from digit_demo.ocr import TextLine, TextSettings, number_lines
+from digit_demo.ocr import TextLine, TextSettings, available, number_lines
 from digit_demo.pipeline import text_regions
 from digit_demo.types import Detections, Found, TextReading
 
-needs_ppocr = pytest.mark.skipif(importlib.util.find_spec("rapidocr") is None or importlib.util.find_spec("onnxruntime") is None,
-                                 reason="rapidocr / onnxruntime not installed (requirements.txt)")
+needs_ppocr = pytest.mark.skipif(not available(), reason="rapidocr / onnxruntime not installed (requirements.txt)")
 
 
 def test_lines_with_digits_are_number_lines_and_a_stack_of_single_digits_joins_top_to_bottom():
