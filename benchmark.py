@@ -188,23 +188,33 @@ def ensembles(names: list[str], raw: dict, curves: dict, results: dict, gt: dict
 
 
 def scene_configs(names: list[str] | None) -> dict:
-    """The pipelines read on whole photos: the default, and the weighted box fusion of every model."""
+    """The pipelines read on whole photos: the default, the default with PP-OCR's text lines as regions
+    (the app's), and the weighted box fusion of every model."""
     from digit_demo.checkpoints import available
+    from digit_demo.ocr import PPOCR, available as has_ppocr
     from digit_demo.pipeline import PipelineConfig
 
     names = names or available()
     configs = {"default": PipelineConfig()}
+    if has_ppocr():
+        configs["text lines"] = PipelineConfig(locator=PPOCR)
     if len(names) > 1:
         configs["ensemble"] = PipelineConfig(tuple(names), "wbf")
     return configs
 
 
 def real_configs() -> dict:
-    """The pipelines read on real_dev: the default, and the default with PP-OCR's text lines as regions."""
+    """The pipelines read on real_dev: the default, the default with PP-OCR's text lines as regions (the
+    app's), and the WBF ensemble of every detector with them."""
+    from digit_demo.checkpoints import available
     from digit_demo.ocr import PPOCR
     from digit_demo.pipeline import PipelineConfig
 
-    return {"default": PipelineConfig(), "text lines": PipelineConfig(locator=PPOCR)}
+    configs = {"default": PipelineConfig(), "text lines": PipelineConfig(locator=PPOCR)}
+    names = available()
+    if len(names) > 1:
+        configs["ensemble, text lines"] = PipelineConfig(tuple(names), "wbf", locator=PPOCR)
+    return configs
 
 
 def load_test(calls: int, clients: int, threads: int) -> dict:
@@ -296,7 +306,7 @@ def scene_rows(sets: dict[str, Path], configs: dict, threads: int) -> dict:
         gt = load_coco(path)
         truth = gt_numbers(gt)
         for label, config in configs.items():
-            if set_name != "scenes" and label != "default":
+            if set_name != "scenes" and label == "ensemble":
                 continue
             pipe = Pipeline(config)
             pipe.read([path.parent / gt["images"][0]["file_name"]])  # warm-up
@@ -309,11 +319,12 @@ def scene_rows(sets: dict[str, Path], configs: dict, threads: int) -> dict:
                 kept[im["id"]], labels[im["id"]] = reading.kept(pipe.threshold), number.label
                 located += reading.located
             ap = coco_map(gt, coco_results(kept))
-            rows[f"{set_name}: {pipe.name}"] = {
-                "set": set_name, "pipeline": pipe.name, "threshold": pipe.threshold, "accuracy": number_accuracy(truth, labels),
+            shown = pipe.name + (f" ({config.locator})" if config.locator else "")
+            rows[f"{set_name}: {shown}"] = {
+                "set": set_name, "pipeline": shown, "threshold": pipe.threshold, "accuracy": number_accuracy(truth, labels),
                 **ap, "p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)),
                 "located_share": located / len(gt["images"]), "images": len(gt["images"])}
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[f"{set_name}: {pipe.name}"].items()}),
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[f"{set_name}: {shown}"].items()}),
                   file=sys.stderr)
     return rows
 

@@ -154,8 +154,31 @@ def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
                 notes.append(f"- **{meta['name']}** training stages, each fine-tuning the one before:\n{_stages(meta)}")
     out = directory / "README.md"
     out.write_text("".join(lines) + ("\n" + "".join(notes) if notes else "") + _reader_section(directory)
-                   + _number_reader_section(directory) + _locator_section(directory))
+                   + _number_reader_section(directory) + _locator_section(directory) + _reproduction_section(directory))
     return out
+
+
+def _reproduction_section(directory: Path) -> str:
+    """The stages of the reproduction that made what ships (``reproduction.json``, written by the
+    release stage): time, device and when each finished, and which checkpoints each made; or, without
+    it, that the shipped files came from hand-run stages."""
+    path = directory / "reproduction.json"
+    if not path.is_file():
+        return ("\n## How these were made\n\nBy hand-run stages (each sidecar's recipe), not by one run of "
+                "`python -m train.reproduce`.\n")
+    stages = json.loads(path.read_text())
+    made = {}
+    for weights in directory.glob("*.safetensors"):
+        side = weights.with_suffix(".json")
+        by = json.loads(side.read_text()).get("made_by") if side.is_file() else None
+        if isinstance(by, dict) and by.get("stage"):
+            made.setdefault(by["stage"], []).append(weights.stem)
+    rows = [f"| {name} | {_duration(st.get('seconds') or 0)} | {st.get('device', '?')} | {st.get('time', '?')} "
+            f"| {', '.join(sorted(made.get(name, []))) or '-'} |\n" for name, st in stages.items()]
+    total = sum(st.get("seconds") or 0 for st in stages.values())
+    return ("\n## How these were made\n\nOne run of `python -m train.reproduce` (each sidecar's `made_by` names its "
+            f"stage and fingerprint); {_duration(total)} in all.\n\n"
+            "| stage | took | device | finished | ships |\n|---|---|---|---|---|\n" + "".join(rows))
 
 
 def _selection(directory: Path) -> dict[str, str]:

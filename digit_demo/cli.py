@@ -240,7 +240,7 @@ def cmd_release(args) -> int:
     from .release import WorseThanShipped, release
 
     try:
-        written = release(args.results, args.to, args.calibration, args.weights, args.allow_worse)
+        written = release(args.results, args.to, args.calibration, args.weights, args.allow_worse, args.stages)
     except WorseThanShipped as err:
         print(f"digit_demo release: {err}", file=sys.stderr)
         return 1
@@ -310,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--weights", type=Path, help="copy the checkpoints in this folder into the release folder first")
     r.add_argument("--to", type=Path, default=CHECKPOINT_DIR, help="the release folder (default: checkpoints/)")
     r.add_argument("--allow-worse", action="store_true",
-                   help="with --weights, ship even if the new default reads fewer valid numbers than the one it replaces")
+                   help="with --weights, ship even if the new default reads fewer valid or real_dev numbers than what it replaces")
+    r.add_argument("--stages", type=Path, help="the reproduction's record of its finished stages (runs/stages.json): "
+                                               "each sidecar then names the stage that made it")
     r.set_defaults(func=cmd_release)
 
     u = sub.add_parser("publish", help="upload the app, library and checkpoints as a Hugging Face Space (online)")

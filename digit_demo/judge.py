@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .assemble import THRESHOLDS, assemble, dedupe
+from .assemble import THRESHOLDS, assemble, dedupe, is_column
 from .number_reader import line_log_prob
-from .types import Detections, Found, HouseNumber
+from .types import Detections, Found, HouseNumber, TextReading
 
 # An ensemble's fused reading replaces its lead member's when another member reads it on its own and the
 # fused line finds it more likely by this many nats. On valid (bfloat16 readings), over the 24 shipped
@@ -110,22 +110,26 @@ def snapped(prop: Detections, found: Found) -> HouseNumber:
 
 def by_text(found: Found, number: HouseNumber) -> HouseNumber:
     """``number``, or the text recognizer's digits where they differ and it is surer of them than the
-    readers of ``number`` (and at least ``min_score`` sure): each digit on a detected box where one
+    readers of ``number`` and at least ``min_score`` sure, or the readers misread the line's layout
+    (:func:`misread`) and it is at least ``min_score_misread`` sure: each digit on a detected box where one
     lies under it (:func:`snapped`), else on its share of the recognized line, side by side (a line
     taller than wide, a vertical stack: top to bottom).
     The number's confidence is then the recognizer's score (where both read the same, the higher of
     the two)."""
     text = found.text
-    if text is None or not text.digits or text.score < text.min_score:
+    if text is None or not text.digits:
+        return number
+    layout = text.digits != number.text and misread(text, number)
+    if text.score < (text.min_score_misread if layout else text.min_score):
         return number
     if text.digits == number.text:  # two readers agree: as sure as the surer
         return HouseNumber(number.text, number.digits, max(number.confidence, text.score))
-    if number.text and number.confidence >= text.score:  # the surer reader's number stands
+    if number.text and number.confidence >= text.score and not layout:  # the surer reader's number stands
         return number
     n = len(text.digits)
     x1, y1, x2, y2 = text.box
     k = np.arange(n, dtype=np.float32)
-    if (y2 - y1) > 1.5 * (x2 - x1) and n > 1:  # a vertical stack
+    if text.stacked:
         step = (y2 - y1) / n
         boxes = np.stack([np.full(n, x1), y1 + k * step, np.full(n, x2), y1 + (k + 1) * step], 1)
     else:
@@ -135,6 +139,18 @@ def by_text(found: Found, number: HouseNumber) -> HouseNumber:
                         np.array([int(c) for c in text.digits], np.int64))
     read = snapped(placed, found)
     return HouseNumber(read.text, read.digits, text.score)
+
+
+def misread(text: TextReading, number: HouseNumber) -> bool:
+    """Whether the readers' ``number`` misreads a line whose layout the recognizer read and they were
+    not made for: a vertical stack (:attr:`TextReading.stacked`; the readers read rows) where they read
+    fewer than two digits, or a number with a letter suffix (:attr:`TextReading.suffix`, "502C") that
+    they read as the recognizer's digits and more (the letter taken for a digit)."""
+    if text.stacked:
+        x1, y1, x2, y2 = text.box
+        cx, cy = (number.digits.boxes[:, 0] + number.digits.boxes[:, 2]) / 2, (number.digits.boxes[:, 1] + number.digits.boxes[:, 3]) / 2
+        return int(((cx >= x1) & (cx <= x2) & (cy >= y1) & (cy <= y2)).sum()) < 2
+    return bool(text.suffix) and len(number.text) > len(text.digits) and number.text.startswith(text.digits)
 
 
 def by_lead(found: Found, number: HouseNumber, judged: bool = True) -> HouseNumber:

@@ -305,21 +305,23 @@ class Pipeline:
 def text_regions(lines: list[TextLine], size: tuple[int, int], settings: TextSettings) -> list[RegionReading]:
     """The regions to read for PP-OCR's digit ``lines`` in a photo of ``size`` (width, height): the
     photo whole where the first line is at least ``crop_share`` of its height (the number fills it),
-    else each line's padded crop; each with what PP-OCR read there; the photo whole where none holds digits."""
+    else each line's padded crop; each with what PP-OCR read there (to overrule the readers it must be
+    ``min_score_whole`` sure in a photo read whole, else ``min_score``; where they misread the line's
+    layout, ``min_score``); the photo whole where none holds digits."""
     width, height = size
     if not lines:
         return [RegionReading.covering(width, height)]
     first = lines[0]
     if first.box[3] - first.box[1] >= settings.crop_share * height:
         whole = RegionReading.covering(width, height)
-        whole.text = TextReading(first.digits, first.score, first.box, settings.min_score_whole)
+        whole.text = TextReading(first.digits, first.score, first.box, settings.min_score_whole, first.text, settings.min_score)
         return [whole]
     regions = []
     for line in lines:
         box = np.array(line.box, np.float32)
         crop = reading_box(box, width, height, settings.pad)
         inside = (line.box[0] - crop[0], line.box[1] - crop[1], line.box[2] - crop[0], line.box[3] - crop[1])
-        regions.append(RegionReading(box, line.score, crop, text=TextReading(line.digits, line.score, inside, settings.min_score)))
+        regions.append(RegionReading(box, line.score, crop, text=TextReading(line.digits, line.score, inside, settings.min_score, line.text, settings.min_score)))
     return regions
 
 

@@ -11,8 +11,8 @@ With ``--calibration DIR`` (``benchmark.py`` on the tuning split) the thresholds
 threshold, not at `valid`'s best. ``--weights DIR`` first copies the checkpoints in ``DIR`` (weights
 and sidecars) into the release folder, as the reproduction's release stage does; it refuses (raises
 :class:`WorseThanShipped`, writing nothing) when the new default detector reads fewer `valid` numbers
-than the one it would replace, unless ``allow_worse``. `valid` decides only whether to ship, never a
-threshold, size or weight.
+than the one it would replace, or a pipeline reads fewer real_dev photos, unless ``allow_worse``.
+`valid` and real_dev decide only whether to ship, never a threshold, size or weight.
 """
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def copy_weights(source: Path, directory: Path) -> list[Path]:
 
 
 class WorseThanShipped(RuntimeError):
-    """The checkpoints to release read fewer `valid` numbers than the ones they would replace."""
+    """The checkpoints to release read fewer numbers, of `valid` or of real_dev, than the ones they
+    would replace."""
 
 
 def shipped_accuracy(directory: Path, name: str = DEFAULT_MODEL) -> float | None:
@@ -97,23 +98,71 @@ def shipped_accuracy(directory: Path, name: str = DEFAULT_MODEL) -> float | None
     return measured(read_sidecar(side), "valid").get("accuracy")
 
 
+def real_by_label(rows: dict) -> dict[str, float]:
+    """real_dev accuracy by each of our pipelines' label ("text lines" for the row "text lines:
+    resnet18_fpn (ppocr)": the label survives a change of precision or checkpoint names), off-the-shelf
+    OCR rows (no label) left out."""
+    return {k.split(":")[0]: r["accuracy"] for k, r in rows.items() if ":" in k}
+
+
+def shipped_real(directory: Path) -> dict[str, float]:
+    """The real_dev accuracy of each of our pipelines that the release folder's ``benchmark.json``
+    records (``benchmark.py --real``), by label (:func:`real_by_label`)."""
+    bench = directory / "benchmark.json"
+    return real_by_label((json.loads(bench.read_text()).get("real_dev") or {}) if bench.is_file() else {})
+
+
 def check_not_worse(results: dict, directory: Path, name: str = DEFAULT_MODEL) -> None:
     """Raise :class:`WorseThanShipped` when ``results[name]`` reads fewer `valid` numbers than what
-    ``directory`` ships now; nothing shipped, or nothing measured for ``name``, passes."""
+    ``directory`` ships now, or any pipeline ``directory`` measured on real_dev reads fewer of its
+    photos in ``results["real_dev"]`` (or was not measured there). Nothing shipped, or nothing measured
+    for ``name``, passes the `valid` check."""
     old, new = shipped_accuracy(directory, name), (results.get(name) or {}).get("accuracy")
+    worse = []
     if old is not None and new is not None and new < old:
-        raise WorseThanShipped(
-            f"the new {name} reads {new:.3f} of valid numbers (mAP {results[name].get('mAP', float('nan')):.3f}), "
-            f"the one in {directory} reads {old:.3f}: nothing was released; pass --allow-worse to ship it anyway, "
-            f"or --to another folder")
+        worse.append(f"the new {name} reads {new:.3f} of valid numbers (mAP {results[name].get('mAP', float('nan')):.3f}), "
+                     f"the one shipped {old:.3f}")
+    measured_real = real_by_label(results.get("real_dev") or {})
+    for row, before in shipped_real(directory).items():
+        now = measured_real.get(row)
+        if now is None:
+            worse.append(f"{row!r} was not measured on real_dev (benchmark.py --real); the one shipped reads {before:.3f}")
+        elif now < before:
+            worse.append(f"{row!r} reads {now:.3f} of real_dev, the one shipped {before:.3f}")
+    if worse:
+        raise WorseThanShipped(f"{'; '.join(worse)} (in {directory}): nothing was released; pass --allow-worse "
+                               f"to ship it anyway, or --to another folder")
+
+
+def stamp_provenance(directory: Path, stages: dict) -> list[Path]:
+    """Name in each sidecar in ``directory`` the reproduction stage that made its checkpoint
+    (``made_by``: the last stage, in graph order, that wrote a checkpoint of that name; its fingerprint,
+    device, time and when it finished), and keep the whole record as ``reproduction.json`` (the model
+    card's time per stage). ``stages`` is the runner's record (``train.reproduce``: runs/stages.json)."""
+    written = []
+    for weights in sorted(directory.glob("*.safetensors")):
+        makers = [name for name, st in stages.items() if weights.stem in st.get("checkpoints", [])]
+        side = weights.with_suffix(".json")
+        if not makers or not side.is_file():
+            continue
+        meta = json.loads(side.read_text())
+        st = stages[makers[-1]]
+        meta["made_by"] = {"stage": makers[-1], **{k: st.get(k) for k in ("fingerprint", "device", "seconds", "time")},
+                           "graph": "python -m train.reproduce"}
+        side.write_text(json.dumps(meta, indent=2) + "\n")
+        written.append(side)
+    record = directory / "reproduction.json"
+    record.write_text(json.dumps(stages, indent=1) + "\n")
+    return [*written, record]
 
 
 def release(results_dir: Path, directory: Path = CHECKPOINT_DIR, calibration: Path | None = None,
-            weights: Path | None = None, allow_worse: bool = False) -> list[Path]:
+            weights: Path | None = None, allow_worse: bool = False, stages: Path | None = None) -> list[Path]:
     """Write the measured calibration, metrics and model card into ``directory``; returns the files
     written. With ``calibration``, thresholds come from its sweeps and ``results_dir`` only reports.
     With ``weights`` (new checkpoints) it first checks they are not worse than what ships
-    (:func:`check_not_worse`) unless ``allow_worse``."""
+    (:func:`check_not_worse`) unless ``allow_worse``. With ``stages`` (the reproduction's record),
+    each sidecar names the stage that made it (:func:`stamp_provenance`)."""
     results = json.loads((results_dir / "results.json").read_text())
     sweeps = json.loads((results_dir / "sweeps.json").read_text())
     curves = {k: [Metrics(**r) for r in rows] for k, rows in sweeps.items()}
@@ -127,6 +176,8 @@ def release(results_dir: Path, directory: Path = CHECKPOINT_DIR, calibration: Pa
     if weights and not allow_worse:
         check_not_worse(results, directory)
     written = copy_weights(weights, directory) if weights else []
+    if stages is not None:
+        written += stamp_provenance(directory, json.loads(stages.read_text()))
     (directory / "sweeps.json").write_text(json.dumps(sweeps, indent=1))
     (directory / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
     written += [directory / "sweeps.json", directory / "benchmark.json"]

@@ -2,6 +2,7 @@
 house number read from them."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,13 +82,35 @@ class LeadReading:
 @dataclass
 class TextReading:
     """What a text recognizer (PP-OCR) read on a region's line: its ``digits``, how sure it is
-    (``score``), the line's ``box`` (xyxy, in the region crop's pixels), and how sure it must be to
-    overrule the readers there (``min_score``, set by the locate stage)."""
+    (``score``), the line's ``box`` (xyxy, in the region crop's pixels), how sure it must be to
+    overrule the readers there (``min_score``; ``min_score_misread`` where they misread the line's
+    layout, :func:`digit_demo.judge.misread`; both set by the locate stage) and the whole ``line`` it
+    read, letters included ("502C" where ``digits`` is "502")."""
 
     digits: str
     score: float
     box: tuple[float, float, float, float]
     min_score: float = 0.5
+    line: str = ""
+    min_score_misread: float = 0.5
+
+    @property
+    def stacked(self) -> bool:
+        """Whether the line is a vertical stack: two digits or more in a box over 1.5 times taller than wide."""
+        x1, y1, x2, y2 = self.box
+        return len(self.digits) > 1 and (y2 - y1) > 1.5 * (x2 - x1)
+
+    @property
+    def suffix(self) -> str:
+        """The letter right after the digits ("12A" → "A"): one capital letter (or a small one shaped as
+        its capital: c, k, p, u, v, w, x) that no digit resembles (not O, D, I, L, Z, S, G, T, B, which a
+        recognizer reads for 0, 1, 2, 5, 6, 7, 8); else ""."""
+        m = re.search(re.escape(self.digits) + r"([A-Za-z])(?![A-Za-z])", self.line) if self.digits else None
+        return m.group(1) if m and m.group(1) in SUFFIXES else ""
+
+
+# Letters that follow a house number as its suffix and that no digit resembles.
+SUFFIXES = "ACEFHJKMNPRUVWXY" + "ckpuvwx"
 
 
 @dataclass

@@ -236,3 +236,24 @@ def test_release_refuses_new_weights_that_read_fewer_valid_numbers(tmp_path):
     (shipped / "sweeps.json").unlink()
     (results / "results.json").write_text(json.dumps({"resnet18_fpn": {"accuracy": old, "mAP": 0.3}}))
     assert cli(*args).returncode == 0 and (shipped / "sweeps.json").is_file()  # as good ships
+
+
+def test_release_refuses_what_reads_fewer_real_photos_than_what_ships(tmp_path):
+    shipped, new, results = tmp_path / "shipped", tmp_path / "new", tmp_path / "results"
+    for folder in (shipped, new, results):
+        folder.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(ROOT / "checkpoints" / f"resnet18_fpn{suffix}", new)
+    row = "text lines: resnet18_fpn (ppocr)"
+    (shipped / "benchmark.json").write_text(json.dumps({"real_dev": {row: {"accuracy": 0.93}, "RapidOCR 3.10, off the shelf": {"accuracy": 0.99}}}))
+    (results / "sweeps.json").write_text("{}")
+    args = ("release", "--results", results, "--weights", new, "--to", shipped)
+    for real, refused in (({}, "not measured on real_dev"), ({"text lines: other (fp32) (ppocr)": {"accuracy": 0.92}}, "reads 0.920 of real_dev")):
+        (results / "results.json").write_text(json.dumps({"resnet18_fpn": {"accuracy": 0.9, "mAP": 0.4}, "real_dev": real}))
+        r = cli(*args)
+        assert r.returncode == 1 and refused in r.stderr and "nothing was released" in r.stderr
+        assert sorted(p.name for p in shipped.iterdir()) == ["benchmark.json"]  # nothing written
+    # as many real photos ships (the off-the-shelf OCR's row is not ours to match)
+    (results / "results.json").write_text(json.dumps({"resnet18_fpn": {"accuracy": 0.9, "mAP": 0.4}, "real_dev": {row: {"accuracy": 0.93}}}))
+    assert cli(*args).returncode == 0 and (shipped / "resnet18_fpn.safetensors").is_file()
+    assert json.loads((shipped / "benchmark.json").read_text())["real_dev"][row]["accuracy"] == 0.93

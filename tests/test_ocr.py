@@ -1,6 +1,8 @@
 """PP-OCR as the locate stage (``--locator ppocr``): its digit lines become regions, and its reading of
 each is weighed against the readers'. Oracles: hand-placed lines and boxes, and photos drawn here whose
 text is known."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
@@ -28,7 +30,9 @@ def test_lines_with_digits_are_number_lines_and_a_stack_of_single_digits_joins_t
 def test_a_number_that_fills_the_photo_is_read_whole_and_a_small_one_from_its_padded_line():
     settings = TextSettings()
     big = text_regions([TextLine((20, 10, 180, 60), "49", 0.97)], (200, 100), settings)  # half the height
-    assert len(big) == 1 and big[0].whole and big[0].text == TextReading("49", 0.97, (20, 10, 180, 60), settings.min_score_whole)
+    assert len(big) == 1 and big[0].whole and big[0].text == TextReading("49", 0.97, (20, 10, 180, 60), settings.min_score_whole, "49")
+    (stack,) = text_regions([TextLine((80, 5, 110, 95), "905", 0.8)], (200, 100), settings)  # a vertical stack
+    assert stack.whole and stack.text.stacked and stack.text.min_score_misread == settings.min_score
     small = text_regions([TextLine((400, 300, 440, 320), "7", 0.8)], (1000, 800), settings)  # 2.5% of the height
     (region,) = small
     assert not region.whole and region.crop == (390, 294, 450, 326)  # padded by 0.5 / 0.3 of its 20 px height
@@ -56,9 +60,32 @@ def test_the_surer_reader_wins_and_agreement_keeps_the_higher_confidence():
     assert stack.text == "905" and np.allclose(stack.digits.boxes[:, 1], [0, 30, 60])  # top to bottom
 
 
-def photo(lines, size=(500, 375), colour=(120, 140, 110)) -> Image.Image:
-    """A plain 'wall' with ``lines`` of (text, (x, y), pixel size) drawn dark on it; "|" stacks a text's characters."""
-    im = Image.new("RGB", size, colour)
+def test_a_stack_or_a_letter_suffix_the_readers_misread_goes_to_the_recognizer_however_sure_they_are():
+    assert [TextReading(d, 0.9, (0, 0, 60, 30), line=line).suffix for d, line in
+            [("12", "12A"), ("502", "No 502c"), ("12", "12B"), ("12", "12AB"), ("172", "m 172"), ("12", "12 A"), ("8", "8a")]
+            ] == ["A", "c", "", "", "", "", ""]
+    row = dets([(10, 10, 30, 50, 0.99, 5), (32, 10, 52, 50, 0.99, 0), (54, 10, 74, 50, 0.99, 2), (76, 10, 96, 50, 0.99, 0)])
+    line = (8, 8, 100, 52)
+    assert read(Found(row, text=TextReading("502", 0.6, line, line="502C")), 0.5).text == "502"  # C read as 0
+    assert read(Found(row, text=TextReading("502", 0.6, line, line="502B")), 0.5).text == "5020"  # B may be an 8
+    assert read(Found(row, text=TextReading("502", 0.6, line, line="A502")), 0.5).text == "5020"  # not a suffix
+    six = dets([(20, 40, 60, 100, 0.99, 6)])  # the readers read one "6" in a stack of three
+    assert read(Found(six, text=TextReading("905", 0.8, (10, 0, 70, 200))), 0.5).text == "905"
+    column = dets([(20, 0, 60, 60, 0.99, 9), (20, 65, 60, 125, 0.99, 0), (20, 130, 60, 190, 0.99, 6)])
+    assert read(Found(column, text=TextReading("905", 0.8, (10, 0, 70, 200))), 0.5).text == "906"  # a column: surer stands
+    assert read(Found(six, text=TextReading("905", 0.4, (10, 0, 70, 200))), 0.5).text == "6"  # below its bar
+    assert read(Found(six, text=TextReading("905", 0.8, (10, 0, 70, 200), min_score=0.95, min_score_misread=0.5)), 0.5).text == "905"
+    row = dets([(142, 25, 158, 93, 0.99, 1), (156, 26, 181, 92, 0.99, 5)])  # a row of two in a tall line box
+    assert read(Found(row, text=TextReading("151", 0.9, (133, 17, 194, 131))), 0.5).text == "15"  # not a stack they misread
+
+
+WALL = Path(__file__).parent / "fixtures" / "scenes" / "scene1.jpg"  # a Debian wallpaper with pasted patches
+
+
+def photo(lines, size=(500, 375), colour=(120, 140, 110), wall: bool = False) -> Image.Image:
+    """A plain 'wall' (or, with ``wall``, a corner of a real wallpaper) with ``lines`` of (text, (x, y),
+    pixel size) drawn dark on it; "|" stacks a text's characters."""
+    im = Image.open(WALL).convert("RGB").crop((0, 0, 1000, 750)).resize(size) if wall else Image.new("RGB", size, colour)
     draw = ImageDraw.Draw(im)
     for text, (x, y), px in lines:
         font = ImageFont.load_default(size=px)
@@ -76,6 +103,7 @@ def test_photos_drawn_here_are_read_as_drawn():
     pipe = Pipeline(PipelineConfig(locator="ppocr"))
     cases = {"12": photo([("12A", (200, 150), 40)]),  # a letter suffix is not a digit
              "4702": photo([("4702", (200, 160), 15)]),  # digits 3% of a 500 px photo's height
+             "318": photo([("318", (330, 300), 15)], wall=True),  # the same on a real wallpaper, beside its text
              "905": photo([("|905", (240, 60), 30)]),  # a vertical stack, top to bottom
              "27": photo([("Main Street 27", (100, 150), 30)])}  # a street name beside it
     readings = pipe.read(list(cases.values()))

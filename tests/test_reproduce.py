@@ -163,6 +163,15 @@ def test_smoke_reproduction_runs_every_stage_and_the_release_reads_an_image(tmp_
     assert meta["metrics"]["valid"]["threshold"] == meta["threshold"]
     assert json.loads((released / "digit_reader.json").read_text())["tuned"]["chosen_on"].startswith("tuning split")
     assert "chosen on a tuning split carved from" in (released / "README.md").read_text()
+    # each sidecar names the stage that made it: the last to write a checkpoint of its name
+    makers = {"resnet18_fpn": "resnet18_fpn_self", "resnet34_fpn": "resnet34_fpn", "digit_reader": "digit_reader",
+              "number_proposer": "number_proposer", "locator": "locator"}
+    for name, stage in makers.items():
+        made = json.loads((released / f"{name}.json").read_text())["made_by"]
+        done_stage = json.loads((runs / stage / "done.json").read_text())
+        assert made["stage"] == stage and made["fingerprint"] == done_stage["fingerprint"] and made["time"] == done_stage["time"]
+    card = (released / "README.md").read_text()
+    assert "## How these were made" in card and "| resnet18_fpn_self |" in card and "By hand-run stages" not in card
     # the released pipeline reads an image
     env = {**os.environ, "DIGIT_DEMO_CHECKPOINTS": str(released)}
     out = tmp_path / "pred"

@@ -170,6 +170,18 @@ class Reproduction:
         outputs = [self.folder(stage) / o.format(**self.places(stage)) for o in stage.config["outputs"]]
         return bool(done) and done.get("fingerprint") == fingerprint and all(p.exists() for p in outputs)
 
+    def record(self) -> dict:
+        """What the finished stages made, in graph order: each one's fingerprint, time (seconds over its
+        attempts), device, when it finished, and the checkpoints it wrote (its folder's ``*.safetensors``).
+        The release stage reads it (``{runs}/stages.json``) to name in each sidecar the stage that made it."""
+        prints, out = self.fingerprints(), {}
+        for stage in self.stages:
+            if self.up_to_date(stage, prints[stage.name]):
+                done = read_json(self.folder(stage) / "done.json") or {}
+                out[stage.name] = {**{k: done.get(k) for k in ("fingerprint", "seconds", "attempts", "device", "time")},
+                                   "checkpoints": sorted(p.stem for p in self.folder(stage).glob("*.safetensors"))}
+        return out
+
     def plan(self, names: list[str]) -> list[dict]:
         prints = self.fingerprints()
         rows = []
@@ -221,6 +233,7 @@ class Reproduction:
                                                              "attempt": attempts,
                                                              "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
             begin = time.time()
+            (self.runs / "stages.json").write_text(json.dumps(self.record(), indent=1) + "\n")
             empty = self.runs / "no_checkpoints"
             empty.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
