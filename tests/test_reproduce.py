@@ -240,3 +240,45 @@ def test_the_graphs_state_lives_outside_the_work_tree_and_the_plan_says_where(tm
     assert reproduce.main(["--plan"]) == 0
     out = capsys.readouterr().out
     assert f"state: {tmp_path / 'elsewhere'} (0 of " in out and "not there yet: a run starts over" in out
+
+
+def test_how_a_stage_runs_fastest_is_chosen_once_per_machine_and_changes_nothing_it_makes(toy):
+    make, runs, configs = toy
+    make().run(["a", "b", "c"])
+    before = make().fingerprints()
+    cfg = json.loads((configs / "a.json").read_text())
+    cfg["speed"] = ["--text"]  # the runner picks this option per machine
+    (configs / "a.json").write_text(json.dumps(cfg))
+    assert make().fingerprints() == before  # declaring it makes nothing stale
+    calls = []
+
+    def probe(stage):  # what train.speed --choose would measure on this machine
+        calls.append(stage.name)
+        return {"--text": "fast", "--out": "/elsewhere", "images_per_s": 9.5}
+
+    def repro(smoke=False):
+        return Reproduction(runs, runs.parent / "data", runs.parent / "release", smoke, configs=configs, probe=probe)
+
+    (runs / "a" / "done.json").unlink()  # a runs again, b and c stay done
+    assert repro().run(["a", "b", "c"]) == 0
+    assert (runs / "a" / "out.txt").read_text().startswith("fast")  # the chosen option ran; --out is not the runner's
+    assert json.loads((runs / "a" / "done.json").read_text())["speed"] == {"--text": "fast"}
+    recorded = json.loads((runs / "speed.json").read_text())
+    assert list(recorded) == [f"{reproduce.machine_key()} | {{\"stage\": \"a\"}}"] and calls == ["a"]
+    (runs / "a" / "done.json").unlink()
+    assert repro().run(["a"]) == 0 and calls == ["a"]  # the machine's choice is kept, not measured again
+    assert repro(smoke=True).speed_for(repro().by_name["a"]) == {}  # smoke runs keep the config's options
+
+
+@pytest.mark.slow
+def test_train_speed_times_each_way_to_train_and_picks_the_fastest(tmp_path):
+    from train.speed import choose
+
+    (tmp_path / "train").symlink_to(ROOT / "tests" / "fixtures" / "valid")
+    (tmp_path / "train.json").symlink_to(ROOT / "tests" / "fixtures" / "valid.json")
+    out = choose("resnet18_fpn", tmp_path, iters=1, warmup=0)
+    ways = {(t["workers"], t["channels_last"]) for t in out["tried"]}
+    assert ways == {(0, False), (0, True), (1, False), (1, True)}
+    fastest = max(out["tried"], key=lambda t: t["images_per_s"])
+    assert (out["--workers"], out["--channels-last"], out["images_per_s"]) == (fastest["workers"], fastest["channels_last"], fastest["images_per_s"])
+    assert all(t["images_per_s"] > 0 for t in out["tried"])

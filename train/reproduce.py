@@ -47,7 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "train" / "configs" / "reproduce"
 GRAPH = ("splits", "resnet18_fpn", "pseudo_r1", "resnet18_fpn_self", "pseudo_r2", "resnet34_fpn", "mobilenet_v3_fpn",
          "digit_reader", "number_reader", "number_proposer", "tune", "locator", "calibrate", "report", "release")
-NOTES = ("about", "minutes", "minutes_basis")  # config keys that describe a stage without changing what it does
+# config keys that describe a stage without changing what it makes: notes, and ``speed`` (the options the
+# runner sets per machine, by train.speed: how fast it runs, e.g. a loader process or the memory format)
+NOTES = ("about", "minutes", "minutes_basis", "speed")
 HEARTBEAT = 30.0  # seconds between writes of a running stage's spent.json (its time survives the machine stopping)
 NO_AMX = ("this CPU has no AMX: the detector stages train in float32 (bfloat16 has no hardware here), so they take "
           "about twice their estimates, which were measured with AMX (docs/design.md: Reproduction on other CPUs)")
@@ -78,13 +80,27 @@ class Stage:
         the scene backgrounds); smoke runs have none (they bring their own inputs)."""
         return [] if smoke else [_command(run, dict(run.get("options", {})), places) for run in self.config.get("setup", [])]
 
-    def argv(self, smoke: bool, places: dict[str, str], torchrun: list[str] | None = None) -> list[str]:
-        """The command line: ``python -m <module>`` with its options, smoke overrides applied; a
-        distributed stage (``"distributed": true``) under ``torchrun`` when its arguments are given
-        (each process then gets its share of ``--threads``)."""
+    @property
+    def speed(self) -> list[str]:
+        """The options the runner chooses per machine (``"speed"`` in the config; :func:`train.speed.choose`)."""
+        return list(self.config.get("speed", []))
+
+    def speed_key(self) -> str:
+        """What a speed choice for this stage depends on besides the machine: its model, sizes, batch, autocast."""
+        options = self.config["run"]["options"]
+        return json.dumps({k: options[k] for k in ("--model", "--min-size", "--max-size", "--batch-size", "--amp")
+                           if k in options} or {"stage": self.name}, sort_keys=True)
+
+    def argv(self, smoke: bool, places: dict[str, str], torchrun: list[str] | None = None,
+             speed: dict | None = None) -> list[str]:
+        """The command line: ``python -m <module>`` with its options, smoke overrides applied, then the
+        options chosen for this machine (``speed``, only those the config lists); a distributed stage
+        (``"distributed": true``) under ``torchrun`` when its arguments are given (each process then
+        gets its share of ``--threads``)."""
         options = dict(self.config["run"]["options"])
         if smoke:
             options.update(self.config.get("smoke", {}))
+        options.update({k: v for k, v in (speed or {}).items() if k in self.speed})
         run = self.config["run"]
         prefix = None
         if torchrun and self.config.get("distributed") and "script" not in run:
@@ -146,9 +162,10 @@ class Reproduction:
     """The graph over one runs folder, in full or smoke mode."""
 
     def __init__(self, runs: Path, data: Path, release: Path, smoke: bool = False, device: str = "cpu",
-                 configs: Path = CONFIGS, torchrun: list[str] | None = None):
+                 configs: Path = CONFIGS, torchrun: list[str] | None = None, probe=None):
         self.runs, self.data, self.release, self.smoke, self.device = runs, data, release, smoke, device
         self.torchrun = torchrun
+        self.probe = probe or self._probe
         self.stages = load_graph(configs)
         self.by_name = {s.name: s for s in self.stages}
 
@@ -169,6 +186,33 @@ class Reproduction:
         done = read_json(self.folder(stage) / "done.json")
         outputs = [self.folder(stage) / o.format(**self.places(stage)) for o in stage.config["outputs"]]
         return bool(done) and done.get("fingerprint") == fingerprint and all(p.exists() for p in outputs)
+
+    def speed_for(self, stage: Stage, measure: bool = True) -> dict:
+        """The options this machine runs ``stage`` fastest with (its config's ``speed`` list): measured once
+        per machine and kind of stage (:meth:`probe`, ``train.speed --choose``) and kept in
+        ``runs/speed.json``, so a resumed run keeps its choice; {} in smoke runs, for a stage that lists
+        none, or where nothing is recorded and ``measure`` is False."""
+        if self.smoke or not stage.speed:
+            return {}
+        path = self.runs / "speed.json"
+        record = read_json(path) or {}
+        key = f"{machine_key()} | {stage.speed_key()}"
+        if key not in record and measure:
+            record[key] = {k: v for k, v in self.probe(stage).items()}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=1) + "\n")
+        return {k: v for k, v in record.get(key, {}).items() if k in stage.speed}
+
+    def _probe(self, stage: Stage) -> dict:
+        """``python -m train.speed --choose`` on ``stage``: the fastest options it measured."""
+        threads = str(stage.config["run"]["options"].get("--threads", 2))
+        print(f"{stage.name}: timing how this machine trains it fastest (train.speed --choose)", file=sys.stderr)
+        done = subprocess.run([sys.executable, "-m", "train.speed", "--choose", "--models", stage.name, "--data",
+                               str(self.data), "--threads", threads], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if done.returncode:
+            raise RuntimeError(f"train.speed --choose {stage.name} failed: {done.stderr.strip().splitlines()[-1:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])[stage.name]
 
     def record(self) -> dict:
         """What the finished stages made, in graph order: each one's fingerprint, time (seconds over its
@@ -210,7 +254,7 @@ class Reproduction:
             if stage.name not in names:
                 continue
             fingerprint, folder = prints[stage.name], self.folder(stage)
-            argv = stage.argv(self.smoke, self.places(stage), self.torchrun)
+            argv = stage.argv(self.smoke, self.places(stage), self.torchrun, self.speed_for(stage, measure=False))
             if dry:
                 for command in [*stage.setup(self.smoke, self.places(stage)), argv]:
                     print(f"{stage.name}: {' '.join(command[1:])}", file=sys.stderr)
@@ -222,6 +266,8 @@ class Reproduction:
             if self.up_to_date(stage, fingerprint):
                 print(f"{stage.name}: up to date", file=sys.stderr)
                 continue
+            speed = self.speed_for(stage)
+            argv = stage.argv(self.smoke, self.places(stage), self.torchrun, speed)
             started = read_json(folder / "started.json")
             if started and started.get("fingerprint") != fingerprint:
                 shutil.rmtree(folder)  # its config or inputs changed: what it left is stale
@@ -269,6 +315,7 @@ class Reproduction:
             (folder / "done.json").write_text(json.dumps({"fingerprint": fingerprint, "seconds": seconds, "attempts": attempts,
                                                           "device": machine(), "torchrun": self.torchrun
                                                           if stage.config.get("distributed") else None, "smoke": self.smoke,
+                                                          "speed": speed or None,
                                                           "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
             print(f"{stage.name}: done in {seconds:.0f} s", file=sys.stderr)
         return 0
@@ -292,6 +339,22 @@ def _alive(pid: int | None) -> bool:
         return False
     cmdline = Path(f"/proc/{pid}/cmdline")
     return not cmdline.exists() or b"train.reproduce" in cmdline.read_bytes()
+
+
+def machine_key() -> str:
+    """This machine, as what trains fastest on it depends on it: the GPU, else the CPU model, its cores
+    and AMX; and torch's version."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores, {'AMX' if has_amx() else 'no AMX'}, torch {torch.__version__}"
 
 
 def machine() -> str:
