@@ -435,7 +435,7 @@ def main() -> int:
     ap.add_argument("--load-test", action="store_true", help="also measure the app under a burst of API calls")
     ap.add_argument("--load-only", action="store_true", help="only the load test (merged into an existing results.json)")
     ap.add_argument("--scenes", action="store_true", help="also read whole photos (train.scenes; needs its background packages)")
-    ap.add_argument("--scenes-only", action="store_true", help="only the scene sets (merged into an existing results.json)")
+    ap.add_argument("--scenes-only", action="store_true", help="only the scene sets (merged into results.json where one exists)")
     ap.add_argument("--real", action="store_true", help="also read real_dev (real photos; ../shared/data/real_dev)")
     ap.add_argument("--real-only", action="store_true", help="only real_dev (merged into results.json where one exists)")
     ap.add_argument("--rapidocr", action="store_true", help="with --real: RapidOCR off the shelf on the same photos")
@@ -465,7 +465,8 @@ def main() -> int:
         print(text)
         return 0
     if args.scenes_only:
-        results = json.loads((args.out / "results.json").read_text())
+        path = args.out / "results.json"
+        results = json.loads(path.read_text()) if path.is_file() else {}
         results["scenes"] = scene_rows(scene_sets(ROOT / "out"), scene_configs(args.models), args.threads)
         (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         text = table(results, args.threads, args.repeats, 300)

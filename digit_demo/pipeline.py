@@ -142,6 +142,7 @@ class Stages:
     digit_reader: DigitReader | None = None
     number_reader: NumberReader | None = None
     locator: "Locator | TextFinder | None" = None
+    fallback: Locator | None = None  # where PP-OCR finds no digit line: the CNN locator, if shipped
 
     @classmethod
     def load(cls, config: PipelineConfig, cache: ModelCache | None = None) -> "Stages":
@@ -149,8 +150,9 @@ class Stages:
         reader = cache.digit_reader(config.digit_reader, config.precision)
         members = [Detector(*cache.detector(m, config.precision), batch_size=config.batch_size, reader=reader,
                             multi_scale=config.multi_scale) for m in config.models]
+        fallback = cache.locator(DEFAULT_LOCATOR, config.precision) if config.locator == PPOCR else None
         return cls(members, reader, cache.number_reader(config.number_reader, config.proposer, config.precision),
-                   cache.locator(config.locator, config.precision))
+                   cache.locator(config.locator, config.precision), fallback)
 
 
 class Pipeline:
@@ -243,23 +245,21 @@ class Pipeline:
     def locate(self, src: ImageInput, name: str) -> tuple[Image.Image, list[RegionReading]]:
         """The full-resolution image and the regions to read in it: the house numbers located in it,
         else one region covering the image (no locator, or nothing located). PP-OCR's lines that hold
-        digits are regions in any image, each with what PP-OCR read there; the CNN locator reads a JPEG
-        decoded at a reduced scale, and only photos whose short side reaches MIN_PHOTO_SIDE."""
+        digits are regions in any image, each with what PP-OCR read there; where it finds none, the CNN
+        locator (``Stages.fallback``) looks. The CNN locator reads a JPEG decoded at a reduced scale, and
+        only photos whose short side reaches MIN_PHOTO_SIDE."""
         if self.locator is None:
             full = load_image(src, name)
             return full, [RegionReading.covering(*full.size)]
         if isinstance(self.locator, TextFinder):
             full = load_image(src, name)
-            return full, text_regions(number_lines(self.locator.lines(full)), full.size, self.locator.settings)
+            lines = number_lines(self.locator.lines(full))
+            if lines or self.stages.fallback is None:
+                return full, text_regions(lines, full.size, self.locator.settings)
+            return full, located(self.stages.fallback, full, full.size)
         seen = decode(src, name, draft_side=INPUT_SIDE)
         full = seen.image if not seen.reduced else load_image(src, name)
-        regions = []
-        if min(seen.size) >= MIN_PHOTO_SIDE:
-            small = seen.image.resize(input_size(*seen.size), Image.BILINEAR)
-            regions = [RegionReading(r.box, r.score, reading_box(r.box, *full.size, self.locator.settings.pad),
-                                     rank_power=self.locator.settings.rank_power)
-                       for r in locate(self.locator, to_tensor(small), full.size)]
-        return full, regions or [RegionReading.covering(*full.size)]
+        return full, located(self.locator, seen.image, full.size)
 
     def read_iter(self, sources: Iterable[ImageInput], names: Iterable[str] | None = None,
                   keep_images: bool = False) -> Iterator[Reading]:
@@ -300,6 +300,20 @@ class Pipeline:
              keep_images: bool = True) -> Readings:
         """Read every image (:meth:`read_iter`); the readings keep the decoded images by default."""
         return Readings(list(self.read_iter(sources, names, keep_images)), self.threshold)
+
+
+def located(locator: Locator, image: Image.Image, size: tuple[int, int]) -> list[RegionReading]:
+    """The regions the CNN ``locator`` finds in ``image`` (the photo, perhaps decoded at a reduced scale)
+    of a photo of ``size`` (width, height, full resolution), each to be read from a padded crop; one
+    region covering the photo where it finds none, or where the photo's short side is under
+    MIN_PHOTO_SIDE (a crop)."""
+    regions = []
+    if min(size) >= MIN_PHOTO_SIDE:
+        small = image.resize(input_size(*size), Image.BILINEAR)
+        regions = [RegionReading(r.box, r.score, reading_box(r.box, *size, locator.settings.pad),
+                                 rank_power=locator.settings.rank_power)
+                   for r in locate(locator, to_tensor(small), size)]
+    return regions or [RegionReading.covering(*size)]
 
 
 def text_regions(lines: list[TextLine], size: tuple[int, int], settings: TextSettings) -> list[RegionReading]:

@@ -128,3 +128,24 @@ def test_the_detector_looks_again_at_a_larger_size_only_where_a_large_photo_show
     seen[640] = [TextLine((0, 0, 50, 20), "No 12", 0.9)]
     calls.clear()
     assert [t.text for t in finder.lines(Image.new("RGB", (1024, 768)))] == ["No 12"] and calls == [640]  # digits found
+
+
+@pytest.mark.slow
+@needs_ppocr
+def test_where_ppocr_finds_no_digit_line_the_cnn_locator_looks():
+    import json
+
+    from digit_demo.pipeline import ModelCache, Pipeline, PipelineConfig
+
+    scenes = Path(__file__).parent / "fixtures" / "scenes"
+    truth = json.loads((scenes / "scenes.json").read_text())
+    pipe = Pipeline(PipelineConfig(locator="ppocr"), cache=ModelCache())  # its own PP-OCR, changed below
+    assert pipe.stages.fallback is not None
+    pipe.locator.lines = lambda image: [TextLine((0, 0, 50, 20), "EXIT", 0.9)]  # PP-OCR sees no digits
+    reading = pipe.read([scenes / "scene1.jpg"])[0]
+    region = reading.regions[0]
+    assert reading.located and not region.whole and region.text is None  # found by the CNN locator
+    x1, y1, x2, y2 = truth["regions"]["1"][0]
+    cx, cy = (region.box[0] + region.box[2]) / 2, (region.box[1] + region.box[3]) / 2
+    assert x1 <= cx <= x2 and y1 <= cy <= y2  # where the number was pasted
+    assert reading.number(pipe.threshold).text == truth["texts"]["1"][0]
