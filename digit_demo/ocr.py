@@ -27,9 +27,11 @@ class TextSettings:
     (docs/experiments.md):
 
     - ``det_side``: the detector reads the photo shrunk to this long side (Det.limit_type "max"): PP-OCR
-      alone read 0.924 of real_dev at p50 208 ms on 2 cores, against 0.898 and 493 ms with the package's
-      defaults (short side 736); where it finds no digit line there, it looks again at ``retry_side``
-      (real_dev: 0.898 → 0.907, e.g. a lone "3" at 2% of the photo's height);
+      alone read 0.924 of real_dev at side 640 (p50 208 ms on 2 cores), against 0.898 and 493 ms with the
+      package's defaults (short side 736); the whole pipeline read real_dev at sides 448 / 480 / 512 / 544 /
+      576 / 640: 107 / 109 / 112 / 110 / 109 / 110 of 118 photos, p50 211 / 227 / 237 / 262 / 263 / 284 ms
+      (the SVHN tuning split: 272 of 300 at 512 and 640). Where it finds no digit line, it looks again at
+      ``retry_side`` (real_dev at side 640: 0.898 → 0.907, e.g. a lone "3" at 2% of the photo's height);
     - ``pad``: a line is read from a crop padded by these shares of its height (x, y);
     - ``crop_share``: where the first digit line is at least this share of the photo's height, the number
       fills the photo (an SVHN-like crop) and the photo is read whole, as today's readers read best;
@@ -38,7 +40,7 @@ class TextSettings:
       ``min_score_whole`` was chosen on the SVHN tuning split (0.8 / 0.85 / 0.9 / 0.95: 0.893 / 0.900 /
       0.900 / 0.907; real_dev, which reports it: 0.941 / 0.941 / 0.932 / 0.932)."""
 
-    det_side: int = 640
+    det_side: int = 512
     retry_side: int | None = 960
     pad: tuple[float, float] = (0.5, 0.3)
     crop_share: float = 0.2
