@@ -240,6 +240,16 @@ def test_the_graphs_state_lives_outside_the_work_tree_and_the_plan_says_where(tm
     assert reproduce.main(["--plan"]) == 0
     out = capsys.readouterr().out
     assert f"state: {tmp_path / 'elsewhere'} (0 of " in out and "not there yet: a run starts over" in out
+    # what this machine chose for a stage is shown (a choice recorded for another machine is not)
+    stage = reproduce.load_graph()[reproduce.GRAPH.index("resnet34_fpn")]
+    record = {f"{reproduce.machine_key()} | {stage.speed_key()}": {"--workers": 0, "--channels-last": False, "images_per_s": 7.0},
+              f"another machine | {stage.speed_key()}": {"--workers": 1, "--channels-last": True}}
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "speed.json").write_text(json.dumps(record))
+    assert reproduce.main(["--plan"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "runs here with" in line]
+    assert lines == [f"resnet34_fpn: runs here with --workers 0 no --channels-last (chosen by train.speed, kept in "
+                     f"{tmp_path / 'elsewhere' / 'speed.json'})"]
 
 
 def test_how_a_stage_runs_fastest_is_chosen_once_per_machine_and_changes_nothing_it_makes(toy):

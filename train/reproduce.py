@@ -430,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"left to run: about {total / 60:.1f} h on {args.device}")
         done = sum(r["state"] == "up to date" for r in rows)
         print(f"state: {runs} ({done} of {len(rows)} stages done{'' if runs.is_dir() else '; not there yet: a run starts over'})")
+        for stage in repro.stages:
+            chosen = repro.speed_for(stage, measure=False)
+            if chosen:
+                shown = " ".join((k if v else f"no {k}") if isinstance(v, bool) else f"{k} {v}" for k, v in chosen.items())
+                print(f"{stage.name}: runs here with {shown} (chosen by train.speed, kept in {runs / 'speed.json'})")
         if args.device == "cpu" and not has_amx():
             print(NO_AMX, file=sys.stderr)
         return 0
