@@ -319,7 +319,7 @@ def scene_rows(sets: dict[str, Path], configs: dict, threads: int) -> dict:
                 kept[im["id"]], labels[im["id"]] = reading.kept(pipe.threshold), number.label
                 located += reading.located
             ap = coco_map(gt, coco_results(kept))
-            shown = pipe.name + (f" ({config.locator})" if config.locator else "")
+            shown = _shown(pipe)
             rows[f"{set_name}: {shown}"] = {
                 "set": set_name, "pipeline": shown, "threshold": pipe.threshold, "accuracy": number_accuracy(truth, labels),
                 **ap, "p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)),
@@ -327,6 +327,11 @@ def scene_rows(sets: dict[str, Path], configs: dict, threads: int) -> dict:
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[f"{set_name}: {shown}"].items()}),
                   file=sys.stderr)
     return rows
+
+
+def _shown(pipe) -> str:
+    """A pipeline's name in the scene and real_dev rows: its members and precision, and what locates."""
+    return pipe.name + (f" ({pipe.config.locator})" if pipe.config.locator else "")
 
 
 REAL = ROOT.parent / "shared" / "data" / "real_dev"
@@ -368,7 +373,7 @@ def real_rows(configs: dict, threads: int, rapidocr: bool = False) -> dict:
     rows = {}
     for label, config in configs.items():
         pipe = Pipeline(config)
-        rows[f"{label}: {pipe.name}" + (f" ({config.locator})" if config.locator else "")] = row(
+        rows[f"{label}: {_shown(pipe)}"] = row(
             lambda p: next(pipe.read_iter([p])).number(pipe.threshold).text)
     if rapidocr:
         from rapidocr import RapidOCR
@@ -455,20 +460,14 @@ def main() -> int:
     from digit_demo.release import judge_ensembles
 
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.real_only:
+    if args.real_only or args.scenes_only:  # measured alone, merged into results.json where one exists
         path = args.out / "results.json"
         results = json.loads(path.read_text()) if path.is_file() else {}
-        results["real_dev"] = real_rows(real_configs(), args.threads, args.rapidocr)
+        if args.real_only:
+            results["real_dev"] = real_rows(real_configs(), args.threads, args.rapidocr)
+        if args.scenes_only:
+            results["scenes"] = scene_rows(scene_sets(ROOT / "out"), scene_configs(args.models), args.threads)
         path.write_text(json.dumps(results, indent=2) + "\n")
-        text = table(results, args.threads, args.repeats, 300)
-        (args.out / "table.md").write_text(text + "\n")
-        print(text)
-        return 0
-    if args.scenes_only:
-        path = args.out / "results.json"
-        results = json.loads(path.read_text()) if path.is_file() else {}
-        results["scenes"] = scene_rows(scene_sets(ROOT / "out"), scene_configs(args.models), args.threads)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         text = table(results, args.threads, args.repeats, 300)
         (args.out / "table.md").write_text(text + "\n")
         print(text)

@@ -147,9 +147,9 @@ def misread(text: TextReading, number: HouseNumber) -> bool:
     fewer than two digits, or a number with a letter suffix (:attr:`TextReading.suffix`, "502C") that
     they read as the recognizer's digits and more (the letter taken for a digit)."""
     if text.stacked:
-        x1, y1, x2, y2 = text.box
-        cx, cy = (number.digits.boxes[:, 0] + number.digits.boxes[:, 2]) / 2, (number.digits.boxes[:, 1] + number.digits.boxes[:, 3]) / 2
-        return int(((cx >= x1) & (cx <= x2) & (cy >= y1) & (cy <= y2)).sum()) < 2
+        box = np.asarray(text.box, np.float32)
+        centres = (number.digits.boxes[:, :2] + number.digits.boxes[:, 2:]) / 2
+        return int(((centres >= box[:2]) & (centres <= box[2:])).all(1).sum()) < 2
     return bool(text.suffix) and len(number.text) > len(text.digits) and number.text.startswith(text.digits)
 
 

@@ -94,13 +94,13 @@ class Stage:
     def argv(self, smoke: bool, places: dict[str, str], torchrun: list[str] | None = None,
              speed: dict | None = None) -> list[str]:
         """The command line: ``python -m <module>`` with its options, smoke overrides applied, then the
-        options chosen for this machine (``speed``, only those the config lists); a distributed stage
+        options chosen for this machine (``speed``: :meth:`Reproduction.speed_for`); a distributed stage
         (``"distributed": true``) under ``torchrun`` when its arguments are given (each process then
         gets its share of ``--threads``)."""
         options = dict(self.config["run"]["options"])
         if smoke:
             options.update(self.config.get("smoke", {}))
-        options.update({k: v for k, v in (speed or {}).items() if k in self.speed})
+        options.update(speed or {})
         run = self.config["run"]
         prefix = None
         if torchrun and self.config.get("distributed") and "script" not in run:
@@ -198,7 +198,7 @@ class Reproduction:
         record = read_json(path) or {}
         key = f"{machine_key()} | {stage.speed_key()}"
         if key not in record and measure:
-            record[key] = {k: v for k, v in self.probe(stage).items()}
+            record[key] = self.probe(stage)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record, indent=1) + "\n")
         return {k: v for k, v in record.get(key, {}).items() if k in stage.speed}
@@ -254,8 +254,8 @@ class Reproduction:
             if stage.name not in names:
                 continue
             fingerprint, folder = prints[stage.name], self.folder(stage)
-            argv = stage.argv(self.smoke, self.places(stage), self.torchrun, self.speed_for(stage, measure=False))
-            if dry:
+            if dry:  # with the options chosen for this machine where a choice is kept; none is measured
+                argv = stage.argv(self.smoke, self.places(stage), self.torchrun, self.speed_for(stage, measure=False))
                 for command in [*stage.setup(self.smoke, self.places(stage)), argv]:
                     print(f"{stage.name}: {' '.join(command[1:])}", file=sys.stderr)
                 continue
