@@ -130,6 +130,19 @@ def test_the_detector_looks_again_at_a_larger_size_only_where_a_large_photo_show
     assert [t.text for t in finder.lines(Image.new("RGB", (1024, 768)))] == ["No 12"] and calls == [640]  # digits found
 
 
+@needs_ppocr
+def test_ppocr_threads_sleep_between_calls_and_the_rebuilt_sessions_read_as_drawn():
+    from digit_demo.ocr import TextFinder
+
+    finder = TextFinder(threads=2)
+    engine = finder._engine(finder.settings.det_side)
+    for part in (engine.text_det, engine.text_rec):
+        options = part.session.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert options.intra_op_num_threads == 2
+    assert [t.digits for t in number_lines(finder.lines(photo([("4702", (200, 160), 15)])))] == ["4702"]
+
+
 @pytest.mark.slow
 @needs_ppocr
 def test_where_ppocr_finds_no_digit_line_the_cnn_locator_looks():
