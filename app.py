@@ -17,7 +17,6 @@ from digit_demo.ensemble import DEFAULT_FUSION
 from digit_demo.evaluation import best, plot_sweep
 from digit_demo.locator import DEFAULT_LOCATOR
 from digit_demo.ocr import PPOCR
-from digit_demo.ocr import available as ocr_available
 from digit_demo.pipeline import DEFAULT_CACHE, Pipeline, PipelineConfig
 from digit_demo.session import Session, save_images, write_downloads
 
@@ -30,11 +29,10 @@ CONCURRENCY = 2
 QUEUE_SIZE = int(os.environ.get("DIGIT_DEMO_QUEUE", "512"))
 set_threads()
 BASE = PipelineConfig()
-# What finds the numbers on the page: PP-OCR's text lines by default (on real_dev, 118 real photos, the
-# pipeline read 0.907 of the numbers with them against 0.542 with the CNN locator, and the same 0.857 of
-# SVHN valid), where its packages are installed.
-FINDERS = [("PP-OCR text lines (best on real photos)", PPOCR), ("CNN locator (faster on SVHN-style crops)", DEFAULT_LOCATOR)]
-FINDER = PPOCR if ocr_available() else DEFAULT_LOCATOR
+# What finds the numbers on the page: the library's default (PP-OCR's text lines where its packages are
+# installed: digit_demo.pipeline.default_locator), or the CNN locator.
+FINDERS = [("PP-OCR text lines (best on real photos)", PPOCR), ("CNN locator (faster, weaker on real photos)", DEFAULT_LOCATOR)]
+FINDER = BASE.locator
 READER = DEFAULT_CACHE.digit_reader(BASE.digit_reader, BASE.precision)  # shipped, if any
 
 

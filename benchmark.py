@@ -62,21 +62,23 @@ def _dets(v: dict):
 def _found_json(f) -> dict:
     line = None if f.line is None else {"log_probs": f.line.log_probs.tolist(), "margin": f.line.margin,
                                         "proposal": None if f.line.proposal is None else _dets_json(f.line.proposal)}
-    return {"detections": _dets_json(f.detections), "line": line}
+    text = None if f.text is None else {**f.text.__dict__, "box": list(f.text.box)}
+    return {"detections": _dets_json(f.detections), "line": line, "text": text}
 
 
 def _found(v: dict):
-    from digit_demo.types import Found, LineReading
+    from digit_demo.types import Found, LineReading, TextReading
 
-    line = v["line"]
+    line, text = v["line"], v.get("text")
     if line is not None:
         line = LineReading(np.array(line["log_probs"], np.float32), line["margin"],
                            None if line["proposal"] is None else _dets(line["proposal"]))
-    return Found(_dets(v["detections"]), line)
+    return Found(_dets(v["detections"]), line, text=None if text is None else TextReading(**{**text, "box": tuple(text["box"])}))
 
 
 def to_json(found: dict) -> dict:
-    """Readings by image id as JSON: each region and what was found there (a member's: no lead)."""
+    """Readings by image id as JSON: each region and what was found there, with what PP-OCR read on its
+    line (a member's: no lead)."""
     return {k: {"name": r.name, "error": r.error, "regions": [
         {"box": g.box.tolist(), "score": g.score, "crop": list(g.crop), "whole": g.whole, "rank_power": g.rank_power,
          "raw": None if g.raw is None else _found_json(g.raw)} for g in r.regions]} for k, r in found.items()}
@@ -188,33 +190,24 @@ def ensembles(names: list[str], raw: dict, curves: dict, results: dict, gt: dict
 
 
 def scene_configs(names: list[str] | None) -> dict:
-    """The pipelines read on whole photos: the default, the default with PP-OCR's text lines as regions
-    (the app's), and the weighted box fusion of every model."""
+    """The pipelines read on whole photos: the default (PP-OCR's text lines, where installed), the
+    default with the CNN locator, and the weighted box fusion of every model."""
     from digit_demo.checkpoints import available
-    from digit_demo.ocr import PPOCR, available as has_ppocr
+    from digit_demo.locator import DEFAULT_LOCATOR
     from digit_demo.pipeline import PipelineConfig
 
     names = names or available()
     configs = {"default": PipelineConfig()}
-    if has_ppocr():
-        configs["text lines"] = PipelineConfig(locator=PPOCR)
+    if configs["default"].locator != DEFAULT_LOCATOR:
+        configs["CNN locator"] = PipelineConfig(locator=DEFAULT_LOCATOR)
     if len(names) > 1:
         configs["ensemble"] = PipelineConfig(tuple(names), "wbf")
     return configs
 
 
 def real_configs() -> dict:
-    """The pipelines read on real_dev: the default, the default with PP-OCR's text lines as regions (the
-    app's), and the WBF ensemble of every detector with them."""
-    from digit_demo.checkpoints import available
-    from digit_demo.ocr import PPOCR
-    from digit_demo.pipeline import PipelineConfig
-
-    configs = {"default": PipelineConfig(), "text lines": PipelineConfig(locator=PPOCR)}
-    names = available()
-    if len(names) > 1:
-        configs["ensemble, text lines"] = PipelineConfig(tuple(names), "wbf", locator=PPOCR)
-    return configs
+    """The pipelines read on real_dev: the same as on the scenes (:func:`scene_configs`)."""
+    return scene_configs(None)
 
 
 def load_test(calls: int, clients: int, threads: int) -> dict:

@@ -12,6 +12,7 @@ from .images import ImageError
 from .inference import PRECISION_ENV, PRECISIONS
 from .reader import DEFAULT_READER
 from .locator import DEFAULT_LOCATOR
+from .pipeline import default_locator
 from .number_reader import DEFAULT_PROPOSER, DEFAULT_NUMBER_READER
 
 
@@ -34,9 +35,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help=f"second whole-number reader whose reading joins the alternatives (default {DEFAULT_PROPOSER})")
     p.add_argument("--no-proposer", dest="proposer", action="store_const", const=None,
                    help="judge only the numbers the detections allow (it is asked where the readings disagree: 1-2 ms at the median)")
-    p.add_argument("--locator", default=DEFAULT_LOCATOR,
-                   help=f"what finds the numbers in a photo: a locator checkpoint (default {DEFAULT_LOCATOR}), or "
-                        "'ppocr': PP-OCR's text lines that hold digits, in any image (best on real photos)")
+    p.add_argument("--locator", default=default_locator(),
+                   help=f"what finds the numbers in a photo: 'ppocr' (default where installed: PP-OCR's text lines that "
+                        f"hold digits, where the readers are not sure of a number filling the photo), or a locator "
+                        f"checkpoint ({DEFAULT_LOCATOR}: the CNN locator, faster, far weaker on real photos)")
     p.add_argument("--no-locator", dest="locator", action="store_const", const=None,
                    help="read every photo whole, as a crop")
     p.add_argument("--multi-scale", action="store_true",

@@ -32,10 +32,12 @@ def default_pipeline():
 
 def raw_detections(config=None, paths=()) -> list:
     """The raw detections a pipeline of ``config`` (default: the shipped default) finds in crops
-    ``paths`` (each read whole: one region)."""
-    from digit_demo.pipeline import Pipeline
+    ``paths``, each read whole (one region: no locate stage)."""
+    from dataclasses import replace
 
-    return raw_of(Pipeline(config).read(paths))
+    from digit_demo.pipeline import Pipeline, PipelineConfig
+
+    return raw_of(Pipeline(replace(config or PipelineConfig(), locator=None)).read(paths))
 
 
 def raw_of(readings) -> list:

@@ -130,7 +130,7 @@ def test_predict_in_float32_on_request(tmp_path):
     expected = {int(p.stem): read(d, threshold).label for p, d in zip(IMAGES, raw)}
     assert correct(expected) >= 5  # float32 reads the labelled numbers as well as the default precision
     for flags, env in ((["--precision", "fp32"], {}), ([], {"DIGIT_DEMO_PRECISION": "fp32"})):
-        r = cli("predict", FIXTURES / "valid", "--out", tmp_path / "o", "-q", *flags, **env)
+        r = cli("predict", FIXTURES / "valid", "--out", tmp_path / "o", "-q", "--no-locator", *flags, **env)  # read whole
         assert r.returncode == 0, r.stderr
         assert "(fp32)" in r.stderr or "resnet18_fpn)" in r.stderr
         assert labels(tmp_path / "o" / "pred.csv") == expected
@@ -158,7 +158,7 @@ def test_each_variant_is_read_at_its_own_measured_threshold(tmp_path, flags, key
     from digit_demo.judge import read
     from digit_demo.pipeline import PipelineConfig
 
-    r = cli("predict", FIXTURES / "valid", "--out", tmp_path, "-q", *flags)
+    r = cli("predict", FIXTURES / "valid", "--out", tmp_path, "-q", "--no-locator", *flags)  # read whole, as raw_detections
     assert r.returncode == 0, r.stderr
     threshold = measured_threshold(key)
     assert f"threshold {threshold:.2f}, {key}" in r.stderr

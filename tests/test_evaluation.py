@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -69,3 +71,17 @@ def test_sweep_picks_best_and_writes_plot_and_table(fixture_gt, tmp_path):
     plot_sweep({"m": rows}, tmp_path / "p.png")
     assert (tmp_path / "t.csv").read_text().startswith("threshold,mAP,AP50,AP75,accuracy")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_benchmarks_stored_readings_keep_what_ppocr_read():
+    """The benchmark sweeps stored readings: PP-OCR's reading of a line must survive the round trip,
+    or the sweep would score a number the user never gets."""
+    import benchmark
+    from digit_demo.pipeline import Reading
+    from digit_demo.types import Detections, Found, TextReading
+
+    dets = Detections(np.array([[10, 10, 40, 90], [50, 12, 80, 92]], np.float32), np.array([0.9, 0.9], np.float32), np.array([4, 9]))
+    found = Found(dets, text=TextReading("48", 0.99, (10, 10, 80, 92), 0.95, "48"))
+    back = benchmark.from_json(json.loads(json.dumps(benchmark.to_json({7: Reading.of("7.png", found)}))))[7]
+    assert back.number(0.5).text == "48"  # PP-OCR, 0.99 sure, over the readers' 0.81
+    assert back.regions[0].raw.text == found.text

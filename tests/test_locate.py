@@ -13,7 +13,7 @@ from torchvision.ops import box_iou
 
 from digit_demo.checkpoints import CHECKPOINT_DIR, CheckpointError
 from digit_demo.images import decode
-from digit_demo.locator import (INPUT_SIDE, MIN_PHOTO_SIDE, LocateSettings, Locator, input_size, load_locator, reading_box, regions_from_map,
+from digit_demo.locator import (DEFAULT_LOCATOR, INPUT_SIDE, MIN_PHOTO_SIDE, LocateSettings, Locator, input_size, load_locator, reading_box, regions_from_map,
                                 save_locator)
 from digit_demo.pipeline import Pipeline, PipelineConfig
 
@@ -114,7 +114,7 @@ def test_a_large_jpeg_is_located_from_a_reduced_decode(tmp_path, monkeypatch):
 @shipped
 def test_the_locator_finds_each_pasted_number_where_it_was_pasted():
     truth = scene_truth()
-    pipe = Pipeline()
+    pipe = Pipeline(PipelineConfig(locator=DEFAULT_LOCATOR))
     for im in truth["images"]:
         _, located = pipe.locate(SCENES / im["file_name"], im["file_name"])
         regions = truth["regions"][str(im["id"])]
@@ -142,10 +142,10 @@ def test_whole_photos_are_read_including_two_numbers_in_one():
 
 
 @pytest.mark.slow
-def test_crops_are_not_located():
+def test_the_cnn_locator_reads_crops_whole():
     crops = sorted((FIXTURES / "valid").glob("*.png"))
     assert all(min(Image.open(p).size) < MIN_PHOTO_SIDE for p in crops)
-    with_locator, without = Pipeline(), Pipeline(PipelineConfig(locator=None))
+    with_locator, without = Pipeline(PipelineConfig(locator=DEFAULT_LOCATOR)), Pipeline(PipelineConfig(locator=None))
     a, b = with_locator.read(crops), without.read(crops)
     assert all(not r.located and len(r.regions) == 1 for r in a)  # each read whole: one region, the image
     assert [n.text for n in a.at()] == [n.text for n in b.at()]

@@ -162,3 +162,66 @@ def test_where_ppocr_finds_no_digit_line_the_cnn_locator_looks():
     cx, cy = (region.box[0] + region.box[2]) / 2, (region.box[1] + region.box[3]) / 2
     assert x1 <= cx <= x2 and y1 <= cy <= y2  # where the number was pasted
     assert reading.number(pipe.threshold).text == truth["texts"]["1"][0]
+
+
+class FortyNine:
+    """A detect stage that finds "49" (digits 80 px tall, near the top left) in any image, each digit
+    ``score`` sure, and keeps the size of every image it reads."""
+
+    name, meta, reader = "m", {"threshold": 0.5}, None
+
+    def __init__(self, score: float):
+        self.score, self.seen = score, []
+
+    def detect_tensors(self, tensors):
+        self.seen += [tuple(t.shape[1:]) for t in tensors]
+        return [Detections(np.array([[10, 10, 40, 90], [50, 12, 80, 92]], np.float32), np.full(2, self.score, np.float32),
+                           np.array([4, 9])) for _ in tensors]
+
+
+def test_a_sure_reading_that_fills_the_photo_stands_and_ppocr_looks_only_where_it_does_not():
+    from digit_demo.ocr import TextFinder
+    from digit_demo.pipeline import Pipeline, PipelineConfig, Stages
+
+    def pipeline(score, lines):
+        finder = TextFinder.__new__(TextFinder)  # PP-OCR's lines given by hand: no engine loaded
+        finder.settings, finder.asked = TextSettings(settle=0.9, settle_share=0.3, settle_side=512), []
+        finder.lines = lambda image: finder.asked.append(image.size) or lines
+        member = FortyNine(score)
+        return Pipeline(PipelineConfig(("m",), threshold=0.3), stages=Stages([member], locator=finder)), member, finder
+
+    crop = Image.new("RGB", (100, 100))  # digits 80% of its height
+    pipe, member, finder = pipeline(0.96, [TextLine((10, 10, 80, 92), "48", 0.99)])
+    (reading,) = pipe.read([crop])
+    assert reading.number(0.3).text == "49" and finder.asked == [] and member.seen == [(100, 100)]  # 0.96² ≥ 0.9
+    # not sure enough: PP-OCR looks; its line fills the photo, so the first reading is kept, with PP-OCR's text
+    pipe, member, finder = pipeline(0.9, [TextLine((10, 10, 80, 92), "48", 0.99)])  # 0.9² < 0.9
+    (reading,) = pipe.read([crop])
+    assert finder.asked == [(100, 100)] and member.seen == [(100, 100)]
+    (region,) = reading.regions
+    assert region.whole and region.text.digits == "48" and reading.number(0.3).text == "48"  # 0.99 sure, over 0.81
+    # sure, but the digits fill 20% of the photo: PP-OCR looks, and its line's crop is read
+    pipe, member, finder = pipeline(0.96, [TextLine((200, 150, 240, 170), "7", 0.8)])
+    (reading,) = pipe.read([Image.new("RGB", (500, 400))])
+    assert finder.asked == [(500, 400)] and member.seen == [(400, 500), (32, 60)]
+    assert [r.crop for r in reading.regions] == [(190, 144, 250, 176)]  # padded by 0.5 / 0.3 of its 20 px height
+    # its short side over settle_side (512): PP-OCR looks at once, and the readers read only its line's crop
+    pipe, member, finder = pipeline(0.96, [TextLine((400, 300, 440, 320), "7", 0.8)])
+    (reading,) = pipe.read([Image.new("RGB", (1000, 800))])
+    assert finder.asked == [(1000, 800)] and member.seen == [(32, 60)]
+    assert [r.crop for r in reading.regions] == [(390, 294, 450, 326)]
+
+
+@pytest.mark.slow
+@needs_ppocr
+def test_the_default_reads_svhn_crops_at_least_as_well_as_the_readers_alone(fixture_gt, fixture_images):
+    from digit_demo.data import gt_numbers
+    from digit_demo.pipeline import Pipeline, PipelineConfig
+
+    truth = gt_numbers(fixture_gt)
+    paths = [fixture_images / im["file_name"] for im in fixture_gt["images"]]
+    default, whole = Pipeline(), Pipeline(PipelineConfig(locator=None))
+    assert default.config.locator == "ppocr" and default.reads_first
+    right = lambda pipe: [n.text == truth[im["id"]] for n, im in zip(pipe.read(paths).at(), fixture_gt["images"])]  # noqa: E731
+    ours, alone = right(default), right(whole)
+    assert sum(ours) >= sum(alone) and sum(ours) >= len(paths) // 2  # against the labels

@@ -87,7 +87,7 @@ def self_labels(detector: str, folder: Path, min_confidence: float, skip: set[st
     if threshold is None:
         threshold = threshold_for(PipelineConfig((detector,)))
     pipe = Pipeline(PipelineConfig((detector,), digit_reader=reader, number_reader=None, precision="fp32",
-                                   threshold=threshold))
+                                   threshold=threshold, locator=None))  # crops, read whole
     out = []
     paths = [p for p in sorted(folder.glob("*.png")) if p.name not in skip][:limit]
     for path in tqdm(paths, desc=f"self-labelling with {detector}", unit="img", disable=quiet):

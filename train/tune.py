@@ -70,7 +70,8 @@ def tune_readers(out: Path, detector: str, gt: dict, images: Path, blends: list[
     reader, number = out / "digit_reader.safetensors", out / "number_reader.safetensors"
     proposer = out / "number_proposer.safetensors"
     config = PipelineConfig((str(out / f"{detector}.safetensors"),), digit_reader=str(reader), number_reader=str(number),
-                            proposer=str(proposer) if proposer.is_file() else None, precision="fp32", threshold=0.5)
+                            proposer=str(proposer) if proposer.is_file() else None, precision="fp32", threshold=0.5,
+                            locator=None)  # crops, read whole
     pipe = Pipeline(config)
     tensors = {im["id"]: to_tensor(load_image(images / im["file_name"])) for im in gt["images"]}
     ids = list(tensors)
