@@ -16,9 +16,11 @@ Generated from the JSON sidecars by the release step (`python -m digit_demo rele
 crops: a door plate, a mailbox, a cropped facade), in the `digit_demo` app, CLI and library, on a CPU,
 offline. Research and demonstration only: the training data (SVHN) is licensed for non-commercial use.
 
-**Limitations.** Whole photos are found by the locator (below), which learned from, and was measured on,
-synthetic scenes (SVHN crops pasted into photos), not real street photos; vertical numbers are read without the
-whole-number reader; digits other than 0-9 (letters such as "12A") are not read. {selection}
+**Limitations.** By default the numbers in a whole photo are found by PP-OCR's text detector (inside the
+`rapidocr` wheel, not trained here) wherever the readers below are not sure of a number filling the photo;
+the CNN locator (below) learned from, and was measured on, synthetic scenes (SVHN crops pasted into photos),
+not real street photos, and finds numbers where PP-OCR finds no digit line; vertical numbers are read without
+the whole-number reader; digits other than 0-9 (letters such as "12A") are not read. {selection}
 
 Every model is a torchvision Faster R-CNN trained **from scratch** (no pretrained weights) on the SVHN
 photos in `../shared/data/svhn`, 11 classes (background + digits 0-9, `category_id = digit + 1`). Weights
