@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from itertools import combinations, product
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def _dets(v: dict):
 def _found_json(f) -> dict:
     line = None if f.line is None else {"log_probs": f.line.log_probs.tolist(), "margin": f.line.margin,
                                         "proposal": None if f.line.proposal is None else _dets_json(f.line.proposal)}
-    text = None if f.text is None else {**f.text.__dict__, "box": list(f.text.box)}
+    text = None if f.text is None else asdict(f.text)
     return {"detections": _dets_json(f.detections), "line": line, "text": text}
 
 

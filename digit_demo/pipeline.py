@@ -254,14 +254,16 @@ class Pipeline:
     def locate(self, src: ImageInput, name: str) -> tuple[Image.Image, list[RegionReading]]:
         """The full-resolution image and the regions to read in it: the house numbers located in it,
         else one region covering the image (no locator, or nothing located). PP-OCR's lines that hold
-        digits are regions in any image (:meth:`text_located`). The CNN locator reads a JPEG decoded at
-        a reduced scale, and only photos whose short side reaches MIN_PHOTO_SIDE."""
+        digits are regions in any image (:meth:`text_located`), but a photo the readers read whole first
+        (:meth:`reads_first`) is one region covering it until :meth:`read_iter` finds it not
+        :meth:`settled`. The CNN locator reads a JPEG decoded at a reduced scale, and only photos whose
+        short side reaches MIN_PHOTO_SIDE."""
         if self.locator is None:
             full = load_image(src, name)
             return full, [RegionReading.covering(*full.size)]
         if isinstance(self.locator, TextFinder):
             full = load_image(src, name)
-            return full, self.text_located(full)
+            return full, [RegionReading.covering(*full.size)] if self.reads_first(full) else self.text_located(full)
         seen = decode(src, name, draft_side=INPUT_SIDE)
         full = seen.image if not seen.reduced else load_image(src, name)
         return full, located(self.locator, seen.image, full.size)
@@ -278,10 +280,12 @@ class Pipeline:
             return text_regions(lines, full.size, self.locator.settings)
         return located(self.stages.fallback, full, full.size)
 
-    @property
-    def reads_first(self) -> bool:
-        """Whether the readers read each photo whole before PP-OCR looks (``TextSettings.settle``)."""
-        return isinstance(self.locator, TextFinder) and self.locator.settings.settle is not None
+    def reads_first(self, image: Image.Image) -> bool:
+        """Whether the readers read ``image`` whole before PP-OCR looks: PP-OCR locates, with a
+        ``TextSettings.settle`` bar, and the image's short side is at most ``settle_side``."""
+        if not isinstance(self.locator, TextFinder) or self.locator.settings.settle is None:
+            return False
+        return min(image.size) <= self.locator.settings.settle_side
 
     def settled(self, reading: Reading) -> bool:
         """Whether the readers' reading of the whole photo stands without PP-OCR: a number at least
@@ -309,33 +313,24 @@ class Pipeline:
         step = self.config.batch_size
         for i in range(0, len(sources), step):
             batch: list[Reading] = []
-            first: list[Reading] = []  # read whole before PP-OCR looks
             for src, name in zip(sources[i : i + step], names[i : i + step]):
                 reading = Reading(name)
                 batch.append(reading)
                 try:
-                    if self.reads_first:
-                        reading.image = full = load_image(src, name)
-                        if min(full.size) <= self.locator.settings.settle_side:
-                            reading.regions = [RegionReading.covering(*full.size)]
-                            first.append(reading)
-                        else:
-                            reading.regions = self.text_located(full)
-                    else:
-                        reading.image, reading.regions = self.locate(src, name)
+                    reading.image, reading.regions = self.locate(src, name)
                 except ImageError as e:
                     reading.error = str(e)
+            first = [r for r in batch if not r.error and self.reads_first(r.image)]
             self._read_regions(batch)
-            if first:
-                for reading in first:
-                    if reading.error or self.settled(reading):
-                        continue
-                    whole = reading.regions[0].raw
-                    reading.regions = self.text_located(reading.image)
-                    for region in reading.regions:
-                        if region.whole:
-                            region.raw = whole if region.text is None else replace(whole, text=region.text)
-                self._read_regions(batch)
+            for reading in first:
+                if reading.error or self.settled(reading):
+                    continue
+                whole = reading.regions[0].raw
+                reading.regions = self.text_located(reading.image)
+                for region in reading.regions:
+                    if region.whole:
+                        region.raw = whole if region.text is None else replace(whole, text=region.text)
+            self._read_regions(batch)
             for reading in batch:
                 if not keep_images or reading.error:
                     reading.image = None
