@@ -17,7 +17,8 @@ crops: a door plate, a mailbox, a cropped facade), in the `digit_demo` app, CLI 
 offline. Research and demonstration only: the training data (SVHN) is licensed for non-commercial use.
 
 **Limitations.** By default the numbers in a whole photo are found by PP-OCR's text detector (inside the
-`rapidocr` wheel, not trained here) wherever the readers below are not sure of a number filling the photo;
+`rapidocr` wheel, not trained here), unless the readers below, reading a small photo whole, are sure of a
+number filling it;
 the CNN locator (below) learned from, and was measured on, synthetic scenes (SVHN crops pasted into photos),
 not real street photos, and finds numbers where PP-OCR finds no digit line; vertical numbers are read without
 the whole-number reader; digits other than 0-9 (letters such as "12A") are not read. {selection}
