@@ -375,15 +375,17 @@ def text_regions(lines: list[TextLine], size: tuple[int, int], settings: TextSet
     """The regions to read for PP-OCR's digit ``lines`` in a photo of ``size`` (width, height): the
     photo whole where the first line is at least ``crop_share`` of its height (the number fills it),
     else each line's padded crop; each with what PP-OCR read there (to overrule the readers it must be
-    ``min_score_whole`` sure in a photo read whole, else ``min_score``; where they misread the line's
-    layout, ``min_score``); the photo whole where none holds digits."""
+    ``min_score_whole`` sure in a photo read whole up to ``settle_side`` on its short side, an SVHN-like
+    crop, else ``min_score``; where they misread the line's layout, ``min_score``); the photo whole where
+    none holds digits."""
     width, height = size
     if not lines:
         return [RegionReading.covering(width, height)]
     first = lines[0]
     if first.box[3] - first.box[1] >= settings.crop_share * height:
         whole = RegionReading.covering(width, height)
-        whole.text = TextReading(first.digits, first.score, first.box, settings.min_score_whole, first.text, settings.min_score)
+        bar = settings.min_score_whole if min(size) <= settings.settle_side else settings.min_score
+        whole.text = TextReading(first.digits, first.score, first.box, bar, first.text, settings.min_score)
         return [whole]
     regions = []
     for line in lines:

@@ -41,6 +41,17 @@ def test_a_number_that_fills_the_photo_is_read_whole_and_a_small_one_from_its_pa
     assert alone.whole and alone.text is None
 
 
+def test_a_large_photo_read_whole_takes_the_recognizers_sure_reading_a_crop_asks_more():
+    # the same 0.92-sure "1685" filling a 1600 x 1200 photo, and a 200 x 100 crop, where the readers saw "3"
+    settings = TextSettings()
+    readers = dets([(10, 10, 30, 50, 0.32, 3)])
+    (photo,) = text_regions([TextLine((300, 200, 1300, 700), "No 1685", 0.92)], (1600, 1200), settings)
+    (crop,) = text_regions([TextLine((20, 10, 180, 60), "No 1685", 0.92)], (200, 100), settings)
+    assert photo.whole and crop.whole and min(1600, 1200) > settings.settle_side >= min(200, 100)
+    assert read(Found(readers, text=photo.text), 0.3).text == "1685"
+    assert read(Found(readers, text=crop.text), 0.3).text == "3"  # an SVHN-like crop: the readers' home ground
+
+
 def dets(rows):
     a = np.array(rows, np.float32).reshape(-1, 6)
     return Detections(a[:, :4], a[:, 4], a[:, 5].astype(np.int64))

@@ -8,7 +8,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from digit_demo.data import DigitDataset, gt_numbers, load_coco
-from train.synth import BOX_GROW, find_fonts, render, write_synthetic
+from train.synth import BOX_GROW, STYLES, find_fonts, render, render_real, write_synthetic
 
 
 def backgrounds(n: int = 4) -> list[Image.Image]:
@@ -112,3 +112,39 @@ def test_the_detector_trainer_takes_them_with_synthetic(written, tmp_path):
     meta = json.loads((tmp_path / "ck" / "resnet18_fpn.json").read_text())
     assert meta["data"]["train_images"] == 8 + 40 and meta["data"]["synthetic"] == [{"folder": str(written.parent), "count": 40}]
     assert "also trained on 40 synthetic house numbers" in write_model_card(tmp_path / "ck").read_text()
+
+
+def test_real_style_labels_the_digits_and_not_the_letter_after_them(fonts):
+    # painted on a flat wall: the digits' boxes hold ink, a letter suffix is drawn right of the last one
+    # and labelled nowhere, and every style draws a number whose boxes lie inside the image
+    rng = np.random.default_rng(1)
+    flat = [Image.new("RGB", (640, 480), (128, 128, 128))]
+    suffixes = 0
+    for k in range(100):
+        s = render_real(flat, fonts, rng, "painted", lighting=False)
+        assert len(s.boxes) == len(s.digits) == len(s.text) and s.text[0] != "0"
+        assert (np.diff(s.boxes[:, 0]) > 0).all(), "boxes left to right"
+        pixels = np.asarray(s.image).astype(int)
+        differ = np.abs(pixels - np.median(pixels.reshape(-1, 3), 0)).max(2)
+        ink = differ > 0.5 * differ.max()  # blur and a small photo may fade the ink to half its contrast
+        for x1, y1, x2, y2 in s.boxes:
+            assert ink[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))].any(), "every box holds ink"
+        if s.suffix and not s.word:
+            suffixes += 1
+            y1, y2 = int(s.boxes[:, 1].min()), int(np.ceil(s.boxes[:, 3].max()))
+            right = ink[y1:y2, int(np.ceil(s.boxes[-1, 2])) + 1:]
+            assert right.sum() > 0.2 * ink[y1:y2, int(s.boxes[-1, 0]):int(np.ceil(s.boxes[-1, 2]))].sum(), s.suffix
+    assert suffixes >= 3
+    for style in STYLES:
+        s = render_real(backgrounds(), fonts, rng, style)
+        w, h = s.image.size
+        assert len(s.boxes) and (s.boxes[:, :2] >= 0).all() and (s.boxes[:, 2] <= w).all() and (s.boxes[:, 3] <= h).all()
+
+
+def test_fonts_without_digits_are_not_used(fonts):
+    # a font whose digits are all the missing-glyph box would label boxes that hold no digit
+    from PIL import ImageFont
+
+    for path in fonts:
+        font = ImageFont.truetype(str(path), 40)
+        assert len({bytes(font.getmask(str(d))) for d in range(10)}) == 10, path

@@ -37,6 +37,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra-json", type=Path, nargs="*", default=[],
                    help="more training labels (COCO json, e.g. written by python -m train.resolve), images in --extra-images")
     p.add_argument("--extra-images", default="unlabeled", help="image folder inside --data for --extra-json")
+    p.add_argument("--synthetic", type=Path, nargs="*", default=[],
+                   help="synthetic house numbers to train on too: folders written by python -m train.synth")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,8 +47,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=list(ARCHITECTURES), help="architecture to train")
     p.add_argument("--name", help="checkpoint name (default: the architecture without 'fasterrcnn_')")
     add_data_args(p)
-    p.add_argument("--synthetic", type=Path, nargs="*", default=[],
-                   help="synthetic house numbers to train on too: folders written by python -m train.synth")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.005)

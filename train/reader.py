@@ -34,6 +34,7 @@ from digit_demo.reader import (BOX_BLEND, BACKGROUND, DEFAULT_READER, DigitReade
 
 from . import engine
 from .cli import DATA_SOURCE, add_data_args
+from .synth import set_paths
 
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 CHW image, xyxy boxes, digits 0-9
 
@@ -225,7 +226,7 @@ class RunState:
 
 def begin_run(args: argparse.Namespace) -> tuple[torch.Generator, list[Sample], dict]:
     """Set threads and seeds; the run's random generator, its training images (``train`` plus every
-    ``--extra-json``) and what they are, for the sidecar."""
+    ``--extra-json`` and ``--synthetic`` set) and what they are, for the sidecar."""
     set_threads(args.threads)
     torch.manual_seed(args.seed)
     samples = load_samples(args.data / args.train_images, args.data / args.train_json, args.limit)
@@ -234,6 +235,11 @@ def begin_run(args: argparse.Namespace) -> tuple[torch.Generator, list[Sample], 
     for extra in args.extra_json:
         more = load_samples(args.data / args.extra_images, extra, args.limit)
         data_info["extra"].append({"json": str(extra), "images": args.extra_images, "count": len(more)})
+        samples += more
+    for folder in args.synthetic:
+        images, labels = set_paths(folder)
+        more = load_samples(images, labels, args.limit)
+        data_info.setdefault("synthetic", []).append({"folder": str(folder), "count": len(more)})
         samples += more
     return torch.Generator().manual_seed(args.seed), samples, data_info
 

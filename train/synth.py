@@ -46,27 +46,32 @@ BOX_GROW = (1.18, 1.19)
 
 
 def find_fonts(root: Path = FONT_ROOT) -> list[Path]:
-    """Every TrueType font under ``root`` that draws all ten digits, sorted (math fonts left out)."""
+    """Every TrueType or OpenType font under ``root`` that draws all ten digits and the suffix letters,
+    each its own glyph, sorted (math fonts and hairline weights left out)."""
     fonts = []
-    for path in sorted(root.rglob("*.ttf")):
-        if "math" in path.name.lower():
-            continue
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in (".ttf", ".otf")):
+        if any(w in path.name.lower() for w in ("math", "thin", "extralight", "ultralight", "hairline")):
+            continue  # hairline weights vanish under a photo's blur at house-number sizes
         try:
             font = ImageFont.truetype(str(path), 32)
         except OSError:
             continue
-        if all(font.getbbox(str(d))[2] > font.getbbox(str(d))[0] for d in range(10)):
-            fonts.append(path)
+        chars = "0123456789" + SUFFIX_LETTERS
+        if len({bytes(font.getmask(c)) for c in chars}) == len(chars) and all(font.getbbox(str(d))[2] > font.getbbox(str(d))[0] for d in range(10)):
+            fonts.append(path)  # each its own glyph: a font without them draws one missing-glyph box
     return fonts
 
 
 @dataclass
 class Synthetic:
-    """One synthetic house number: the RGB image, xyxy digit boxes (left to right) and the digits."""
+    """One synthetic house number: the RGB image, xyxy digit boxes (left to right) and the digits; what
+    was drawn beside them and not labelled: a letter ``suffix`` and a nearby ``word``."""
 
     image: Image.Image
     boxes: np.ndarray
     digits: np.ndarray
+    suffix: str = ""
+    word: str = ""
 
     @property
     def text(self) -> str:
@@ -175,6 +180,130 @@ def render(backgrounds: list[Image.Image], fonts: list[Path], rng: np.random.Gen
     return Synthetic(canvas, np.asarray(boxes, dtype=np.float32), np.asarray(digits, dtype=np.int64))
 
 
+# Real-style house numbers (``--real-style``): how doors, plaques and facades show them.
+STYLES = ("plate", "bordered", "painted", "engraved", "backlit", "brass", "tiles")
+REAL_LENGTH_P = (0.1, 0.3, 0.35, 0.25)  # more long numbers than SVHN: streets, not crops of them
+REAL_HEIGHT = (32, 200)
+SUFFIX_P = 0.12  # a letter after the digits ("12A"): drawn, not labelled
+WORDS_P = 0.2  # a street name or word above or below the number: drawn, not labelled
+SUFFIX_LETTERS = "ABCDEFHKMNPRUVWX"
+WORDS = ("MAIN ST", "AVENUE", "Rd", "No.", "STREET", "Haus", "Nr", "APT", "Via Roma", "Rue", "SUITE", "Lane",
+         "PARK", "Office", "Gate", "BLOCK", "Court", "Strasse", "WELCOME", "Post")
+
+
+def _gold(rng: np.random.Generator) -> tuple[int, int, int]:
+    return (int(rng.integers(170, 235)), int(rng.integers(130, 190)), int(rng.integers(40, 110)))
+
+
+def _shade(colour: tuple[int, int, int], by: float) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c * by, 0, 255)) for c in colour)
+
+
+def render_real(backgrounds: list[Image.Image], fonts: list[Path], rng: np.random.Generator,
+                style: str | None = None, lighting: bool = True) -> Synthetic:
+    """One house number as real photos show one, in a drawn ``style`` (:data:`STYLES`, default: one at
+    random): on a plate, a bordered plaque, painted on the wall, engraved (low contrast, lit from one
+    side), backlit (bright digits glowing on a dark sign), brass on wood or stone, or each digit on its
+    own tile; sometimes with a letter suffix or a word nearby (drawn, not labelled), in low light or
+    with glare (unless ``lighting`` is False). Only the digits are labelled, each box measured on its ink as :func:`render`."""
+    style = style or STYLES[int(rng.integers(len(STYLES)))]
+    length = int(rng.choice(LENGTHS, p=REAL_LENGTH_P))
+    digits = [int(rng.integers(1, 10))] + [int(d) for d in rng.integers(0, 10, length - 1)]
+    suffix = SUFFIX_LETTERS[int(rng.integers(len(SUFFIX_LETTERS)))] if rng.random() < SUFFIX_P else ""
+    height = int(round(np.exp(rng.uniform(np.log(REAL_HEIGHT[0]), np.log(REAL_HEIGHT[1])))))
+    digit_height = rng.uniform(0.3, 0.7) * height
+    font_path = fonts[int(rng.integers(len(fonts)))]
+    probe = ImageFont.truetype(str(font_path), 100)
+    size = max(8, int(round(digit_height * 100 / (probe.getbbox("0")[3] - probe.getbbox("0")[1]))))
+    font = ImageFont.truetype(str(font_path), size)
+    stroke = int(rng.integers(1, max(2, size // 14) + 1)) if rng.random() < 0.2 else 0
+    tracking = (rng.uniform(0.3, 0.8) if style == "tiles" else rng.uniform(-0.04, 0.3)) * size
+    glyphs = _glyphs("".join(map(str, digits)) + suffix, font, tracking, stroke)
+    x0, top0 = min(x for _, x, _ in glyphs), min(y for _, _, y in glyphs)
+    line_w = max(x + m.width for m, x, _ in glyphs) - x0
+    line_h = max(y + m.height for m, _, y in glyphs) - top0
+    word = WORDS[int(rng.integers(len(WORDS)))] if rng.random() < WORDS_P else ""
+    word_font = ImageFont.truetype(str(font_path), max(6, int(size * rng.uniform(0.25, 0.45))))
+    word_h = (word_font.getbbox(word)[3] + 4) if word else 0
+    width = max(int(round(height * rng.uniform(1.4, 3.4))), int(line_w * rng.uniform(1.15, 1.6)),
+                int(word_font.getlength(word)) + 4 if word else 0)
+    height = max(height, int(line_h * 1.25) + 2 * word_h + 4)
+
+    canvas = random_crop(backgrounds[int(rng.integers(len(backgrounds)))], (width, height), rng, zoom=(1.0, 3.0)).convert("RGB")
+    if style == "backlit":
+        canvas = Image.fromarray((np.asarray(canvas) * rng.uniform(0.1, 0.35)).astype(np.uint8))
+    left = int(rng.integers(0, width - line_w + 1)) - x0
+    top = int(rng.integers(word_h, max(word_h + 1, height - line_h - word_h + 1))) - top0
+    box = (left + x0, top + top0, left + x0 + line_w, top + top0 + line_h)
+    draw = ImageDraw.Draw(canvas)
+    pad_x, pad_y = rng.uniform(0.15, 0.5) * line_h, rng.uniform(0.1, 0.3) * line_h
+    plate = (max(0, box[0] - pad_x), max(0, box[1] - pad_y), min(width - 1, box[2] + pad_x), min(height - 1, box[3] + pad_y))
+    radius = rng.uniform(0, 0.3) * line_h
+    if style in ("plate", "bordered", "engraved"):
+        behind = tuple(int(c) for c in rng.integers(0, 256, 3))
+        draw.rounded_rectangle(plate, radius=radius, fill=behind)
+    elif style == "brass":
+        behind = tuple(int(c) for c in (rng.integers(10, 90, 3) if rng.random() < 0.7 else rng.integers(150, 230, 3)))
+        draw.rounded_rectangle(plate, radius=radius, fill=behind)
+    else:
+        behind = tuple(int(c) for c in np.asarray(canvas.crop(box)).reshape(-1, 3).mean(0))
+    colour = {"brass": _gold(rng), "backlit": tuple(int(c) for c in rng.integers(200, 256, 3))}.get(style) or _contrasting(behind, rng)
+    if style == "engraved":  # cut into the plate: a little darker, lit on one edge
+        colour = _shade(behind, rng.uniform(0.45, 0.75)) if _luminance(behind) > 60 else _shade(behind, 2.2)
+    if style == "bordered":
+        draw.rounded_rectangle(plate, radius=radius, outline=colour, width=max(1, int(line_h / rng.uniform(10, 20))))
+    if style == "tiles":
+        tile = tuple(int(c) for c in rng.integers(170, 256, 3))
+        colour = _contrasting(tile, rng)
+
+    boxes = []
+    for k, (mask, x, y) in enumerate(glyphs):
+        at = (left + x, top + y)
+        if style == "tiles" and k < len(digits):
+            side = max(mask.width, mask.height) * 1.35
+            cx, cy = at[0] + mask.width / 2, at[1] + mask.height / 2
+            draw.rounded_rectangle((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2), radius=side * 0.1, fill=tile,
+                                   outline=_shade(tile, 0.6))
+        if style == "backlit":
+            glow = mask.filter(ImageFilter.GaussianBlur(max(1.0, size / 12)))
+            canvas.paste(_shade(colour, 0.8), at, glow)
+        elif style == "engraved":
+            lit = _shade(behind, 1.5) if _luminance(behind) < 200 else (255, 255, 255)
+            canvas.paste(lit, (at[0] + max(1, size // 40), at[1] + max(1, size // 40)), mask)
+        elif rng.random() < 0.25:
+            canvas.paste(_shade(colour, 0.3) if _luminance(colour) > 127 else _shade(behind, 0.5),
+                         (at[0] + max(1, size // 25), at[1] + max(1, size // 25)), mask)
+        canvas.paste(colour, at, mask)
+        if k < len(digits):
+            ink = np.asarray(mask)
+            ys, xs = np.nonzero(ink > min(127, int(ink.max()) // 2))  # a hairline digit at a small size: its darkest
+            boxes.append(_grown([at[0] + xs.min(), at[1] + ys.min(), at[0] + xs.max() + 1, at[1] + ys.max() + 1],
+                                width, height))
+    if word:
+        above = rng.random() < 0.5 and box[1] >= word_h
+        wy = box[1] - word_h if above else min(height - word_h, box[3] + 2)
+        draw.text((int(rng.integers(0, max(1, width - int(word_font.getlength(word))))), wy), word, fill=colour, font=word_font)
+
+    pixels = np.asarray(canvas).astype(np.float32)
+    if lighting and rng.random() < 0.15:  # glare: a bright patch
+        yy, xx = np.mgrid[0:height, 0:width]
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(0.2, 0.6) * max(width, height)
+        pixels += (np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r)) * rng.uniform(60, 160))[..., None]
+    if lighting and rng.random() < 0.15:  # low light
+        pixels = 255 * (pixels / 255).clip(0, 1) ** rng.uniform(1.5, 2.5) * rng.uniform(0.4, 0.8)
+    canvas = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    if rng.random() < 0.5:
+        canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.5)))
+    if rng.random() < 0.4:
+        f = rng.uniform(0.35, 0.9)
+        canvas = canvas.resize((max(1, round(width * f)), max(1, round(height * f))), Image.BILINEAR).resize((width, height), Image.BILINEAR)
+    pixels = np.asarray(canvas).astype(np.float32) + rng.normal(0, rng.uniform(0, 10), (height, width, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=int(rng.integers(40, 95)))
+    return Synthetic(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), np.asarray(boxes, np.float32),
+                     np.asarray(digits, np.int64), suffix, word)
+
+
 def load_backgrounds(paths: list[Path], max_side: int = 640) -> list[Image.Image]:
     return [open_background(p, max_side) for p in paths]
 
@@ -184,8 +313,10 @@ def set_paths(out: Path) -> tuple[Path, Path]:
     return out / "images", out / "synth.json"
 
 
-def write_synthetic(count: int, backgrounds: list[Image.Image], fonts: list[Path], seed: int, out: Path) -> Path:
-    """Write ``count`` synthetic numbers and their HW2 COCO file to :func:`set_paths` of ``out``."""
+def write_synthetic(count: int, backgrounds: list[Image.Image], fonts: list[Path], seed: int, out: Path,
+                    real_style: bool = False) -> Path:
+    """Write ``count`` synthetic numbers (SVHN-like, or :func:`render_real`'s with ``real_style``) and
+    their HW2 COCO file to :func:`set_paths` of ``out``."""
     if not fonts:
         raise FileNotFoundError(f"no TrueType fonts under {FONT_ROOT} (apt install fonts-dejavu fonts-liberation)")
     if not backgrounds:
@@ -195,7 +326,7 @@ def write_synthetic(count: int, backgrounds: list[Image.Image], fonts: list[Path
     folder.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for i in range(1, count + 1):
-        s = render(backgrounds, fonts, rng)
+        s = render_real(backgrounds, fonts, rng) if real_style else render(backgrounds, fonts, rng)
         name = f"synth_{i:06d}.jpg"
         s.image.save(folder / name, quality=95)
         images.append({"id": i, "file_name": name, "width": s.image.width, "height": s.image.height,
@@ -205,7 +336,7 @@ def write_synthetic(count: int, backgrounds: list[Image.Image], fonts: list[Path
                                 "category_id": d + 1, "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
     coco = {"images": images, "annotations": annotations,
             "categories": [{"id": d + 1, "name": str(d)} for d in range(10)],
-            "info": {"generator": "train.synth", "seed": seed, "fonts": [p.name for p in fonts]}}
+            "info": {"generator": "train.synth", "seed": seed, "real_style": real_style, "fonts": [p.name for p in fonts]}}
     path.write_text(json.dumps(coco) + "\n")
     return path
 
@@ -217,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backgrounds", type=Path, help="a folder of photos (default: train.scenes' training backgrounds)")
     p.add_argument("--fonts", type=Path, default=FONT_ROOT, help="where to look for .ttf fonts")
     p.add_argument("--out", type=Path, default=Path("runs/synth"))
+    p.add_argument("--real-style", action="store_true", help="house numbers as real photos show them (render_real)")
     args = p.parse_args(argv)
     if args.backgrounds:
         paths = sorted(f for f in args.backgrounds.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
@@ -225,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
 
         paths = background_pool("train")
     fonts = find_fonts(args.fonts)
-    path = write_synthetic(args.count, load_backgrounds(paths), fonts, args.seed, args.out)
+    path = write_synthetic(args.count, load_backgrounds(paths), fonts, args.seed, args.out, args.real_style)
     print(f"wrote {path}: {args.count} numbers in {len(fonts)} fonts on {len(paths)} backgrounds", file=sys.stderr)
     return 0
 
