@@ -1,22 +1,33 @@
 """Synthetic house numbers: digit strings rendered with the installed fonts on crops of real photos.
 
-SVHN is all the real data there is, so more data means made-up data. Each synthetic image is one
-number of 1-4 digits (lengths drawn as often as in SVHN `train`), rendered in a font from the Debian
-font packages (``fonts-dejavu``, ``fonts-liberation``: every ``.ttf`` under ``/usr/share/fonts``), in
-one colour, on a plate of another colour or straight onto a crop of a background photo (the scene
-backgrounds of :mod:`train.scenes`, or any folder of photos), at the sizes SVHN's photos have (24-140
-px tall, digits 35-85% of the height, 1.6-3.2 times as wide as tall); then blurred, shrunk and
-enlarged again, noised and JPEG-compressed. Each digit's box is its own ink's bounding box, measured
-on the pixels it was drawn with, grown about its centre to SVHN's convention (:data:`BOX_GROW`), so the
-labels are exact. Geometry (rotation, shear, perspective) is
-left to the training augmentation (:mod:`train.presets`), which also draws it for real photos.
+SVHN is all the real data there is, so more data means made-up data. Two looks:
+
+- SVHN's (:func:`render`, the default): one number of 1-4 digits (lengths drawn as often as in SVHN
+  `train`), in one colour, on a plate of another colour or straight onto a crop of a background photo
+  (the scene backgrounds of :mod:`train.scenes`, or any folder of photos), at the sizes SVHN's photos
+  have (24-140 px tall, digits 35-85% of the height, 1.6-3.2 times as wide as tall);
+- real photos' (:func:`render_real`, ``--real-style``): plaques with and without a border, painted on
+  the wall, engraved, backlit, brass, one tile a digit; longer numbers; a letter suffix ("12A") or a
+  word nearby that is drawn and not labelled; low light and glare.
+
+Fonts: every TrueType and OpenType font under ``/usr/share/fonts`` that draws the digits and the suffix
+letters (:func:`find_fonts`): the Debian packages ``fonts-dejavu`` and ``fonts-liberation`` and, for
+many families (serif, sans, condensed, bold, rounded, monospace, comic, display), ``fonts-urw-base35
+fonts-freefont-ttf fonts-roboto-unhinted fonts-open-sans fonts-cantarell fonts-linuxlibertine
+fonts-comic-neue fonts-noto-core fonts-crosextra-carlito fonts-crosextra-caladea fonts-lato
+fonts-firacode fonts-hack fonts-league-spartan fonts-bebas-neue fonts-b612 fonts-ebgaramond`` (214
+fonts). Each image is then blurred, shrunk and enlarged again, noised and JPEG-compressed. Each digit's
+box is its own ink's bounding box, measured on the pixels it was drawn with, grown about its centre to
+SVHN's convention (:data:`BOX_GROW`), so the labels are exact. Geometry (rotation, shear, perspective)
+is left to the training augmentation (:mod:`train.presets`), which also draws it for real photos.
 
 The images and an HW2 COCO file (``category_id`` = digit + 1, ``label_tier`` "synthetic") are written
-to ``--out`` (:func:`set_paths`); the detector trainer reads them as more data with ``--synthetic OUT``,
-any other trainer with ``--extra-json OUT/synth.json --extra-images OUT/images``. Every draw comes from one seeded generator: a seed, a count, the fonts and the
-backgrounds give the same images.
+to ``--out`` (:func:`set_paths`); every trainer reads them as more data with ``--synthetic OUT``. Every
+draw comes from one seeded generator, so a seed, a count, the fonts and the backgrounds give the same
+images.
 
     python -m train.synth --count 5000 --seed 0 --out runs/synth
+    python -m train.synth --real-style --count 8000 --seed 0 --out runs/synth_real
 """
 from __future__ import annotations
 
