@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from .assemble import is_column
 from .checkpoints import load_module, resolve_optional, tuned, write_weights
 from .inference import for_inference
 from .reader import DigitReader, trunk
@@ -173,18 +174,47 @@ def read_region(model: NumberReader, image: torch.Tensor, digit_boxes: torch.Ten
                 ) -> tuple[np.ndarray, Detections | None]:
     """``model``'s reading of the line around xyxy ``digit_boxes`` (N x 4) of a float CHW ``image``,
     on which the detections read ``text``: the T x 11 log-probabilities, and, where ``model`` has a
-    proposer, the number that reads there (:func:`place`; else None).
+    proposer, the number that reads there (:func:`place`; else None). A vertical stack is read top to
+    bottom, its digits laid side by side (:func:`column_as_row`), without the proposer.
 
     The proposer is asked only where ``model``'s own greedy reading differs from ``text``: where the
     two agree (about 72% of the valid images with resnet18_fpn) its proposal changed no reading, so
     its time is saved."""
+    column = len(digit_boxes) > 1 and is_column(digit_boxes.numpy())
+    if column:
+        image, digit_boxes = column_as_row(image, digit_boxes)
     crop = crop_boxes(number_region(digit_boxes)[None])
     x = crop_at(image, crop)
     line = model(x)[0]
     proposal = None
-    if model.proposer is not None and greedy_text(line[None])[0] != text:
+    if model.proposer is not None and not column and greedy_text(line[None])[0] != text:
         proposal = place(model.proposer(x)[0], crop[0], digit_boxes)
     return line.numpy(), proposal
+
+
+def column_as_row(image: torch.Tensor, boxes: torch.Tensor, gap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A vertical stack's digits (xyxy ``boxes`` in a float CHW ``image``) laid side by side, top to
+    bottom becoming left to right, as the number reader reads a row: each box cut out at the stack's
+    median digit height, ``gap`` of it apart, on the image's mean colour (with room around them for
+    the line's padding); the row image and its boxes.
+    Spacing matters: SVHN's digits stand close, and the reader misses digits set far apart."""
+    boxes = boxes[torch.argsort((boxes[:, 1] + boxes[:, 3]) / 2)].float()
+    side = max(8, int(round(float((boxes[:, 3] - boxes[:, 1]).median()))))
+    widths = [max(1, int(round(side * float((b[2] - b[0]) / (b[3] - b[1]).clamp(min=1))))) for b in boxes]
+    cuts = [roi_align(image[None], [b[None]], (side, w), 1.0, sampling_ratio=0, aligned=True)[0] for b, w in zip(boxes, widths)]
+    space = int(round(gap * side))
+    margin = image.mean((1, 2), keepdim=True).expand(-1, side, side)  # room for the line's padding
+    parts = [margin]
+    for k, c in enumerate(cuts):
+        parts += [c] if k == 0 else [margin[:, :, :space], c]
+    row = torch.cat(parts + [margin], 2)
+    above = image.mean((1, 2), keepdim=True).expand(-1, side // 2, row.shape[2])
+    row = torch.cat([above, row, above], 1)
+    x = torch.tensor([side + sum(widths[:k]) + k * space for k in range(len(widths))], dtype=torch.float32)
+    w = torch.tensor(widths, dtype=torch.float32)
+    top = float(side // 2)
+    row_boxes = torch.stack([x, torch.full_like(x, top), x + w, torch.full_like(x, top + side)], 1)
+    return row, row_boxes
 
 
 def ctc_nll(log_probs: torch.Tensor, texts: list[str], **kwargs) -> torch.Tensor:

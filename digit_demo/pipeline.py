@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .assemble import THRESHOLDS, assemble, is_column
+from .assemble import THRESHOLDS, assemble
 from .calibration import threshold_for
 from .checkpoints import DEFAULT_MODEL
 from .detect import Detector, set_threads, to_tensor
@@ -414,12 +414,12 @@ def _name(src: ImageInput, k: int) -> str:
 def read_number_line(model: NumberReader, image: torch.Tensor, dets: Detections) -> LineReading | None:
     """``model``'s reading of the line the digits sit on, and its proposer's number there
     (:func:`digit_demo.number_reader.read_region`), around the number the detections read at the
-    reader's ``region_threshold`` (else at the lowest of THRESHOLDS); None where no digit is found or
-    the digits stand in a column (the reader reads rows)."""
+    reader's ``region_threshold`` (else at the lowest of THRESHOLDS); None where no digit is found. A
+    vertical stack is read top to bottom, its digits laid side by side."""
     number = assemble(dets, model.settings.region_threshold)
     if not number.text:
         number = assemble(dets, min(THRESHOLDS))
-    if not number.text or is_column(number.digits.boxes):
+    if not number.text:
         return None
     line, proposal = read_region(model, image, torch.from_numpy(number.digits.boxes).float(), number.text)
     return LineReading(line, model.settings.line_margin, proposal)

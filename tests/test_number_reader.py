@@ -1,6 +1,7 @@
 """The whole-number reader: its crops, CTC scoring, how assembly uses it, the shipped checkpoint, its trainer."""
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +13,9 @@ from digit_demo.data import annotations_by_image, clipped_boxes, gt_numbers
 from digit_demo.detect import to_tensor
 from digit_demo.judge import LEAD_MARGIN, read
 from digit_demo.images import load_image
-from digit_demo.number_reader import (BLANK, HEIGHT, LINE_MARGIN, REGION_THRESHOLD, WIDTH, NumberReader, crop_boxes, crop_numbers,
+from digit_demo.number_reader import (BLANK, HEIGHT, LINE_MARGIN, REGION_THRESHOLD, WIDTH, NumberReader, column_as_row, crop_boxes, crop_numbers,
                                       greedy_text, line_log_prob, load_number_reader, number_region, optional_number_reader,
-                                      place)
+                                      place, read_region)
 from digit_demo.pipeline import Pipeline, PipelineConfig, read_number_line
 from digit_demo.reader import load_reader
 from digit_demo.types import Detections, Found, LeadReading, LineReading
@@ -135,6 +136,56 @@ def test_shipped_number_reader_reads_real_fixture_numbers(number_reader, fixture
     meta = number_reader.meta
     assert meta["architecture"] == "number_reader_crnn" and meta["weights_dtype"] == "float16"
     assert meta["metrics"]["valid_number_accuracy_true_boxes"] > 0.6
+
+
+def test_a_column_is_laid_out_as_a_row_top_digit_first():
+    # two 20 x 40 digits stacked in a 40 x 120 image: cut out at their height (40), side by side after a
+    # 40 px margin, with 20 px above and below; each cut holds its own pixels
+    image = torch.rand(3, 120, 40)
+    boxes = torch.tensor([[10.0, 60, 30, 100], [10, 10, 30, 50]])  # the lower digit listed first
+    row, row_boxes = column_as_row(image, boxes)
+    assert row.shape == (3, 80, 120)
+    assert torch.equal(row_boxes, torch.tensor([[40.0, 20, 60, 60], [60, 20, 80, 60]]))
+    assert torch.allclose(row[:, 20:60, 40:60], image[:, 10:50, 10:30], atol=1e-6)  # the top digit first
+    assert torch.allclose(row[:, 20:60, 60:80], image[:, 60:100, 10:30], atol=1e-6)
+
+
+def stacks(fonts, n: int = 24):
+    """``n`` drawn vertical house numbers of 2-4 digits: (text, CHW image, digit boxes as SVHN labels
+    them, the ink grown 18%)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(0)
+    out = []
+    for k in range(n):
+        text = "".join(str(d) for d in [rng.integers(1, 10), *rng.integers(0, 10, rng.integers(1, 4))])
+        font = ImageFont.truetype(str(fonts[k % len(fonts)]), int(rng.integers(24, 60)))
+        fg, bg = ((20, 20, 20), (230, 220, 200)) if k % 2 else ((230, 220, 200), (30, 60, 120))
+        im = Image.new("RGB", (200, 90 * len(text) + 40), bg)
+        draw, boxes, y = ImageDraw.Draw(im), [], 20
+        for ch in text:
+            l, t, r, b = draw.textbbox((60, y), ch, font=font)
+            draw.text((60, y), ch, font=font, fill=fg)
+            boxes.append([l - 0.09 * (r - l), t - 0.09 * (b - t), r + 0.09 * (r - l), b + 0.09 * (b - t)])
+            y = b + int(rng.integers(4, 20))
+        out.append((text, to_tensor(im), torch.tensor(boxes, dtype=torch.float32)))
+    return out
+
+
+def test_the_number_reader_reads_a_vertical_stack_top_to_bottom(number_reader):
+    fonts = [f for f in (Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"),
+                         Path("/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf"),
+                         Path("/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf")) if f.exists()]
+    if not fonts:
+        pytest.skip("no DejaVu or Liberation fonts installed")
+    cases = stacks(fonts)
+    with torch.inference_mode():
+        lines = [read_region(number_reader, image, boxes, text)[0] for text, image, boxes in cases]
+    read_as = [greedy_text(torch.from_numpy(line)[None])[0] for line in lines]
+    assert sum(r == t for r, t in zip(read_as, [t for t, _, _ in cases])) >= 0.85 * len(cases), read_as
+    # and the line prefers the stack read downwards to it read upwards
+    ups = [line_log_prob(line, [t, t[::-1]]) for line, (t, _, _) in zip(lines, cases) if t != t[::-1]]
+    assert sum(down > up for down, up in ups) >= 0.9 * len(ups)
 
 
 def test_detector_reads_the_line_with_the_shipped_number_reader(fixture_gt, fixture_images):
