@@ -20,8 +20,9 @@ offline. Research and demonstration only: the training data (SVHN) is licensed f
 `rapidocr` wheel, not trained here), unless the readers below, reading a small photo whole, are sure of a
 number filling it;
 the CNN locator (below) learned from, and was measured on, synthetic scenes (SVHN crops pasted into photos),
-not real street photos, and finds numbers where PP-OCR finds no digit line; vertical numbers are read without
-the whole-number reader; digits other than 0-9 (letters such as "12A") are not read. {selection}
+not real street photos, and finds numbers where PP-OCR finds no digit line; a vertical number is read top to
+bottom (the whole-number reader reads its digits laid side by side, without the proposer); digits other than
+0-9 (letters such as "12A") are not read. {selection}
 
 Every model is a torchvision Faster R-CNN trained **from scratch** (no pretrained weights) on the SVHN
 photos in `../shared/data/svhn`, 11 classes (background + digits 0-9, `category_id = digit + 1`). Weights
