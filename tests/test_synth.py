@@ -114,6 +114,24 @@ def test_the_detector_trainer_takes_them_with_synthetic(written, tmp_path):
     assert "also trained on 40 synthetic house numbers" in write_model_card(tmp_path / "ck").read_text()
 
 
+def test_the_number_reader_trainer_takes_real_style_numbers(fonts, tmp_path):
+    import json
+
+    from train.number_reader import main
+
+    from .conftest import FIXTURES
+
+    real = write_synthetic(12, backgrounds(), fonts, seed=2, out=tmp_path / "real", real_style=True)
+    assert load_coco(real)["info"]["real_style"] is True
+    out = tmp_path / "number_reader"
+    assert main(["--data", str(FIXTURES), "--train-json", "valid.json", "--train-images", "valid", "--epochs", "1",
+                 "--width", "8", "--hidden", "16", "--batch-size", "4", "--quiet", "--out", str(out),
+                 "--synthetic", str(real.parent)]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["data"]["train_images"] == 8 and meta["data"]["synthetic"] == [{"folder": str(real.parent), "count": 12}]
+    assert meta["recipe"]["synthetic"] == [str(real.parent)]
+
+
 def test_real_style_labels_the_digits_and_not_the_letter_after_them(fonts):
     # painted on a flat wall: the digits' boxes hold ink, a letter suffix is drawn right of the last one
     # and labelled nowhere, and every style draws a number whose boxes lie inside the image

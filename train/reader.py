@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 "training": {"epochs_run": epoch + 1, "train_seconds": round(time.time() - start), "device": "cpu",
                              "crops_per_epoch": len(crops)},
                 "recipe": {k: v for k, v in vars(args).items() if k not in ("data", "threads", "out", "quiet", "extra_json")}
-                | {"extra_json": [str(p) for p in args.extra_json]},
+                | {"extra_json": [str(p) for p in args.extra_json], "synthetic": [str(p) for p in args.synthetic]},
                 "data": data_info,
                 "metrics": {f"valid_{k}": v for k, v in best.items() if k not in ("epoch", "seconds")},
                 "history": history,
