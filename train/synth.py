@@ -12,13 +12,12 @@ SVHN is all the real data there is, so more data means made-up data. Two looks:
 
 Fonts: every TrueType and OpenType font under ``/usr/share/fonts`` that draws the digits and the suffix
 letters (:func:`find_fonts`): the Debian packages ``fonts-dejavu`` and ``fonts-liberation`` and, for
-many families (serif, sans, condensed, bold, rounded, monospace, comic, display), ``fonts-urw-base35
-fonts-freefont-ttf fonts-roboto-unhinted fonts-open-sans fonts-cantarell fonts-linuxlibertine
-fonts-comic-neue fonts-noto-core fonts-crosextra-carlito fonts-crosextra-caladea fonts-lato
-fonts-firacode fonts-hack fonts-league-spartan fonts-bebas-neue fonts-b612 fonts-ebgaramond`` (214
-fonts). Each image is then blurred, shrunk and enlarged again, noised and JPEG-compressed. Each digit's
-box is its own ink's bounding box, measured on the pixels it was drawn with, grown about its centre to
-SVHN's convention (:data:`BOX_GROW`), so the labels are exact. Geometry (rotation, shear, perspective)
+many families (serif, sans, condensed, bold, rounded, monospace, comic, display), the rest of
+:data:`FONT_PACKAGES` (214 fonts; ``python -m train.synth --install`` installs them with apt).
+
+Each image is then blurred, shrunk and enlarged again, noised and JPEG-compressed. Each digit's box is
+its own ink's bounding box, measured on the pixels it was drawn with, grown about its centre to SVHN's
+convention (:data:`BOX_GROW`), so the labels are exact. Geometry (rotation, shear, perspective)
 is left to the training augmentation (:mod:`train.presets`), which also draws it for real photos.
 
 The images and an HW2 COCO file (``category_id`` = digit + 1, ``label_tier`` "synthetic") are written
@@ -44,6 +43,11 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from .scenes import open_background, random_crop
 
 FONT_ROOT = Path("/usr/share/fonts")
+# Debian's font packages the synthetic numbers are drawn in (``--install``): many families and weights
+FONT_PACKAGES = ("fonts-dejavu", "fonts-liberation", "fonts-urw-base35", "fonts-freefont-ttf", "fonts-roboto-unhinted",
+                 "fonts-open-sans", "fonts-cantarell", "fonts-linuxlibertine", "fonts-comic-neue", "fonts-noto-core",
+                 "fonts-crosextra-carlito", "fonts-crosextra-caladea", "fonts-lato", "fonts-firacode", "fonts-hack",
+                 "fonts-league-spartan", "fonts-bebas-neue", "fonts-b612", "fonts-ebgaramond")
 LENGTHS = (1, 2, 3, 4)
 LENGTH_P = (0.127, 0.507, 0.313, 0.053)  # SVHN train's numbers of 1-4 digits (5 are 4 in 6,469)
 HEIGHT = (24, 140)  # image height, px (SVHN train: 5th-95th percentile 24-141)
@@ -360,7 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fonts", type=Path, default=FONT_ROOT, help="where to look for .ttf fonts")
     p.add_argument("--out", type=Path, default=Path("runs/synth"))
     p.add_argument("--real-style", action="store_true", help="house numbers as real photos show them (render_real)")
+    p.add_argument("--install", action="store_true", help="install the font packages (apt) and stop")
     args = p.parse_args(argv)
+    if args.install:
+        from .scenes import install
+
+        install(FONT_PACKAGES)
+        return 0
     if args.backgrounds:
         paths = sorted(f for f in args.backgrounds.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
     else:
