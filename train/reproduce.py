@@ -46,7 +46,7 @@ from .cli import DEFAULT_DATA
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "train" / "configs" / "reproduce"
 GRAPH = ("splits", "resnet18_fpn", "pseudo_r1", "resnet18_fpn_self", "pseudo_r2", "resnet34_fpn", "mobilenet_v3_fpn",
-         "digit_reader", "number_reader", "number_proposer", "tune", "locator", "calibrate", "report", "release")
+         "synth_real", "digit_reader", "number_reader", "number_proposer", "tune", "locator", "calibrate", "report", "release")
 # config keys that describe a stage without changing what it makes: notes, and ``speed`` (the options the
 # runner sets per machine, by train.speed: how fast it runs, e.g. a loader process or the memory format)
 NOTES = ("about", "minutes", "minutes_basis", "speed")

@@ -3,8 +3,8 @@
 It has the layout of ``../shared/data/svhn`` and ``../shared/data/svhn_raw`` that the stages read:
 ``train/`` + ``train.json`` and ``valid/`` + ``valid.json`` (the eight fixture crops, exact tier),
 ``unlabeled/`` (copies of three of them) with an SVHN candidate list and box table in which each has
-its true record and a decoy with every digit changed, and ``backgrounds/`` (three plain synthetic
-photos for the locator's scenes). Nothing here is measured: it only proves every stage runs and
+its true record and a decoy with every digit changed, ``backgrounds/`` (three plain synthetic
+photos for the locator's scenes and the synthetic numbers) and ``fonts/`` (the tests' DejaVu cut). Nothing here is measured: it only proves every stage runs and
 writes what the next one reads.
 """
 from __future__ import annotations
@@ -54,5 +54,6 @@ def make_smoke_data(out: Path, fixtures: Path = FIXTURES) -> Path:
         ramp = np.linspace(0, 60, 1200)[None, :, None]
         pixels = np.clip(base + ramp + rng.normal(0, 12, (900, 1200, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(out / "backgrounds" / f"background{k}.jpg", quality=90)
+    shutil.copytree(fixtures / "fonts", out / "fonts")  # the synthetic numbers' font
     (out / "done").write_text("ok\n")
     return out
