@@ -32,7 +32,7 @@ from digit_demo.number_reader import (BACKBONES, DEFAULT_NUMBER_READER, HEIGHT, 
                                       crop_numbers, ctc_nll, greedy_text, number_region, save_number_reader)
 
 from .cli import add_data_args
-from .reader import RunState, Sample, add_run_args, augment, begin_run, load_samples
+from .reader import RunState, Sample, add_run_args, augment, begin_run, load_samples, sidecar_recipe
 
 
 def ordered(sample: Sample) -> tuple[torch.Tensor, str] | None:
@@ -180,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             save_number_reader(model, args.out, {
                 "training": {"epochs_run": epoch + 1, "train_seconds": round(time.time() - start), "device": "cpu",
                              "numbers_per_epoch": len(crops)},
-                "recipe": {k: v for k, v in vars(args).items() if k not in ("data", "threads", "out", "quiet", "extra_json")}
-                | {"extra_json": [str(p) for p in args.extra_json], "synthetic": [str(p) for p in args.synthetic]},
+                "recipe": sidecar_recipe(args),
                 "data": data_info,
                 "metrics": {"valid_number_accuracy_true_boxes": best["number_accuracy"]},
                 "history": history,

@@ -224,6 +224,15 @@ class RunState:
         engine.save_state(self.path, model, opt, sched, g, recipe=self.recipe, **progress)
 
 
+def sidecar_recipe(args: argparse.Namespace) -> dict:
+    """A second-stage trainer's options as its sidecar records them: paths as text; where it reads the
+    data and writes, its threads and its progress bars left out."""
+    def text(v):
+        return [text(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+
+    return {k: text(v) for k, v in vars(args).items() if k not in ("data", "threads", "out", "quiet")}
+
+
 def begin_run(args: argparse.Namespace) -> tuple[torch.Generator, list[Sample], dict]:
     """Set threads and seeds; the run's random generator, its training images (``train`` plus every
     ``--extra-json`` and ``--synthetic`` set) and what they are, for the sidecar."""
@@ -306,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             best_meta = {
                 "training": {"epochs_run": epoch + 1, "train_seconds": round(time.time() - start), "device": "cpu",
                              "crops_per_epoch": len(crops)},
-                "recipe": {k: v for k, v in vars(args).items() if k not in ("data", "threads", "out", "quiet", "extra_json")}
-                | {"extra_json": [str(p) for p in args.extra_json], "synthetic": [str(p) for p in args.synthetic]},
+                "recipe": sidecar_recipe(args),
                 "data": data_info,
                 "metrics": {f"valid_{k}": v for k, v in best.items() if k not in ("epoch", "seconds")},
                 "history": history,
