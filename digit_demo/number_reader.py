@@ -180,7 +180,7 @@ def read_region(model: NumberReader, image: torch.Tensor, digit_boxes: torch.Ten
     The proposer is asked only where ``model``'s own greedy reading differs from ``text``: where the
     two agree (about 72% of the valid images with resnet18_fpn) its proposal changed no reading, so
     its time is saved."""
-    column = len(digit_boxes) > 1 and is_column(digit_boxes.numpy())
+    column = is_column(digit_boxes.numpy())
     if column:
         image, digit_boxes = column_as_row(image, digit_boxes)
     crop = crop_boxes(number_region(digit_boxes)[None])
@@ -203,12 +203,13 @@ def column_as_row(image: torch.Tensor, boxes: torch.Tensor, gap: float = 0.0) ->
     widths = [max(1, int(round(side * float((b[2] - b[0]) / (b[3] - b[1]).clamp(min=1))))) for b in boxes]
     cuts = [roi_align(image[None], [b[None]], (side, w), 1.0, sampling_ratio=0, aligned=True)[0] for b, w in zip(boxes, widths)]
     space = int(round(gap * side))
-    margin = image.mean((1, 2), keepdim=True).expand(-1, side, side)  # room for the line's padding
+    fill = image.mean((1, 2), keepdim=True)
+    margin = fill.expand(-1, side, side)  # room for the line's padding
     parts = [margin]
     for k, c in enumerate(cuts):
         parts += [c] if k == 0 else [margin[:, :, :space], c]
     row = torch.cat(parts + [margin], 2)
-    above = image.mean((1, 2), keepdim=True).expand(-1, side // 2, row.shape[2])
+    above = fill.expand(-1, side // 2, row.shape[2])
     row = torch.cat([above, row, above], 1)
     x = torch.tensor([side + sum(widths[:k]) + k * space for k in range(len(widths))], dtype=torch.float32)
     w = torch.tensor(widths, dtype=torch.float32)

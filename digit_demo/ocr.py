@@ -68,6 +68,12 @@ class TextSettings:
     settle_share: float = 0.3
     settle_side: int = 512
 
+    def crop_sized(self, size: tuple[int, int]) -> bool:
+        """Whether a photo of ``size`` (width, height) is no larger than an SVHN-like crop: its short
+        side at most ``settle_side``. Such a photo is read whole first, and PP-OCR's reading of it whole
+        must reach ``min_score_whole``."""
+        return min(size) <= self.settle_side
+
 
 @dataclass(frozen=True)
 class TextLine:

@@ -285,7 +285,7 @@ class Pipeline:
         ``TextSettings.settle`` bar, and the image's short side is at most ``settle_side``."""
         if not isinstance(self.locator, TextFinder) or self.locator.settings.settle is None:
             return False
-        return min(image.size) <= self.locator.settings.settle_side
+        return self.locator.settings.crop_sized(image.size)
 
     def settled(self, reading: Reading) -> bool:
         """Whether the readers' reading of the whole photo stands without PP-OCR: a number at least
@@ -384,7 +384,7 @@ def text_regions(lines: list[TextLine], size: tuple[int, int], settings: TextSet
     first = lines[0]
     if first.box[3] - first.box[1] >= settings.crop_share * height:
         whole = RegionReading.covering(width, height)
-        bar = settings.min_score_whole if min(size) <= settings.settle_side else settings.min_score
+        bar = settings.min_score_whole if settings.crop_sized(size) else settings.min_score
         whole.text = TextReading(first.digits, first.score, first.box, bar, first.text, settings.min_score)
         return [whole]
     regions = []
