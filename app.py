@@ -22,10 +22,11 @@ from digit_demo.session import Session, save_images, write_downloads
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "examples").iterdir() if p.suffix in (".png", ".jpg"))
 MAX_IMAGES = 32
-os.environ.setdefault("DIGIT_DEMO_THREADS", "2")  # read by every pipeline (digit_demo.detect.set_threads)
-# Serving policy: two readings at a time (this CPU has two cores), and a queue long enough that a burst
-# of visitors waits instead of being refused (benchmark.py --load-test measures the wait).
-CONCURRENCY = 2
+# Serving policy: one reading per core at a time, each on one thread (read by every pipeline:
+# digit_demo.detect.set_threads), so concurrent readings never share a core's threads; and a queue long
+# enough that a burst of visitors waits instead of being refused (benchmark.py --load-test measures both).
+os.environ.setdefault("DIGIT_DEMO_THREADS", "1")
+CONCURRENCY = int(os.environ.get("DIGIT_DEMO_CONCURRENCY") or len(os.sched_getaffinity(0)))
 QUEUE_SIZE = int(os.environ.get("DIGIT_DEMO_QUEUE", "512"))
 set_threads()
 BASE = PipelineConfig()

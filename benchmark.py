@@ -211,16 +211,18 @@ def real_configs() -> dict:
     return scene_configs(None)
 
 
-def load_test(calls: int, clients: int, threads: int) -> dict:
+def load_test(calls: int, clients: int, threads: int | None = None) -> dict:
     """Serve the app and fire ``calls`` reads of one example photo from ``clients`` clients at once
     (each client in a thread of this process, on the same machine as the server): how many were
-    refused or failed, and the wait per call (from submitting it to its answer)."""
+    refused or failed, and the wait per call (from submitting it to its answer). The app serves with
+    its own policy (``app.py``: one single-threaded reading per core), or ``threads`` per reading."""
     from gradio_client import Client, handle_file
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "DIGIT_DEMO_THREADS": str(threads), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "DIGIT_DEMO_THREADS"}
+    env.update({"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}, **({"DIGIT_DEMO_THREADS": str(threads)} if threads else {}))
     app = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -262,7 +264,7 @@ def load_test(calls: int, clients: int, threads: int) -> dict:
         app.terminate()
         app.wait(20)
     refused = sum("queue is full" in f.lower() for f in failures)
-    return {"calls": calls, "clients": clients, "ok": len(waits), "refused": refused, "failed": len(failures) - refused,
+    return {"calls": calls, "clients": clients, "app_threads": threads or "app.py's", "ok": len(waits), "refused": refused, "failed": len(failures) - refused,
             "wait_p50_s": float(np.percentile(waits, 50)) if waits else None,
             "wait_p95_s": float(np.percentile(waits, 95)) if waits else None,
             "wait_max_s": float(max(waits)) if waits else None, "calls_per_s": len(waits) / wall,
@@ -440,6 +442,7 @@ def main() -> int:
     ap.add_argument("--rapidocr", action="store_true", help="with --real: RapidOCR off the shelf on the same photos")
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--clients", type=int, default=48)
+    ap.add_argument("--app-threads", type=int, help="threads per reading in the served app (default: app.py's policy, one)")
     ap.add_argument("--gt", type=Path, default=SPLIT["gt"], help="COCO json of the crops to measure (default: valid)")
     ap.add_argument("--images", type=Path, default=SPLIT["images"], help="their folder")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
@@ -468,7 +471,7 @@ def main() -> int:
         return 0
     if args.load_only:
         results = json.loads((args.out / "results.json").read_text())
-        results["load_test"] = load_test(args.calls, args.clients, args.threads)
+        results["load_test"] = load_test(args.calls, args.clients, args.app_threads)
         (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results["load_test"], indent=2))
         return 0
@@ -499,7 +502,7 @@ def main() -> int:
     if args.real:
         results["real_dev"] = real_rows(real_configs(), args.threads, args.rapidocr)
     if args.load_test:
-        results["load_test"] = load_test(args.calls, args.clients, args.threads)
+        results["load_test"] = load_test(args.calls, args.clients, args.app_threads)
     (args.out / "sweeps.json").write_text(json.dumps({k: [r.__dict__ for r in v] for k, v in curves.items()}, indent=1))
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text = table(results, args.threads, args.repeats, len(gt["images"]))

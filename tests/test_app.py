@@ -333,3 +333,17 @@ def test_a_small_number_in_a_photo_comes_back_with_its_region(client, tmp_path):
     x1, y1, x2, y2 = row[3]  # its region, in the photo's pixels, where it was drawn
     assert 280 <= x1 and x2 <= 360 and 240 <= y1 and y2 <= 275
     assert Path(_file(whole)).is_file()  # the whole photo with the number marked
+
+
+@pytest.mark.parametrize("env, threads, concurrency", [
+    ({}, 1, len(os.sched_getaffinity(0))),  # the app's policy: one single-threaded reading per core
+    ({"DIGIT_DEMO_THREADS": "2", "DIGIT_DEMO_CONCURRENCY": "3"}, 2, 3),
+])
+def test_serving_policy_reads_one_reading_per_core_on_one_thread(env, threads, concurrency):
+    code = ("import torch, app; "
+            "print(torch.get_num_threads(), app.CONCURRENCY, app.demo._queue.default_concurrency_limit)")
+    base = {k: v for k, v in os.environ.items() if k not in ("DIGIT_DEMO_THREADS", "DIGIT_DEMO_CONCURRENCY")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**base, **env, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-3:] == [str(threads), str(concurrency), str(concurrency)]
