@@ -22,12 +22,22 @@ from digit_demo.session import Session, save_images, write_downloads
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "examples").iterdir() if p.suffix in (".png", ".jpg"))
 MAX_IMAGES = 32
+
+
+def _count(name: str, default: int) -> int:
+    """``$name`` as a positive whole number, else ``default``; one clear line for anything else."""
+    value = os.environ.get(name) or str(default)
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"error: {name}={value!r} is not a positive whole number")
+    return int(value)
+
+
 # Serving policy: one reading per core at a time, each on one thread (read by every pipeline:
 # digit_demo.detect.set_threads), so concurrent readings never share a core's threads; and a queue long
 # enough that a burst of visitors waits instead of being refused (benchmark.py --load-test measures both).
 os.environ.setdefault("DIGIT_DEMO_THREADS", "1")
-CONCURRENCY = int(os.environ.get("DIGIT_DEMO_CONCURRENCY") or len(os.sched_getaffinity(0)))
-QUEUE_SIZE = int(os.environ.get("DIGIT_DEMO_QUEUE", "512"))
+CONCURRENCY = _count("DIGIT_DEMO_CONCURRENCY", len(os.sched_getaffinity(0)))
+QUEUE_SIZE = _count("DIGIT_DEMO_QUEUE", 512)
 set_threads()
 BASE = PipelineConfig()
 # What finds the numbers on the page: the library's default (PP-OCR's text lines where its packages are

@@ -222,7 +222,9 @@ def load_test(calls: int, clients: int, threads: int | None = None) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "DIGIT_DEMO_THREADS"}
-    env.update({"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}, **({"DIGIT_DEMO_THREADS": str(threads)} if threads else {}))
+    env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    if threads:
+        env["DIGIT_DEMO_THREADS"] = str(threads)
     app = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -347,3 +347,9 @@ def test_serving_policy_reads_one_reading_per_core_on_one_thread(env, threads, c
                        env={**base, **env, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[-3:] == [str(threads), str(concurrency), str(concurrency)]
+
+
+def test_a_wrong_serving_setting_is_one_clear_line():
+    env = {**os.environ, "DIGIT_DEMO_CONCURRENCY": "two", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", "import app"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == ["error: DIGIT_DEMO_CONCURRENCY='two' is not a positive whole number"]
