@@ -242,8 +242,9 @@ def cmd_release(args) -> int:
     from .release import WorseThanShipped, release
 
     try:
-        written = release(args.results, args.to, args.calibration, args.weights, args.allow_worse, args.stages)
-    except WorseThanShipped as err:
+        written = release(args.results, args.to, args.calibration, args.weights, args.allow_worse, args.stages,
+                          args.gt, args.images)
+    except (WorseThanShipped, RuntimeError) as err:
         print(f"digit_demo release: {err}", file=sys.stderr)
         return 1
     for path in written:
@@ -315,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --weights, ship even if the new default reads fewer valid or real_dev numbers than what it replaces")
     r.add_argument("--stages", type=Path, help="the reproduction's record of its finished stages (runs/stages.json): "
                                                "each sidecar then names the stage that made it")
+    r.add_argument("--gt", type=Path, help="with --weights: `valid`'s COCO json, to read it with what ships now and "
+                                           "compare (else the figure its sidecar records)")
+    r.add_argument("--images", type=Path, help="the images of --gt")
     r.set_defaults(func=cmd_release)
 
     u = sub.add_parser("publish", help="upload the app, library and checkpoints as a Hugging Face Space (online)")

@@ -4,20 +4,26 @@
 (its ``results.json`` and ``sweeps.json``) and writes ``checkpoints/sweeps.json`` (the calibration the
 pipeline's thresholds come from, :mod:`digit_demo.calibration`), ``checkpoints/benchmark.json``, each
 detector sidecar's measured ``metrics``, ``threshold``, ``sweep`` and ``benchmark`` entries, and the
-model card. Measuring writes nothing shipped; releasing runs no model.
+model card. Measuring writes nothing shipped; releasing runs no model of its own (its gate may read
+`valid` with what ships, below).
 
 With ``--calibration DIR`` (``benchmark.py`` on the tuning split) the thresholds are chosen there and
 ``--results`` (on `valid`) only reports: each row's accuracy and mAP are `valid`'s at the tuned
 threshold, not at `valid`'s best. ``--weights DIR`` first copies the checkpoints in ``DIR`` (weights
 and sidecars) into the release folder, as the reproduction's release stage does; it refuses (raises
 :class:`WorseThanShipped`, writing nothing) when the new default detector reads fewer `valid` numbers
-than the one it would replace, or a pipeline reads fewer real_dev photos, unless ``allow_worse``.
+than the one it would replace, or a pipeline reads fewer real_dev photos, unless ``allow_worse``. With
+``--gt``/``--images`` (`valid`), what ships is read again with today's code (:func:`shipped_reads_now`),
+since a sidecar's recorded figure may predate the pipeline that reads it now.
 `valid` and real_dev decide only whether to ship, never a threshold, size or weight.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -112,16 +118,34 @@ def shipped_real(directory: Path) -> dict[str, float]:
     return real_by_label((json.loads(bench.read_text()).get("real_dev") or {}) if bench.is_file() else {})
 
 
-def check_not_worse(results: dict, directory: Path, name: str = DEFAULT_MODEL) -> None:
+def shipped_reads_now(directory: Path, gt: Path, images: Path, precision: str | None = None,
+                      name: str = DEFAULT_MODEL) -> float | None:
+    """The share of ``gt``'s numbers that ``name``'s default pipeline, built from ``directory``'s
+    checkpoints and calibration, reads with today's code (``digit_demo evaluate`` in a process of its
+    own, at ``precision`` where given); None where ``directory`` ships no ``name``."""
+    if not (directory / f"{name}.safetensors").is_file():
+        return None
+    cmd = [sys.executable, "-m", "digit_demo", "evaluate", "--gt", str(gt), "--images", str(images), "-m", name, "-q"]
+    env = {**os.environ, "DIGIT_DEMO_CHECKPOINTS": str(Path(directory).resolve())}
+    r = subprocess.run(cmd + (["--precision", precision] if precision else []), env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"could not read {gt} with what {directory} ships: "
+                           f"{(r.stderr.strip().splitlines() or ['no message'])[-1]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])["accuracy"]
+
+
+def check_not_worse(results: dict, directory: Path, name: str = DEFAULT_MODEL, shipped_now: float | None = None) -> None:
     """Raise :class:`WorseThanShipped` when ``results[name]`` reads fewer `valid` numbers than what
-    ``directory`` ships now, or any pipeline ``directory`` measured on real_dev reads fewer of its
-    photos in ``results["real_dev"]`` (or was not measured there). Nothing shipped, or nothing measured
-    for ``name``, passes the `valid` check."""
-    old, new = shipped_accuracy(directory, name), (results.get(name) or {}).get("accuracy")
+    ``directory`` ships (``shipped_now``, as :func:`shipped_reads_now` measured it, else the figure its
+    sidecar records), or any pipeline ``directory`` measured on real_dev reads fewer of its photos in
+    ``results["real_dev"]`` (or was not measured there). Nothing shipped, or nothing measured for
+    ``name``, passes the `valid` check."""
+    old = shipped_now if shipped_now is not None else shipped_accuracy(directory, name)
+    new = (results.get(name) or {}).get("accuracy")
     worse = []
     if old is not None and new is not None and new < old:
         worse.append(f"the new {name} reads {new:.3f} of valid numbers (mAP {results[name].get('mAP', float('nan')):.3f}), "
-                     f"the one shipped {old:.3f}")
+                     f"the one shipped {old:.3f} ({'read now' if shipped_now is not None else 'as recorded'})")
     measured_real = real_by_label(results.get("real_dev") or {})
     for row, before in shipped_real(directory).items():
         now = measured_real.get(row)
@@ -157,11 +181,13 @@ def stamp_provenance(directory: Path, stages: dict) -> list[Path]:
 
 
 def release(results_dir: Path, directory: Path = CHECKPOINT_DIR, calibration: Path | None = None,
-            weights: Path | None = None, allow_worse: bool = False, stages: Path | None = None) -> list[Path]:
+            weights: Path | None = None, allow_worse: bool = False, stages: Path | None = None,
+            gt: Path | None = None, images: Path | None = None) -> list[Path]:
     """Write the measured calibration, metrics and model card into ``directory``; returns the files
     written. With ``calibration``, thresholds come from its sweeps and ``results_dir`` only reports.
     With ``weights`` (new checkpoints) it first checks they are not worse than what ships
-    (:func:`check_not_worse`) unless ``allow_worse``. With ``stages`` (the reproduction's record),
+    (:func:`check_not_worse`; with ``gt`` and ``images``, against what ships read now) unless
+    ``allow_worse``. With ``stages`` (the reproduction's record),
     each sidecar names the stage that made it (:func:`stamp_provenance`)."""
     results = json.loads((results_dir / "results.json").read_text())
     sweeps = json.loads((results_dir / "sweeps.json").read_text())
@@ -174,7 +200,10 @@ def release(results_dir: Path, directory: Path = CHECKPOINT_DIR, calibration: Pa
     else:
         report = curves
     if weights and not allow_worse:
-        check_not_worse(results, directory)
+        now = None
+        if gt is not None and images is not None:
+            now = shipped_reads_now(directory, gt, images, (results.get(DEFAULT_MODEL) or {}).get("precision"))
+        check_not_worse(results, directory, shipped_now=now)
     written = copy_weights(weights, directory) if weights else []
     if stages is not None:
         written += stamp_provenance(directory, json.loads(stages.read_text()))

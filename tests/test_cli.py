@@ -257,3 +257,35 @@ def test_release_refuses_what_reads_fewer_real_photos_than_what_ships(tmp_path):
     (results / "results.json").write_text(json.dumps({"resnet18_fpn": {"accuracy": 0.9, "mAP": 0.4}, "real_dev": {row: {"accuracy": 0.93}}}))
     assert cli(*args).returncode == 0 and (shipped / "resnet18_fpn.safetensors").is_file()
     assert json.loads((shipped / "benchmark.json").read_text())["real_dev"][row]["accuracy"] == 0.93
+
+
+def test_the_release_gate_reads_valid_with_what_ships_now_when_given_it(tmp_path):
+    from digit_demo.data import gt_numbers, load_coco
+
+    shipped, new, results = tmp_path / "shipped", tmp_path / "new", tmp_path / "results"
+    for folder in (shipped, new, results):
+        folder.mkdir()
+    for f in (ROOT / "checkpoints").iterdir():  # what ships: every checkpoint and its calibration (real_dev aside)
+        if f.name != "benchmark.json":
+            (shipped / f.name).symlink_to(f) if f.suffix == ".safetensors" else shutil.copy(f, shipped)
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(ROOT / "checkpoints" / f"resnet18_fpn{suffix}", new)
+    # the oracle: what `predict` writes for the fixtures, scored against their labels
+    assert cli("predict", FIXTURES / "valid", "--out", tmp_path / "pred", "-q", DIGIT_DEMO_CHECKPOINTS=shipped).returncode == 0
+    with open(tmp_path / "pred" / "pred.csv") as f:
+        got = {int(r["image_id"]): r["pred_label"] for r in csv.DictReader(f)}
+    truth = gt_numbers(load_coco(FIXTURES / "valid.json"))
+    now = sum(got[i] == (t or "-1") for i, t in truth.items()) / len(truth)
+    recorded = json.loads((shipped / "resnet18_fpn.json").read_text())["metrics"]["valid"]["accuracy"]
+    assert now < recorded - 0.02  # the fixtures read differently from the sidecar's `valid` figure
+    (results / "sweeps.json").write_text("{}")
+    args = ("release", "--results", results, "--weights", new, "--to", shipped, "--gt", FIXTURES / "valid.json",
+            "--images", FIXTURES / "valid")
+    (results / "results.json").write_text(json.dumps({"resnet18_fpn": {"accuracy": now - 0.01, "mAP": 0.4}}))
+    r = cli(*args)
+    assert r.returncode == 1 and f"the one shipped {now:.3f} (read now)" in r.stderr and "Traceback" not in r.stderr
+    (results / "results.json").write_text(json.dumps({"resnet18_fpn": {"accuracy": now, "mAP": 0.4}}))
+    assert cli(*args[:-4]).returncode == 1  # without --gt, the sidecar's figure is the bar
+    assert cli(*args).returncode == 0  # as many as what ships reads now: it ships
+    r = cli(*args[:-1], tmp_path / "nowhere")  # images that are not there: one line, nothing shipped
+    assert r.returncode == 1 and "could not read" in r.stderr and "Traceback" not in r.stderr
