@@ -12,7 +12,7 @@ import gradio as gr
 from digit_demo.calibration import measured_key, sweep_curves, threshold_for
 from digit_demo.card import model_label
 from digit_demo.checkpoints import DEFAULT_MODEL, available
-from digit_demo.detect import set_threads
+from digit_demo.detect import env_count, set_threads
 from digit_demo.ensemble import DEFAULT_FUSION
 from digit_demo.evaluation import best, plot_sweep
 from digit_demo.locator import DEFAULT_LOCATOR
@@ -25,20 +25,19 @@ MAX_IMAGES = 32
 
 
 def _count(name: str, default: int) -> int:
-    """``$name`` as a positive whole number, else ``default``; one clear line for anything else."""
-    value = os.environ.get(name) or str(default)
-    if not value.isdigit() or int(value) < 1:
-        raise SystemExit(f"error: {name}={value!r} is not a positive whole number")
-    return int(value)
+    """``$name`` as a positive whole number, else ``default``; one clear line and exit for anything else."""
+    try:
+        return env_count(name, default)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 # Serving policy: one reading per core at a time, each on one thread (read by every pipeline:
 # digit_demo.detect.set_threads), so concurrent readings never share a core's threads; and a queue long
 # enough that a burst of visitors waits instead of being refused (benchmark.py --load-test measures both).
-os.environ.setdefault("DIGIT_DEMO_THREADS", "1")
 CONCURRENCY = _count("DIGIT_DEMO_CONCURRENCY", len(os.sched_getaffinity(0)))
 QUEUE_SIZE = _count("DIGIT_DEMO_QUEUE", 512)
-set_threads()
+set_threads(_count("DIGIT_DEMO_THREADS", 1))
 BASE = PipelineConfig()
 # What finds the numbers on the page: the library's default (PP-OCR's text lines where its packages are
 # installed: digit_demo.pipeline.default_locator), or the CNN locator.

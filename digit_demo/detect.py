@@ -39,21 +39,27 @@ THREADS_ENV = "DIGIT_DEMO_THREADS"
 _chosen: list[int] = []  # a count given explicitly (e.g. --threads), which the environment does not override
 
 
+def env_count(name: str, default: int | None = None) -> int | None:
+    """``$name`` as a positive whole number (digits only), else ``default`` where it is unset or empty.
+    Anything else raises ValueError with one line naming the variable and its value."""
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name}={value!r} is not a positive whole number")
+    return int(value)
+
+
 def set_threads(threads: int | None = None) -> None:
     """Bound torch's intra-op threads to ``threads``; None: to ``$DIGIT_DEMO_THREADS`` where it is set
-    and no count was given explicitly before (else torch's default stands). A value that is not a
-    positive integer raises ValueError."""
+    and no count was given explicitly before (else torch's default stands). A count that is not a
+    positive whole number raises ValueError."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads={threads!r} is not a positive whole number")
     if threads:
-        _chosen[:] = [int(threads)]
-    chosen = threads or (None if _chosen else os.environ.get(THREADS_ENV))
-    if not chosen:
-        return
-    try:
-        n = int(chosen)
-        assert n > 0
-    except (ValueError, AssertionError):
-        raise ValueError(f"{THREADS_ENV}={chosen!r} is not a positive number of threads") from None
-    if torch.get_num_threads() != n:
+        _chosen[:] = [threads]
+    n = threads or (None if _chosen else env_count(THREADS_ENV))
+    if n and torch.get_num_threads() != n:
         torch.set_num_threads(n)
 
 

@@ -349,7 +349,9 @@ def test_serving_policy_reads_one_reading_per_core_on_one_thread(env, threads, c
     assert r.stdout.split()[-3:] == [str(threads), str(concurrency), str(concurrency)]
 
 
-def test_a_wrong_serving_setting_is_one_clear_line():
-    env = {**os.environ, "DIGIT_DEMO_CONCURRENCY": "two", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+@pytest.mark.parametrize("name, value", [("DIGIT_DEMO_CONCURRENCY", "two"), ("DIGIT_DEMO_QUEUE", "0"),
+                                         ("DIGIT_DEMO_THREADS", "+2"), ("DIGIT_DEMO_THREADS", "-1")])
+def test_a_wrong_serving_setting_is_one_clear_line(name, value):
+    env = {**os.environ, name: value, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", "import app"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == ["error: DIGIT_DEMO_CONCURRENCY='two' is not a positive whole number"]
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: {name}={value!r} is not a positive whole number"]

@@ -169,3 +169,18 @@ def test_strips_are_read_and_boxes_come_back_in_their_own_pixels(default_pipelin
     for tall in (torch.zeros(3, 20000, 8), torch.zeros(3, 8, 20000)):
         found = one.detect_tensors([tall])[0]  # no digit, and no error
         assert found.boxes.shape[1] == 4
+
+
+@pytest.mark.parametrize("value, expected", [("3", 3), ("", 7), (None, 7), (" 2", None), ("+2", None), ("0", None), ("1.5", None)])
+def test_env_count_takes_digits_only(monkeypatch, value, expected):
+    from digit_demo.detect import env_count
+
+    if value is None:
+        monkeypatch.delenv("DIGIT_DEMO_X", raising=False)
+    else:
+        monkeypatch.setenv("DIGIT_DEMO_X", value)
+    if expected is None:
+        with pytest.raises(ValueError, match=r"^DIGIT_DEMO_X='.*' is not a positive whole number$"):
+            env_count("DIGIT_DEMO_X", 7)
+    else:
+        assert env_count("DIGIT_DEMO_X", 7) == expected

@@ -119,4 +119,4 @@ def test_digit_demo_threads_sets_every_pipelines_threads_unless_given_explicitly
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "DIGIT_DEMO_THREADS": "1"})
     assert r.stdout.split() == ["1", "2"], r.stderr  # the variable, then an explicit --threads over it
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "DIGIT_DEMO_THREADS": "two"})
-    assert r.returncode != 0 and "DIGIT_DEMO_THREADS='two' is not a positive number of threads" in r.stderr
+    assert r.returncode != 0 and "DIGIT_DEMO_THREADS='two' is not a positive whole number" in r.stderr
