@@ -427,9 +427,15 @@ def table(results: dict, threads: int, repeats: int, images: int) -> str:
 
 
 def main() -> int:
+    from digit_demo.detect import env_count
+
+    try:
+        threads = env_count("DIGIT_DEMO_THREADS", 2)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*")
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("DIGIT_DEMO_THREADS", "2")))
+    ap.add_argument("--threads", type=int, default=threads, help="threads per reading (default $DIGIT_DEMO_THREADS, else 2)")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--repeats", type=int, default=3,
                     help="passes over the images; latency is the fastest pass's (this shared host's speed varies)")
