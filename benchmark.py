@@ -477,10 +477,11 @@ def main() -> int:
         (args.out / "table.md").write_text(text + "\n")
         print(text)
         return 0
-    if args.load_only:
-        results = json.loads((args.out / "results.json").read_text())
+    if args.load_only:  # measured alone, merged into results.json where one exists
+        path = args.out / "results.json"
+        results = json.loads(path.read_text()) if path.is_file() else {}
         results["load_test"] = load_test(args.calls, args.clients, args.app_threads)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        path.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results["load_test"], indent=2))
         return 0
     names = args.models or available()
