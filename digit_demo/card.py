@@ -158,7 +158,8 @@ def write_model_card(directory: Path = CHECKPOINT_DIR) -> Path:
                 notes.append(f"- **{meta['name']}** training stages, each fine-tuning the one before:\n{_stages(meta)}")
     out = directory / "README.md"
     out.write_text("".join(lines) + ("\n" + "".join(notes) if notes else "") + _reader_section(directory)
-                   + _number_reader_section(directory) + _locator_section(directory) + _reproduction_section(directory))
+                   + _number_reader_section(directory) + _text_section(directory) + _locator_section(directory)
+                   + _reproduction_section(directory))
     return out
 
 
@@ -322,6 +323,28 @@ def model_label(name: str, directory: Path = CHECKPOINT_DIR, reader: bool = True
     if p50:
         parts.append(f"{p50:.0f} ms")
     return " · ".join(parts)
+
+
+def _text_section(directory: Path) -> str:
+    """The PP-OCR locate stage's entry (``ppocr.json``): the package, each setting and where it was
+    chosen, and the tuning rows behind what a release chose."""
+    from .ocr import SIDECAR
+
+    side = directory / SIDECAR
+    if not side.is_file():
+        return ""
+    meta = json.loads(side.read_text())
+    cfg, tuned = meta.get("config", {}), dict(meta.get("tuned", {}))
+    chosen = tuned.pop("chosen_on", {})
+    rows = "".join(f"| `{k}` | {json.dumps(v)} | {chosen.get(k, '?') if isinstance(chosen, dict) else chosen} |\n"
+                   for k, v in tuned.items())
+    tried = "".join(f"\n`{k}` per value tried: " + ", ".join(f"{r.get(k)}: {r['read']} of {r['of']}" for r in trials) + "."
+                    for k, trials in meta.get("tuning", {}).items())
+    return (f"\n## Text lines (`{SIDECAR}`)\n\n"
+            f"By default PP-OCR finds the lines of text that hold digits, and its recognizer's reading of each is weighed "
+            f"against the readers' (`{cfg.get('package')}` {cfg.get('version') or ''}: {cfg.get('models', 'ONNX models')}, "
+            f"not trained here; `digit_demo.ocr.TextSettings` says what each setting does).\n\n"
+            f"| setting | value | chosen on |\n|---|---|---|\n{rows}{tried}{chr(10) if tried else ''}")
 
 
 def _locator_section(directory: Path) -> str:

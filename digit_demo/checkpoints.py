@@ -34,7 +34,8 @@ NOTES = ("chosen_on",)  # what a sidecar's ``tuned`` block may say beside the se
 def tuned(meta: dict, kind: type[Settings], **given) -> Settings:
     """The frozen settings ``kind`` (a dataclass of numbers and tuples of numbers) read once from the
     sidecar's ``tuned`` block, ``given`` (values kept elsewhere in the sidecar) overriding it; absent
-    fields keep their defaults. A key that is no field of ``kind`` (nor a note), or a value of the
+    fields keep their defaults. A field whose default is a whole number stays one; null is taken where
+    the field's type allows None. A key that is no field of ``kind`` (nor a note), or a value of the
     wrong type, is a :class:`CheckpointError` naming the sidecar and the key."""
     block = dict(meta.get("tuned") or {}, **given)
     fields = {f.name: f for f in dataclasses.fields(kind)}
@@ -46,10 +47,21 @@ def tuned(meta: dict, kind: type[Settings], **given) -> Settings:
         if key not in fields:
             raise CheckpointError(f"{where} has {key!r}, which a {kind.__name__} does not have ({', '.join(fields)})")
         default = fields[key].default
+        if value is None and "None" in str(fields[key].type):
+            values[key] = None
+            continue
         try:
-            values[key] = tuple(float(v) for v in value) if isinstance(default, tuple) else float(value)
+            if isinstance(default, tuple):
+                values[key] = tuple(float(v) for v in value)
+            elif isinstance(default, int) and not isinstance(default, bool):
+                if float(value) != int(value):
+                    raise ValueError
+                values[key] = int(value)
+            else:
+                values[key] = float(value)
         except (TypeError, ValueError):
-            raise CheckpointError(f"{where}[{key!r}] = {value!r} is not a number{'s' * isinstance(default, tuple)}") from None
+            kind_of = "whole number" if isinstance(default, int) and not isinstance(default, tuple) else "number"
+            raise CheckpointError(f"{where}[{key!r}] = {value!r} is not a {kind_of}{'s' * isinstance(default, tuple)}") from None
         if isinstance(default, tuple) and len(values[key]) != len(default):
             raise CheckpointError(f"{where}[{key!r}] = {value!r} does not hold {len(default)} numbers")
     return kind(**values)

@@ -4,16 +4,24 @@ find the lines that hold digits (:class:`TextFinder`); each such line's digits a
 judge weighs against the readers' (:func:`digit_demo.judge.by_text`)."""
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import importlib.util
+import json
 import re
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .checkpoints import CHECKPOINT_DIR, CheckpointError, read_sidecar, tuned
+
 PPOCR = "ppocr"  # the locator name that selects this stage
+SIDECAR = "ppocr.json"  # this stage's settings in a checkpoint folder (the models are the wheel's ONNX)
+ARCHITECTURE = "ppocr_text_lines"
 
 
 def available() -> bool:
@@ -73,6 +81,47 @@ class TextSettings:
         side at most ``settle_side``. Such a photo is read whole first, and PP-OCR's reading of it whole
         must reach ``min_score_whole``."""
         return min(size) <= self.settle_side
+
+
+# Where each default of TextSettings was chosen (docs/experiments.md); a release's sidecar says anew
+# for what it tunes (train.calibrate chooses ``settle`` on the tuning split).
+CHOSEN_ON = {
+    "det_side": "real_dev", "retry_side": "real_dev", "pad": "not tuned", "crop_share": "not tuned",
+    "min_score": "not tuned (composite scenes and real_dev read alike from 0.5 to 0.9)",
+    "min_score_whole": "SVHN tuning split", "settle": "SVHN tuning split", "settle_share": "real_dev",
+    "settle_side": "cost on real_dev and the composite scenes; decides nothing",
+}
+
+
+def text_settings(directory: Path | None = None) -> TextSettings:
+    """The locate stage's settings: the ``tuned`` block of ``directory``'s ``ppocr.json`` (default the
+    checkpoint folder; written by :func:`write_sidecar`) where it has one, else the defaults. A
+    sidecar of another stage, or a setting that :class:`TextSettings` lacks, is a CheckpointError."""
+    side = Path(directory or CHECKPOINT_DIR) / SIDECAR
+    if not side.is_file():
+        return TextSettings()
+    meta = read_sidecar(side)
+    if meta["architecture"] != ARCHITECTURE:
+        raise CheckpointError(f"{side}: sidecar is for {meta['architecture']!r}, not the {ARCHITECTURE!r} stage")
+    return tuned(meta, TextSettings)
+
+
+def write_sidecar(directory: Path, settings: TextSettings, chosen_on: dict[str, str] | None = None,
+                  tuning: dict | None = None) -> Path:
+    """``directory/ppocr.json``: the package whose ONNX models this stage runs, ``settings`` and where
+    each was chosen (:data:`CHOSEN_ON`, updated by ``chosen_on``), and the ``tuning`` rows behind them."""
+    version = importlib.metadata.version("rapidocr") if available() else None
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
+    meta = {"name": SIDECAR.removesuffix(".json"), "architecture": ARCHITECTURE,
+            "config": {"package": "rapidocr", "version": version, "models": "the wheel's PP-OCR detector and recognizer (ONNX)",
+                       "use_cls": False},
+            "tuned": {**values, "chosen_on": {**CHOSEN_ON, **(chosen_on or {})}}}
+    if tuning:
+        meta["tuning"] = tuning
+    path = Path(directory) / SIDECAR
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return path
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 from .card import write_model_card
 from .checkpoints import CHECKPOINT_DIR, DEFAULT_MODEL, available, read_sidecar, measured
 from .evaluation import Metrics, best
+from .ocr import SIDECAR as PPOCR_SIDECAR
 from .pipeline import PipelineConfig
 
 # Each detector's variants besides its full reading: the PipelineConfig fields they change. Their keys
@@ -82,12 +83,15 @@ def judge_ensembles(results: dict) -> None:
 
 def copy_weights(source: Path, directory: Path) -> list[Path]:
     """Copy every checkpoint (weights and sidecar: detectors, readers, locator) in the folder ``source``,
-    or the one checkpoint ``source`` names, into ``directory``."""
+    and its PP-OCR stage's settings (``ppocr.json``) where it has them, or the one checkpoint ``source``
+    names, into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     copied = []
     for weights in sorted(source.glob("*.safetensors")) if source.is_dir() else [source.with_suffix(".safetensors")]:
         for suffix in (".safetensors", ".json"):
             copied.append(Path(shutil.copy(weights.with_suffix(suffix), directory / f"{weights.stem}{suffix}")))
+    if source.is_dir() and (source / PPOCR_SIDECAR).is_file():
+        copied.append(Path(shutil.copy(source / PPOCR_SIDECAR, directory / PPOCR_SIDECAR)))
     return copied
 
 

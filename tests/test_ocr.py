@@ -236,3 +236,54 @@ def test_the_default_reads_svhn_crops_at_least_as_well_as_the_readers_alone(fixt
     right = lambda pipe: [n.text == truth[im["id"]] for n, im in zip(pipe.read(paths).at(), fixture_gt["images"])]  # noqa: E731
     ours, alone = right(default), right(whole)
     assert sum(ours) >= sum(alone) and sum(ours) >= len(paths) // 2  # against the labels
+
+
+def test_the_stage_settings_come_from_the_folders_sidecar_and_a_wrong_one_is_one_clear_error(tmp_path):
+    import json
+
+    from digit_demo.checkpoints import CheckpointError
+    from digit_demo.ocr import text_settings, write_sidecar
+
+    assert text_settings(tmp_path) == TextSettings()  # no sidecar: the defaults
+    side = write_sidecar(tmp_path, TextSettings(settle=None, det_side=640, pad=(1.0, 0.5)), {"settle": "tuning split (t)"})
+    got = text_settings(tmp_path)
+    assert (got.settle, got.det_side, got.pad, got.min_score) == (None, 640, (1.0, 0.5), TextSettings().min_score)
+    assert isinstance(got.det_side, int) and json.loads(side.read_text())["tuned"]["chosen_on"]["settle"] == "tuning split (t)"
+    meta = json.loads(side.read_text())
+    for bad, message in [({"det_side": 512.5}, "'det_side'] = 512.5 is not a whole number"),
+                         ({"settle_bar": 0.9}, "has 'settle_bar', which a TextSettings does not have"),
+                         ({"pad": [0.5]}, "does not hold 2 numbers")]:
+        side.write_text(json.dumps({**meta, "tuned": {**meta["tuned"], **bad}}))
+        with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            text_settings(tmp_path)
+    side.write_text(json.dumps({**meta, "architecture": "digit_reader_cnn"}))
+    with pytest.raises(CheckpointError, match="not the 'ppocr_text_lines' stage"):
+        text_settings(tmp_path)
+
+
+def test_the_settle_bar_that_reads_most_wins_and_a_tie_goes_to_the_lowest():
+    from train.settle import choose
+
+    assert choose([(0.7, 270), (0.8, 275), (0.85, 275), (0.9, 274), (None, 275)]) == 0.8
+    assert choose([(0.7, 1), (0.9, 2), (None, 3)]) is None  # PP-OCR on every photo reads most
+
+
+@needs_ppocr
+def test_the_default_pipeline_locates_with_its_checkpoint_folders_settings(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from digit_demo.ocr import SIDECAR, write_sidecar
+
+    from .conftest import ROOT
+
+    for f in (ROOT / "checkpoints").glob("*.*"):  # the shipped folder, its PP-OCR settings changed
+        if f.name != SIDECAR:
+            (tmp_path / f.name).symlink_to(f)
+    write_sidecar(tmp_path, TextSettings(settle=0.5, det_side=640))
+    code = "from digit_demo.pipeline import Pipeline; s = Pipeline().locator.settings; print(s.settle, s.det_side)"
+    env = {**os.environ, "DIGIT_DEMO_CHECKPOINTS": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["0.5", "640"]

@@ -1,8 +1,8 @@
 """Gather a reproduction's checkpoints into one folder and measure them on the tuning split.
 
 The reproduction's ``calibrate`` stage: copies every checkpoint in ``--checkpoints`` (folders or
-files) into ``--out/checkpoints``, then runs ``benchmark.py`` there on ``--gt`` (the tuning split),
-writing ``--out/benchmark``. The release step takes its thresholds from that measurement; `valid`
+files) into ``--out/checkpoints``, chooses the readers' ``settle`` bar there on ``--gt`` (the tuning
+split; :mod:`train.settle`), then runs ``benchmark.py`` there on ``--gt``, writing ``--out/benchmark``. The release step takes its thresholds from that measurement; `valid`
 is measured apart (the ``report`` stage) and only reported.
 
     python -m train.calibrate --checkpoints runs/tune/checkpoints runs/locator/locator.safetensors \\
@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     names = gather(args.checkpoints, folder)
     print(f"gathered {', '.join(names)} into {folder}", file=sys.stderr)
     env = {**os.environ, CHECKPOINTS_ENV: str(folder.resolve())}
+    settle = [sys.executable, "-m", "train.settle", "--gt", str(args.gt), "--images", str(args.images)]
+    done = subprocess.run(settle, env=env, cwd=ROOT)
+    if done.returncode:
+        return done.returncode
     cmd = [sys.executable, str(ROOT / "benchmark.py"), "--gt", str(args.gt), "--images", str(args.images),
            "--out", str(args.out / "benchmark"), *args.benchmark_args]
     return subprocess.run(cmd, env=env).returncode
