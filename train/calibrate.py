@@ -2,8 +2,9 @@
 
 The reproduction's ``calibrate`` stage: copies every checkpoint in ``--checkpoints`` (folders or
 files) into ``--out/checkpoints``, chooses the readers' ``settle`` bar there on ``--gt`` (the tuning
-split; :mod:`train.settle`), then runs ``benchmark.py`` there on ``--gt``, writing ``--out/benchmark``. The release step takes its thresholds from that measurement; `valid`
-is measured apart (the ``report`` stage) and only reported.
+split; :mod:`train.settle`), then runs ``benchmark.py`` there on ``--gt``, writing ``--out/benchmark``.
+The release step takes its thresholds from that measurement; `valid` is measured apart (the
+``report`` stage) and only reported.
 
     python -m train.calibrate --checkpoints runs/tune/checkpoints runs/locator/locator.safetensors \\
         --gt runs/splits/tune.json --images ../shared/data/svhn/train --out runs/calibrate
