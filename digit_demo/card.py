@@ -338,7 +338,7 @@ def _text_section(directory: Path) -> str:
     chosen = tuned.pop("chosen_on", {})
     rows = "".join(f"| `{k}` | {json.dumps(v)} | {chosen.get(k, '?') if isinstance(chosen, dict) else chosen} |\n"
                    for k, v in tuned.items())
-    tried = "".join(f"\n`{k}` per value tried: " + ", ".join(f"{r.get(k)}: {r['read']} of {r['of']}" for r in trials) + "."
+    tried = "".join(f"\n- `{k}` per value tried: " + ", ".join(f"{r.get(k)}: {r['read']} of {r['of']}" for r in trials) + "."
                     for k, trials in meta.get("tuning", {}).items())
     return (f"\n## Text lines (`{SIDECAR}`)\n\n"
             f"By default PP-OCR finds the lines of text that hold digits, and its recognizer's reading of each is weighed "

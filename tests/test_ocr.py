@@ -261,11 +261,12 @@ def test_the_stage_settings_come_from_the_folders_sidecar_and_a_wrong_one_is_one
         text_settings(tmp_path)
 
 
-def test_the_settle_bar_that_reads_most_wins_and_a_tie_goes_to_the_lowest():
+def test_the_value_that_reads_most_wins_and_a_tie_goes_to_the_lowest_settle_or_the_highest_bar():
     from train.settle import choose
 
     assert choose([(0.7, 270), (0.8, 275), (0.85, 275), (0.9, 274), (None, 275)]) == 0.8
     assert choose([(0.7, 1), (0.9, 2), (None, 3)]) is None  # PP-OCR on every photo reads most
+    assert choose([(0.8, 270), (0.85, 272), (0.9, 272), (0.95, 271)], lowest=False) == 0.9
 
 
 @needs_ppocr
