@@ -142,15 +142,15 @@ class TextLine:
 
 class TextFinder:
     """PP-OCR detection and recognition of a whole photo (:meth:`lines`), loaded once and safe to
-    call from several threads; onnxruntime runs on ``threads`` (default: torch's, which
-    ``$DIGIT_DEMO_THREADS`` and ``--threads`` set). Raises ImportError where its packages are not
+    call from several threads, with ``settings`` (default: the checkpoint folder's, :func:`text_settings`);
+    onnxruntime runs on ``threads`` (default: torch's, which ``$DIGIT_DEMO_THREADS`` and ``--threads`` set). Raises ImportError where its packages are not
     installed (:func:`available`)."""
 
     def __init__(self, settings: TextSettings | None = None, threads: int | None = None):
         if not available():  # fail here, not on the first photo
             raise ImportError("PP-OCR needs the rapidocr and onnxruntime packages (pip install -r requirements.txt)")
 
-        self.settings = settings = settings or TextSettings()
+        self.settings = settings = settings or text_settings()
         self.threads = threads or torch.get_num_threads()
         self._engines: dict[int, object] = {}
         self._lock = threading.Lock()

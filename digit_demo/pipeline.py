@@ -34,7 +34,7 @@ from .number_reader import (DEFAULT_NUMBER_READER, DEFAULT_PROPOSER, NumberReade
 from .reader import DEFAULT_READER, DigitReader, optional_reader
 from .judge import read
 from .reading import Reading, Readings, RegionReading
-from .ocr import PPOCR, TextFinder, TextLine, TextSettings, number_lines, text_settings
+from .ocr import PPOCR, TextFinder, TextLine, TextSettings, number_lines
 from .ocr import available as ppocr_available
 from .types import Detections, Found, LeadReading, LineReading, TextReading
 
@@ -134,7 +134,7 @@ class ModelCache:
 
     def locator(self, name: str | None, precision: str) -> "Locator | TextFinder | None":
         if name == PPOCR:
-            return self._get(("locator", name), lambda: TextFinder(text_settings()))
+            return self._get(("locator", name), TextFinder)
         return self._get(("locator", name, precision), lambda: optional_locator(name, precision))
 
 

@@ -1,10 +1,10 @@
 """Gather a reproduction's checkpoints into one folder and measure them on the tuning split.
 
 The reproduction's ``calibrate`` stage: copies every checkpoint in ``--checkpoints`` (folders or
-files) into ``--out/checkpoints``, chooses the readers' ``settle`` bar there on ``--gt`` (the tuning
-split; :mod:`train.settle`), then runs ``benchmark.py`` there on ``--gt``, writing ``--out/benchmark``.
-The release step takes its thresholds from that measurement; `valid` is measured apart (the
-``report`` stage) and only reported.
+files) into ``--out/checkpoints``, chooses how the readers and PP-OCR share a crop there
+(``settle``, ``min_score_whole``) on ``--gt`` (the tuning split; :mod:`train.settle`), then runs
+``benchmark.py`` there on ``--gt``, writing ``--out/benchmark``. The release step takes its thresholds
+from that measurement; `valid` is measured apart (the ``report`` stage) and only reported.
 
     python -m train.calibrate --checkpoints runs/tune/checkpoints runs/locator/locator.safetensors \\
         --gt runs/splits/tune.json --images ../shared/data/svhn/train --out runs/calibrate
