@@ -6,7 +6,8 @@ then judged in order by the other evidence the pipeline gathered (:class:`digit_
    it likelier by the reader's tuned margin. So the number reader settles how many digits the number
    has, and which, and a second model with its own backbone proposes what the detector missed.
 2. :func:`by_lead` - an ensemble's lead member: its own reading stands unless another member read the
-   fused number alone and the fused line finds it likelier by LEAD_MARGIN.
+   fused number alone and the fused line finds it likelier by LEAD_MARGIN; where the two agree, the
+   number is as sure as the surer.
 3. :func:`by_text` - a text recognizer's reading of the region's line (PP-OCR, where the locate stage
    ran it): its digits replace the readers' where it is surer of them than they are of theirs, and at
    least as sure as the locate stage asks (``TextReading.min_score``).
@@ -158,10 +159,15 @@ def by_lead(found: Found, number: HouseNumber, judged: bool = True) -> HouseNumb
 
     The lead's reading stands unless ``number`` is what another member reads on its own and the fused
     line (when ``judged``) finds it more likely by LEAD_MARGIN nats. So fusing can add a digit the lead
-    missed where another member saw it, but not trade the best member's right reading for a worse one."""
+    missed where another member saw it, but not trade the best member's right reading for a worse one.
+    Where both read the same number, it is as sure as the surer of the two: fused scores are lower than a
+    lone model's (a box not every member found keeps that share of its score), and the bars they meet
+    (PP-OCR overruling, a region's rank in a photo) were set on a lone model's."""
     lead = found.lead
-    if lead is None or lead.number.text in ("", number.text):
+    if lead is None or not lead.number.text:
         return number
+    if lead.number.text == number.text:  # the fused digits and the lead agree: as sure as the surer
+        return HouseNumber(number.text, number.digits, max(number.confidence, lead.number.confidence))
     if not number.text or found.line is None or not judged or number.text not in lead.others:
         return lead.number
     fused, alone = line_log_prob(found.line.log_probs, [number.text, lead.number.text])

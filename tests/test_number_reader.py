@@ -1,6 +1,7 @@
 """The whole-number reader: its crops, CTC scoring, how assembly uses it, the shipped checkpoint, its trainer."""
 import itertools
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from digit_demo.number_reader import (BLANK, HEIGHT, LINE_MARGIN, REGION_THRESHO
                                       place, read_region)
 from digit_demo.pipeline import Pipeline, PipelineConfig, read_number_line
 from digit_demo.reader import load_reader
-from digit_demo.types import Detections, Found, LeadReading, LineReading
+from digit_demo.types import Detections, Found, LeadReading, LineReading, TextReading
 from train.number_reader import main
 
 from .conftest import FIXTURES, raw_detections, raw_of
@@ -274,6 +275,20 @@ def test_an_ensemble_keeps_its_lead_members_reading_unless_another_member_and_th
     beyond = next(x for x, g in zip(lines, gaps) if g > LEAD_MARGIN)
     assert read(found(fused, between, lead=lead, others=others), 0.5).text == "4"
     assert read(found(fused, beyond, lead=lead, others=others), 0.5).text == "17"
+
+
+def test_where_an_ensemble_and_its_lead_member_agree_the_number_is_as_sure_as_the_surer():
+    boxes = np.array([[10, 10, 20, 30], [21, 10, 31, 30]], np.float32)
+    fused = Detections(boxes, np.array([0.6, 0.5], np.float32), np.array([1, 7]))  # "17", 0.6 x 0.5 = 0.30 sure
+    sure = assemble(Detections(boxes, np.array([0.95, 0.9], np.float32), np.array([1, 7])), 0.5)  # 0.855 sure
+    assert read(found(fused, lead=sure), 0.5).confidence == pytest.approx(0.95 * 0.9)
+    unsure = assemble(Detections(boxes, np.array([0.5, 0.5], np.float32), np.array([1, 7])), 0.5)  # 0.25: the fused stands
+    assert read(found(fused, lead=unsure), 0.5).confidence == pytest.approx(0.6 * 0.5)
+    # PP-OCR 0.6 sure of "71" overrules the fused digits alone (0.30), not them with the lead's agreement (0.855)
+    text = TextReading("71", 0.6, (10.0, 10.0, 31.0, 30.0))
+    assert read(replace(found(fused), text=text), 0.5).text == "71"
+    assert read(replace(found(fused, lead=sure), text=text), 0.5).text == "17"
+    assert read(replace(found(fused, lead=unsure), text=text), 0.5).text == "71"
 
 
 def test_an_ensemble_carries_its_most_accurate_members_own_reading(fixture_gt, fixture_images):
