@@ -242,7 +242,7 @@ def cmd_release(args) -> int:
     from .release import WorseThanShipped, release
 
     try:
-        written = release(args.results, args.to, args.calibration, args.weights, args.allow_worse, args.stages,
+        written = release(args.results, args.to, args.calibration, args.weights, args.stages,
                           args.gt, args.images)
     except (WorseThanShipped, RuntimeError) as err:
         print(f"digit_demo release: {err}", file=sys.stderr)
@@ -312,8 +312,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark.py's output on the tuning split: thresholds are chosen there, --results only reports")
     r.add_argument("--weights", type=Path, help="copy the checkpoints in this folder into the release folder first")
     r.add_argument("--to", type=Path, default=CHECKPOINT_DIR, help="the release folder (default: checkpoints/)")
-    r.add_argument("--allow-worse", action="store_true",
-                   help="with --weights, ship even if the new default reads fewer valid or real_dev numbers than what it replaces")
     r.add_argument("--stages", type=Path, help="the reproduction's record of its finished stages (runs/stages.json): "
                                                "each sidecar then names the stage that made it")
     r.add_argument("--gt", type=Path, help="with --weights: `valid`'s COCO json, to read it with what ships now and "

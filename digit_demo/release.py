@@ -12,7 +12,7 @@ With ``--calibration DIR`` (``benchmark.py`` on the tuning split) the thresholds
 threshold, not at `valid`'s best. ``--weights DIR`` first copies the checkpoints in ``DIR`` (weights
 and sidecars) into the release folder, as the reproduction's release stage does; it refuses (raises
 :class:`WorseThanShipped`, writing nothing) when the new default detector reads fewer `valid` numbers
-than the one it would replace, or a pipeline reads fewer real_dev photos, unless ``allow_worse``. With
+than the one it would replace, or a pipeline reads fewer real_dev photos; nothing overrides it. With
 ``--gt``/``--images`` (`valid`), what ships is read again with today's code (:func:`shipped_reads_now`),
 since a sidecar's recorded figure may predate the pipeline that reads it now.
 `valid` and real_dev decide only whether to ship, never a threshold, size or weight.
@@ -158,8 +158,8 @@ def check_not_worse(results: dict, directory: Path, name: str = DEFAULT_MODEL, s
         elif now < before:
             worse.append(f"{row!r} reads {now:.3f} of real_dev, the one shipped {before:.3f}")
     if worse:
-        raise WorseThanShipped(f"{'; '.join(worse)} (in {directory}): nothing was released; pass --allow-worse "
-                               f"to ship it anyway, or --to another folder")
+        raise WorseThanShipped(f"{'; '.join(worse)} (in {directory}): nothing was released; change the recipe "
+                               f"and run again, or release --to another folder to inspect it")
 
 
 def stamp_provenance(directory: Path, stages: dict) -> list[Path]:
@@ -185,13 +185,13 @@ def stamp_provenance(directory: Path, stages: dict) -> list[Path]:
 
 
 def release(results_dir: Path, directory: Path = CHECKPOINT_DIR, calibration: Path | None = None,
-            weights: Path | None = None, allow_worse: bool = False, stages: Path | None = None,
+            weights: Path | None = None, stages: Path | None = None,
             gt: Path | None = None, images: Path | None = None) -> list[Path]:
     """Write the measured calibration, metrics and model card into ``directory``; returns the files
     written. With ``calibration``, thresholds come from its sweeps and ``results_dir`` only reports.
     With ``weights`` (new checkpoints) it first checks they are not worse than what ships
-    (:func:`check_not_worse`; with ``gt`` and ``images``, against what ships read now) unless
-    ``allow_worse``. With ``stages`` (the reproduction's record),
+    (:func:`check_not_worse`; with ``gt`` and ``images``, against what ships read now). With
+    ``stages`` (the reproduction's record),
     each sidecar names the stage that made it (:func:`stamp_provenance`)."""
     results = json.loads((results_dir / "results.json").read_text())
     sweeps = json.loads((results_dir / "sweeps.json").read_text())
@@ -203,7 +203,7 @@ def release(results_dir: Path, directory: Path = CHECKPOINT_DIR, calibration: Pa
         report, sweeps, curves = curves, tune_sweeps, tune
     else:
         report = curves
-    if weights and not allow_worse:
+    if weights:
         now = None
         if gt is not None and images is not None:
             now = shipped_reads_now(directory, gt, images, (results.get(DEFAULT_MODEL) or {}).get("precision"))

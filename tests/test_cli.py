@@ -232,8 +232,12 @@ def test_release_refuses_new_weights_that_read_fewer_valid_numbers(tmp_path):
     r = cli(*args)
     assert r.returncode == 1 and "nothing was released" in r.stderr and "Traceback" not in r.stderr
     assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before  # nothing written
-    assert cli(*args, "--allow-worse").returncode == 0 and (shipped / "sweeps.json").is_file()
-    (shipped / "sweeps.json").unlink()
+    assert cli(*args, "--allow-worse").returncode == 2  # no way past the gate into the folder that ships
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before
+    elsewhere = tmp_path / "elsewhere"  # an empty folder ships nothing yet: written there, to inspect
+    elsewhere.mkdir()
+    assert cli("release", "--results", results, "--weights", new, "--to", elsewhere).returncode == 0
+    assert (elsewhere / "sweeps.json").is_file() and (elsewhere / "resnet18_fpn.safetensors").is_file()
     (results / "results.json").write_text(json.dumps({"resnet18_fpn": {"accuracy": old, "mAP": 0.3}}))
     assert cli(*args).returncode == 0 and (shipped / "sweeps.json").is_file()  # as good ships
 
