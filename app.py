@@ -36,6 +36,10 @@ def _count(name: str, default: int) -> int:
 # digit_demo.detect.set_threads), so concurrent readings never share a core's threads; and a queue long
 # enough that a burst of visitors waits instead of being refused (benchmark.py --load-test measures both).
 CONCURRENCY = _count("DIGIT_DEMO_CONCURRENCY", len(os.sched_getaffinity(0)))
+# After every event Gradio's queue summarises all it has recorded (up to 10,000 events, in pandas) for its
+# monitoring page, which this app does not enable: 2 ms of CPU an event at 300 recorded, 7 ms at 10,000
+# (docs/experiments.md). Once every 1,000 events instead; read when the queue is built (demo.queue below).
+os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
 QUEUE_SIZE = _count("DIGIT_DEMO_QUEUE", 512)
 set_threads(_count("DIGIT_DEMO_THREADS", 1))
 BASE = PipelineConfig()

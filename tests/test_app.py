@@ -349,6 +349,20 @@ def test_serving_policy_reads_one_reading_per_core_on_one_thread(env, threads, c
     assert r.stdout.split()[-3:] == [str(threads), str(concurrency), str(concurrency)]
 
 
+def test_the_queue_summarises_events_for_its_monitoring_page_once_in_a_thousand():
+    # Gradio's queue summarises every event recorded after each one unless told otherwise: with the app's
+    # queue, 999 new events leave the (empty) summary as it was and the 1,000th recomputes it
+    code = ("import app; q = app.demo._queue; "
+            "rec = [{'time': 0.0, 'status': 'success', 'process_time': 0.1, 'function': 'read_numbers', 'session_hash': 'a'}]; "
+            "q.events_recorded = 999; print(sorted(q.compute_analytics_summary(rec)['functions'])); "
+            "q.events_recorded = 1000; print(sorted(q.compute_analytics_summary(rec)['functions']))")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GRADIO_ANALYTICS_CACHE")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**base, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[-3:-1] == ["[]", "['read_numbers']"]
+
+
 @pytest.mark.parametrize("name, value", [("DIGIT_DEMO_CONCURRENCY", "two"), ("DIGIT_DEMO_QUEUE", "0"),
                                          ("DIGIT_DEMO_THREADS", "+2"), ("DIGIT_DEMO_THREADS", "-1")])
 def test_a_wrong_serving_setting_is_one_clear_line(name, value):
