@@ -148,11 +148,11 @@ def read_numbers(files, webcam, models, fusion, threshold, use_reader=True, mult
                 return _outputs(session, threshold)
             session.key = pipe.name
             readings = pipe.read(sources, names)
-            session.readings = list(readings)
+            session.keep(list(readings))
             session.errors += readings.errors
         return _outputs(session, threshold)
     except Exception as e:  # anything else: one readable line
-        session.readings = []
+        session.keep([])
         session.errors.append(f"could not read the images ({e.__class__.__name__}: {e})")
         return _outputs(session, threshold)
 

@@ -66,7 +66,7 @@ def cmd_predict(args) -> int:
     from tqdm import tqdm
 
     from .images import expand_paths
-    from .session import draw_number, draw_overview
+    from .session import Picture, draw_number, draw_overview
     from .io import image_id_for, write_pred_csv, write_pred_json
 
     paths = expand_paths(args.paths)
@@ -99,10 +99,11 @@ def cmd_predict(args) -> int:
                             for b, sc, d in zip(n.digits.boxes, n.digits.scores, n.digits.digits)]}
                 for g, n in reading.numbers(threshold)]}) + "\n")
         lines.append(f"{p}\t{number.text or '-1'}\t{number.confidence:.3f}")
-        drawn = draw_number(reading, threshold) if args.annotate else None
+        picture = Picture.of(reading) if args.annotate else None
+        drawn = draw_number(reading, threshold, picture) if picture else None
         if drawn:
             drawn[1].save(args.out / "annotated" / f"{p.stem}.png")
-            overview = draw_overview(reading, threshold)
+            overview = draw_overview(reading, threshold, picture)
             if overview is not None:  # a whole photo: also the photo with every number found marked
                 overview.save(args.out / "annotated" / f"{p.stem}_photo.png")
     if regions:

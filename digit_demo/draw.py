@@ -9,6 +9,8 @@ from .types import Detections
 # One fixed colour per digit 0-9 (Tableau 10), so a digit looks the same in every image.
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
 REGION_COLOUR = "#ff2d55"
+DETAIL_SIDE = 2048  # the longest side of a drawing of digits (a crop, or a region zoomed in)
+OVERVIEW_SIDE = 1280  # the longest side of a drawing of a whole photo with its numbers marked
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -26,14 +28,25 @@ def _scaled(image: Image.Image, min_side: int, max_side: int) -> tuple[Image.Ima
     return image.convert("RGB").resize(size, Image.LANCZOS), scale
 
 
-def draw_detections(image: Image.Image, dets: Detections, min_side: int = 320, max_side: int = 2048) -> Image.Image:
-    """A copy of ``image`` with boxed digits (:func:`_scaled` sizes it). Labels ("digit score") sit
-    above their box, alternating above and below from left to right, and are sized to the boxes, so
+def shrunk(image: Image.Image, max_side: int) -> tuple[Image.Image, float]:
+    """``image`` shrunk (never enlarged) so its long side is at most ``max_side``, and the scale used;
+    ``image`` itself where it is small enough. Drawing a shrunk copy at ``max_side`` (its boxes times the
+    scale: ``box_scale``) gives the drawing of the image itself."""
+    if max(image.size) <= max_side:
+        return image, 1.0
+    return _scaled(image, 1, max_side)
+
+
+def draw_detections(image: Image.Image, dets: Detections, min_side: int = 320, max_side: int = DETAIL_SIDE,
+                    box_scale: float = 1.0) -> Image.Image:
+    """A copy of ``image`` with boxed digits (:func:`_scaled` sizes it; ``dets`` are in the pixels of
+    an image ``box_scale`` times smaller or larger: :func:`shrunk`). Labels ("digit score") sit above
+    their box, alternating above and below from left to right, and are sized to the boxes, so
     neighbouring digits' labels do not cover each other even where digits are small."""
     out, scale = _scaled(image, min_side, max_side)
     draw = ImageDraw.Draw(out)
     width = max(2, round(min(out.size) / 120))
-    boxes = dets.boxes * scale
+    boxes = dets.boxes * (box_scale * scale)
     heights = boxes[:, 3] - boxes[:, 1] if len(boxes) else np.zeros(0)
     size = int(np.clip(np.median(heights) * 0.45 if len(boxes) else 14, 12, max(12, min(out.size) / 12)))
     font = _font(size)
@@ -56,10 +69,12 @@ def draw_detections(image: Image.Image, dets: Detections, min_side: int = 320, m
     return out
 
 
-def draw_regions(image: Image.Image, boxes: list, labels: list[str], max_side: int = 1280) -> Image.Image:
+def draw_regions(image: Image.Image, boxes: list, labels: list[str], max_side: int = OVERVIEW_SIDE,
+                 box_scale: float = 1.0) -> Image.Image:
     """A copy of a whole photo (shrunk to ``max_side``) with each located region outlined and labelled
-    with the number read there."""
+    with the number read there (``boxes`` in the pixels of an image ``box_scale`` times smaller: :func:`shrunk`)."""
     out, scale = _scaled(image, 1, max_side)
+    scale *= box_scale
     draw = ImageDraw.Draw(out)
     width = max(3, round(max(out.size) / 300))
     font = _font(max(14, round(max(out.size) / 40)))

@@ -58,6 +58,16 @@ def test_predict_plain_form_writes_hw2_files(tmp_path):
     assert len(list((tmp_path / "out" / "annotated").glob("*.png"))) == 8
 
 
+def test_predict_annotates_a_whole_photo_with_its_region_and_the_photo_marked(tmp_path):
+    from PIL import Image
+
+    r = cli("predict", FIXTURES / "scenes" / "scene1.jpg", "--out", tmp_path / "out", "--annotate", "-q")
+    assert r.returncode == 0, r.stderr
+    region, photo = (Image.open(tmp_path / "out" / "annotated" / f) for f in ("scene1.png", "scene1_photo.png"))
+    assert photo.size == (1280, 960)  # the 1600 x 1200 photo, shrunk to be seen whole
+    assert min(region.size) >= 320 and max(region.size) < 1280  # the number's region, zoomed in
+
+
 def test_evaluate_scores_exactly_what_predict_writes(tmp_path):
     """``evaluate`` reads as ``predict`` does: its accuracy is the share of labels ``pred.csv`` matches
     (counted here by hand), and its mAP is pycocotools' on ``pred.json``."""
