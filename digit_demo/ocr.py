@@ -41,15 +41,17 @@ class TextSettings:
       (the SVHN tuning split: 272 of 300 at 512 and 640). Where it finds no digit line, it looks again at
       ``retry_side`` (real_dev at side 640: 0.898 → 0.907, e.g. a lone "3" at 2% of the photo's height);
     - ``pad``: a line is read from a crop padded by these shares of its height (x, y);
-    - ``crop_share``: where the first digit line is at least this share of the photo's height, the number
-      fills the photo (an SVHN-like crop) and the photo is read whole, as today's readers read best;
+    - ``crop_share``: where the first digit line is at least this share of the height of a photo up to
+      ``settle_side`` on its short side, the number fills the photo (an SVHN-like crop) and the photo is
+      read whole, as today's readers read best; a larger photo is read line by line (its photo read whole
+      where a line covered this share: 250 of the 300 composite scenes of the tuning split, 251 line by
+      line, where a patch of texture boxed as a "1" made two photos be read whole; real_dev 112 of 118
+      either way);
     - ``min_score`` / ``min_score_whole``: how sure PP-OCR must be to overrule the readers in a line's
       region, or in a photo up to ``settle_side`` on its short side read whole (an SVHN-like crop; where
       the readers misread a stack or a letter suffix: ``min_score``). ``min_score_whole`` was chosen on
       the SVHN tuning split (0.8 / 0.85 / 0.9 / 0.95: 0.897 / 0.903 / 0.903 / 0.907, at side 640;
-      real_dev, which reports it: 0.941 / 0.941 / 0.932 / 0.932). A larger photo read whole (its number
-      fills it) is judged at ``min_score``: on 300 composite scenes of the tuning split's crops, 248 read
-      with ``min_score_whole`` there, 250 with any bar from 0.5 to 0.9 (real_dev: 112 of 118 either way);
+      real_dev, which reports it: 0.941 / 0.941 / 0.932 / 0.932);
     - ``settle`` / ``settle_share``: the readers read each photo whole first, and their number stands
       without PP-OCR where it is at least ``settle`` sure and its tallest digit at least ``settle_share``
       of the photo's height (an SVHN-like crop; None: PP-OCR looks at every photo). ``settle`` was chosen
@@ -59,6 +61,12 @@ class TextSettings:
       36 with the readers alone, 2 cores, fp32), ``settle_share`` on real_dev (the tuning
       split reads the same at 0.2 and 0.3; real_dev loses 2 photos at 0.2, where the readers read a
       plaque's "502A" as "50" and "205" as "20", 0.92-0.97 sure, with digits at 21-23% of the height);
+    - ``join_below``: where no digit line PP-OCR finds is at least this sure, the CNN locator's regions
+      join its lines' (those that overlap none of them), as they replace them where it finds no digit line
+      (None: only there). Chosen on 300 composite scenes of the SVHN tuning split's crops (none / 0.8 / 0.9:
+      251 / 254 / 254 read, the lower bar adding fewer regions; real_dev, which reports it: 112 of 118 either
+      way). PP-OCR's detector misses some small, blurred numbers at any side up to 1600 px and boxes a patch
+      of texture as a "1" instead, where the CNN locator, trained on such scenes, finds them;
     - ``settle_side``: only photos up to this short side are read whole first (every SVHN photo: at most
       273 px tall). It orders the looking and decides nothing: a larger photo goes to PP-OCR at once,
       which reads it whole where its number fills it. The readers' whole-photo pass costs 28 ms at p50 on
@@ -75,6 +83,7 @@ class TextSettings:
     settle: float | None = 0.85
     settle_share: float = 0.3
     settle_side: int = 512
+    join_below: float | None = 0.8
 
     def crop_sized(self, size: tuple[int, int]) -> bool:
         """Whether a photo of ``size`` (width, height) is no larger than an SVHN-like crop: its short
@@ -90,6 +99,7 @@ CHOSEN_ON = {
     "min_score": "not tuned (composite scenes and real_dev read alike from 0.5 to 0.9)",
     "min_score_whole": "SVHN tuning split", "settle": "SVHN tuning split", "settle_share": "real_dev",
     "settle_side": "cost on real_dev and the composite scenes; decides nothing",
+    "join_below": "composite scenes of the SVHN tuning split",
 }
 
 

@@ -270,15 +270,22 @@ class Pipeline:
 
     def text_located(self, full: Image.Image) -> list[RegionReading]:
         """The regions PP-OCR's digit lines give in ``full``, each with what PP-OCR read there
-        (:func:`text_regions`); where it finds none, or cannot take the image (too thin to scale to its
-        input, say), those of the CNN locator (``Stages.fallback``), else the image whole."""
+        (:func:`text_regions`). Where it finds none it is ``TextSettings.join_below`` sure of, or cannot
+        take the image (too thin to scale to its input, say), the CNN locator's regions
+        (``Stages.fallback``) that overlap none of its lines join them; else the image whole."""
         try:
             lines = number_lines(self.locator.lines(full))
         except Exception:  # rapidocr raises on shapes it cannot resize; the readers still read the image
             lines = []
-        if lines or self.stages.fallback is None:
-            return text_regions(lines, full.size, self.locator.settings)
-        return located(self.stages.fallback, full, full.size)
+        settings = self.locator.settings
+        regions = text_regions(lines, full.size, settings)
+        if self.stages.fallback is None or (lines and (regions[0].whole or settings.join_below is None
+                                                       or max(t.score for t in lines) >= settings.join_below)):
+            return regions
+        kept = [r for r in regions if not r.whole]
+        found = [r for r in located(self.stages.fallback, full, full.size) if not r.whole]
+        joined = kept + [r for r in found if not any(_overlapping(r.box, k.box) for k in kept)]
+        return joined or [RegionReading.covering(*full.size)]
 
     def reads_first(self, image: Image.Image) -> bool:
         """Whether the readers read ``image`` whole before PP-OCR looks: PP-OCR locates, with a
@@ -372,20 +379,20 @@ def located(locator: Locator, image: Image.Image, size: tuple[int, int]) -> list
 
 
 def text_regions(lines: list[TextLine], size: tuple[int, int], settings: TextSettings) -> list[RegionReading]:
-    """The regions to read for PP-OCR's digit ``lines`` in a photo of ``size`` (width, height): the
-    photo whole where the first line is at least ``crop_share`` of its height (the number fills it),
-    else each line's padded crop; each with what PP-OCR read there (to overrule the readers it must be
-    ``min_score_whole`` sure in a photo read whole up to ``settle_side`` on its short side, an SVHN-like
-    crop, else ``min_score``; where they misread the line's layout, ``min_score``); the photo whole where
-    none holds digits."""
+    """The regions to read for PP-OCR's digit ``lines`` in a photo of ``size`` (width, height): in a
+    photo up to ``settle_side`` on its short side (an SVHN-like crop) whose first line is at least
+    ``crop_share`` of its height (the number fills it), the photo whole, else each line's padded crop;
+    each with what PP-OCR read there (to overrule the readers it must be ``min_score_whole`` sure in a
+    photo read whole, else ``min_score``; where they misread the line's layout, ``min_score``); the photo
+    whole where none holds digits."""
     width, height = size
     if not lines:
         return [RegionReading.covering(width, height)]
     first = lines[0]
-    if first.box[3] - first.box[1] >= settings.crop_share * height:
+    if settings.crop_sized(size) and first.box[3] - first.box[1] >= settings.crop_share * height:
         whole = RegionReading.covering(width, height)
-        bar = settings.min_score_whole if settings.crop_sized(size) else settings.min_score
-        whole.text = TextReading(first.digits, first.score, first.box, bar, first.text, settings.min_score)
+        whole.text = TextReading(first.digits, first.score, first.box, settings.min_score_whole, first.text,
+                                 settings.min_score)
         return [whole]
     regions = []
     for line in lines:
@@ -394,6 +401,14 @@ def text_regions(lines: list[TextLine], size: tuple[int, int], settings: TextSet
         inside = (line.box[0] - crop[0], line.box[1] - crop[1], line.box[2] - crop[0], line.box[3] - crop[1])
         regions.append(RegionReading(box, line.score, crop, text=TextReading(line.digits, line.score, inside, settings.min_score, line.text, settings.min_score)))
     return regions
+
+
+def _overlapping(a: np.ndarray, b: np.ndarray, share: float = 0.3) -> bool:
+    """Whether xyxy boxes ``a`` and ``b`` share at least ``share`` of the smaller one's area."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return w > 0 and h > 0 and w * h >= share * smaller
 
 
 def _region_key(reading: Reading, region: RegionReading) -> tuple:

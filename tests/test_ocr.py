@@ -41,13 +41,15 @@ def test_a_number_that_fills_the_photo_is_read_whole_and_a_small_one_from_its_pa
     assert alone.whole and alone.text is None
 
 
-def test_a_large_photo_read_whole_takes_the_recognizers_sure_reading_a_crop_asks_more():
+def test_a_large_photo_is_read_line_by_line_and_takes_the_recognizers_sure_reading_a_crop_asks_more():
     # the same 0.92-sure "1685" filling a 1600 x 1200 photo, and a 200 x 100 crop, where the readers saw "3"
     settings = TextSettings()
     readers = dets([(10, 10, 30, 50, 0.32, 3)])
     (photo,) = text_regions([TextLine((300, 200, 1300, 700), "No 1685", 0.92)], (1600, 1200), settings)
     (crop,) = text_regions([TextLine((20, 10, 180, 60), "No 1685", 0.92)], (200, 100), settings)
-    assert photo.whole and crop.whole and min(1600, 1200) > settings.settle_side >= min(200, 100)
+    assert min(1600, 1200) > settings.settle_side >= min(200, 100)
+    assert not photo.whole and photo.crop == (50, 50, 1550, 850)  # padded by 0.5 / 0.3 of its 500 px height
+    assert crop.whole
     assert read(Found(readers, text=photo.text), 0.3).text == "1685"
     assert read(Found(readers, text=crop.text), 0.3).text == "3"  # an SVHN-like crop: the readers' home ground
 
@@ -173,6 +175,34 @@ def test_where_ppocr_finds_no_digit_line_the_cnn_locator_looks():
     cx, cy = (region.box[0] + region.box[2]) / 2, (region.box[1] + region.box[3]) / 2
     assert x1 <= cx <= x2 and y1 <= cy <= y2  # where the number was pasted
     assert reading.number(pipe.threshold).text == truth["texts"]["1"][0]
+
+
+@pytest.mark.slow
+@needs_ppocr
+def test_where_ppocr_is_unsure_of_every_digit_line_the_cnn_locators_regions_join_its_own():
+    import json
+
+    from digit_demo.pipeline import ModelCache, Pipeline, PipelineConfig
+
+    scenes = Path(__file__).parent / "fixtures" / "scenes"
+    truth = json.loads((scenes / "scenes.json").read_text())
+    x1, y1, x2, y2 = truth["regions"]["1"][0]
+    width, height = Image.open(scenes / "scene1.jpg").size
+    # a patch of texture in the corner farthest from the number, boxed as a "1"
+    fx = 0 if (x1 + x2) / 2 > width / 2 else width - 60
+    fy = 0 if (y1 + y2) / 2 > height / 2 else height - 90
+    texture = (fx, fy, fx + 60, fy + 90)
+    pipe = Pipeline(PipelineConfig(locator="ppocr"), cache=ModelCache())  # its own PP-OCR, changed below
+    bar = pipe.locator.settings.join_below
+    for box, score, joins in ((texture, bar - 0.2, True), (texture, bar, False), ((x1, y1, x2, y2), bar - 0.2, False)):
+        pipe.locator.lines = lambda image: [TextLine(box, "1", score)]
+        reading = pipe.read([scenes / "scene1.jpg"])[0]
+        assert reading.regions[0].text.digits == "1" and tuple(reading.regions[0].box) == box
+        joined = reading.regions[1:]
+        assert bool(joined) == joins, (box, score)
+        if joins:  # the CNN locator found the pasted number, and it is read there
+            assert all(r.text is None for r in joined)
+            assert reading.number(pipe.threshold).text == truth["texts"]["1"][0]
 
 
 class FortyNine:
