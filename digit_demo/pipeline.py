@@ -279,8 +279,9 @@ class Pipeline:
             lines = []
         settings = self.locator.settings
         regions = text_regions(lines, full.size, settings)
-        if self.stages.fallback is None or (lines and (regions[0].whole or settings.join_below is None
-                                                       or max(t.score for t in lines) >= settings.join_below)):
+        read_whole = bool(lines) and regions[0].whole  # a crop its number fills
+        unsure = not lines or (settings.join_below is not None and max(t.score for t in lines) < settings.join_below)
+        if self.stages.fallback is None or read_whole or not unsure:
             return regions
         kept = [r for r in regions if not r.whole]
         found = [r for r in located(self.stages.fallback, full, full.size) if not r.whole]
