@@ -121,8 +121,6 @@ def locate(model: Locator, small: torch.Tensor, photo_size: tuple[int, int], min
     return regions_from_map(out, sx, sy, model.settings.min_score if min_score is None else min_score)
 
 
-
-
 def reading_box(region: np.ndarray, width: int, height: int, pad: tuple[float, float] = (PAD_X, PAD_Y)
                 ) -> tuple[int, int, int, int]:
     """The integer crop (x1, y1, x2, y2) around an xyxy ``region``, inside a ``width`` x ``height``
