@@ -43,9 +43,8 @@ class TextSettings:
     - ``pad``: a line is read from a crop padded by these shares of its height (x, y);
     - ``crop_share``: where the first digit line is at least this share of the height of a photo up to
       ``settle_side`` on its short side, the number fills the photo (an SVHN-like crop) and the photo is
-      read whole, as today's readers read best; a larger photo is read line by line (its photo read whole
-      where a line covered this share: 250 of the 300 composite scenes of the tuning split, 251 line by
-      line, where a patch of texture boxed as a "1" made two photos be read whole; real_dev 112 of 118
+      read whole, as today's readers read best; a larger photo is read line by line (300 composite scenes
+      of the tuning split: 250 read with such photos read whole, 251 line by line; real_dev 112 of 118
       either way);
     - ``min_score`` / ``min_score_whole``: how sure PP-OCR must be to overrule the readers in a line's
       region, or in a photo up to ``settle_side`` on its short side read whole (an SVHN-like crop; where
@@ -63,13 +62,13 @@ class TextSettings:
       plaque's "502A" as "50" and "205" as "20", 0.92-0.97 sure, with digits at 21-23% of the height);
     - ``join_below``: where no digit line PP-OCR finds is at least this sure, the CNN locator's regions
       join its lines' (those that overlap none of them), as they replace them where it finds no digit line
-      (None: only there). Chosen on 300 composite scenes of the SVHN tuning split's crops (none / 0.8 / 0.9:
-      251 / 254 / 254 read, the lower bar adding fewer regions; real_dev, which reports it: 112 of 118 either
-      way). PP-OCR's detector misses some small, blurred numbers at any side up to 1600 px and boxes a patch
+      (None: only there). Chosen on 300 composite scenes of the SVHN tuning split's crops (None / 0.8 /
+      0.9 / joining always: 251 / 254 / 254 / 254 read, the lowest tied bar adding the fewest regions;
+      real_dev, which reports it: 112 of 118 each way measured). PP-OCR's detector misses some small, blurred numbers at any side up to 1600 px and boxes a patch
       of texture as a "1" instead, where the CNN locator, trained on such scenes, finds them;
     - ``settle_side``: only photos up to this short side are read whole first (every SVHN photo: at most
-      273 px tall). It orders the looking and decides nothing: a larger photo goes to PP-OCR at once,
-      which reads it whole where its number fills it. The readers' whole-photo pass costs 28 ms at p50 on
+      273 px tall), and only those are read whole where a line fills ``crop_share`` of them: a larger photo
+      goes to PP-OCR at once, which reads it line by line. The readers' whole-photo pass costs 28 ms at p50 on
       real_dev's photos up to 512 px on their long side, 61 ms at 800-1100 px and 176 ms on the 2-3 MP
       composite scenes (2 cores, fp32). Bounding the long side at 512 instead cost the tuning split a
       wide photo (0.913 against 0.917)."""
@@ -98,7 +97,7 @@ CHOSEN_ON = {
     "det_side": "real_dev", "retry_side": "real_dev", "pad": "not tuned", "crop_share": "not tuned",
     "min_score": "not tuned (composite scenes and real_dev read alike from 0.5 to 0.9)",
     "min_score_whole": "SVHN tuning split", "settle": "SVHN tuning split", "settle_share": "real_dev",
-    "settle_side": "cost on real_dev and the composite scenes; decides nothing",
+    "settle_side": "cost on real_dev and the composite scenes; larger photos read line by line: composite scenes of the SVHN tuning split",
     "join_below": "composite scenes of the SVHN tuning split",
 }
 
